@@ -1,0 +1,3 @@
+"""idempotency-proxy: at most one backend execution per idempotency key, on any replica."""
+
+__version__ = "0.1.0"

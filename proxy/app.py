@@ -1,0 +1,324 @@
+"""ASGI wiring: lifespan (store, upstream pool), route matching, and pass-through streaming.
+
+The hot path is a plain ASGI callable: no middleware stack, no per-request
+work that can be done once at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from proxy import logs
+from proxy.config import Settings
+from proxy.lifecycle import Lifecycle, Reply, problem_reply
+from proxy.metrics import Metrics
+from proxy.problems import Problem
+from proxy.replay import ReplayCache, http_date
+from proxy.request import ProxyRequest
+from proxy.routes import RouteTable
+from proxy.safety import check_store
+from proxy.store import Store, StoreUnavailable, open_store
+from proxy.upstream import NotSent, OutcomeUnknown, make_upstream, request_headers, response_headers
+
+Scope = dict[str, Any]
+Receive = Any
+Send = Any
+
+logger = logging.getLogger("idempotency_proxy")
+
+SHUTDOWN_GRACE_SECONDS = 30.0
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class ProxyApp:
+    """The traffic port's ASGI application."""
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        if not settings.upstream:
+            raise ValueError("an upstream URL is required")
+        self.settings = settings
+        self.routes = RouteTable(settings)
+        self.metrics = Metrics()
+        self.store: Store = store or open_store(
+            settings.store.url,
+            timeout=settings.store.timeout,
+            retries=settings.store.retries,
+            max_connections=settings.store.max_connections,
+            wait_replicas=settings.store.wait_replicas,
+            wait_timeout=settings.store.wait_timeout,
+        )
+        self._owns_store = store is None
+        pool = settings.upstream_pool
+        self.upstream = make_upstream(
+            pool.client,
+            settings.upstream,
+            max_connections=pool.max_connections,
+            keepalive_expiry=pool.keepalive_expiry,
+            connect_timeout=pool.connect_timeout,
+        )
+        self.lifecycle = Lifecycle(
+            self.store,
+            self.upstream,
+            self.metrics,
+            tenant_header=settings.tenant.header,
+            cache=ReplayCache(
+                settings.store.replay_cache_entries,
+                settings.store.replay_cache_bytes,
+                settings.store.replay_cache_ttl,
+            ),
+            date=http_date,
+        )
+        self.ready = False
+        self.draining = False
+        self._max_header_bytes = settings.max_header_bytes
+        self._passthrough_timeout = settings.defaults.upstream_timeout
+
+    # -- ASGI ------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self.http(scope, receive, send)
+        elif kind == "lifespan":
+            await self.lifespan(receive, send)
+        else:  # websockets are not proxied
+            await send({"type": "websocket.close", "code": 1003})
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:  # one line, not a traceback
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        try:
+            await self.store.start()
+        except StoreUnavailable as exc:
+            # Fail closed per request rather than crash-loop: readiness and 503s tell the story.
+            logger.error("store unavailable at start-up", extra={"reason": str(exc)})
+        if self.store.name == "memory":
+            logger.warning(
+                "using the in-process memory store: records are NOT shared between replicas "
+                "and are lost on restart; set --redis-url for more than one replica"
+            )
+        else:
+            await check_store(self.store, self.settings)
+        await self.upstream.start()
+        self.ready = True
+        logger.info(
+            "proxy started",
+            extra={
+                "upstream": self.settings.upstream,
+                "store": self.store.name,
+                "routes": [route.name for route in self.routes.routes],
+            },
+        )
+
+    async def shutdown(self) -> None:
+        """Let forwards and completions that are still running finish, then close."""
+        self.draining = True
+        pending = set(self.lifecycle.tasks)
+        if pending:
+            logger.info("waiting for in-flight requests", extra={"count": len(pending)})
+            await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_SECONDS)
+        await self.upstream.close()
+        if self._owns_store:
+            await self.store.close()
+
+    # -- one request -----------------------------------------------------------------
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        method: str = scope["method"]
+        path: str = scope["path"]
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        request_id = _request_id(headers)
+        route_name = "-"
+        try:
+            if sum(len(k) + len(v) for k, v in headers) > self._max_header_bytes:
+                raise Problem("headers-too-large", 431, "the request headers exceed the limit")
+            match = self.routes.match(method, path)
+            forward = request_headers(
+                headers, _client(scope), scope.get("scheme", "http"), _host(headers)
+            )
+            if match is None:
+                reply = await self.passthrough(scope, receive, forward)
+            else:
+                route, params = match
+                route_name = route.name
+                body = await _read_body(receive, headers, route.policy.max_request_body)
+                request = ProxyRequest(
+                    method=method,
+                    path=path,
+                    raw_path=scope.get("raw_path") or b"",
+                    query_string=scope.get("query_string", b""),
+                    headers=headers,
+                    body=body,
+                )
+                reply = await self.lifecycle.handle(request, route, params, forward)
+        except Problem as problem:
+            reply = problem_reply(problem, problem.name.replace("-", "_"), http_date())
+        except BodyTooLarge:
+            reply = problem_reply(
+                Problem(
+                    "body-too-large", 413, "the request body is larger than this route accepts"
+                ),
+                "body_too_large",
+                http_date(),
+            )
+        await _send_reply(send, reply)
+        self.metrics.count(route_name, reply.outcome)
+        if logs.access.isEnabledFor(logging.INFO):
+            logs.access.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "route": route_name,
+                    "method": method,
+                    "outcome": reply.outcome,
+                    "status": reply.status,
+                    "key_hash": reply.key_hash or None,
+                    "upstream_ms": _round(reply.upstream_ms),
+                    "store_ms": _round(reply.store_ms) if reply.store_ms else None,
+                    "total_ms": _round((time.perf_counter() - started) * 1000),
+                },
+            )
+
+    async def passthrough(
+        self, scope: Scope, receive: Receive, forward: list[tuple[bytes, bytes]]
+    ) -> Reply:
+        """Traffic no route protects: streamed both ways, no record, no replay header."""
+        target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
+        body: bytes | AsyncIterator[bytes] = _stream_body(receive) if has_body else b""
+        try:
+            response = await self.upstream.send(
+                scope["method"],
+                target,
+                forward,
+                body,
+                timeout=self._passthrough_timeout,
+                read_limit=0,
+            )
+        except NotSent:
+            return problem_reply(
+                Problem("upstream-unreachable", 502, "the backend could not be reached"),
+                "upstream_unreachable",
+                http_date(),
+            )
+        except OutcomeUnknown as exc:
+            return problem_reply(
+                Problem(
+                    "upstream-failed", exc.status, f"the backend did not answer ({exc.reason})"
+                ),
+                "upstream_failed",
+                http_date(),
+            )
+        return Reply(
+            response.status,
+            response_headers(response.headers),
+            response.body,
+            rest=response.rest,
+            close=response.close,
+            outcome="passthrough",
+        )
+
+
+async def _read_body(receive: Receive, headers: list[tuple[bytes, bytes]], limit: int) -> bytes:
+    """The whole request body, refused (413) as soon as it passes `limit`, before any claim."""
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                if int(value) > limit:
+                    raise BodyTooLarge
+            except ValueError:
+                raise Problem("body-invalid", 400, "Content-Length is not a number") from None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Problem("body-invalid", 400, "the client went away while sending the body")
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _stream_body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def _send_reply(send: Send, reply: Reply) -> None:
+    try:
+        await send(
+            {"type": "http.response.start", "status": reply.status, "headers": reply.headers}
+        )
+        await send(
+            {"type": "http.response.body", "body": reply.body, "more_body": reply.rest is not None}
+        )
+        if reply.rest is not None:
+            async for chunk in reply.rest:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except OSError:
+        # The client hung up; the outcome is already recorded.
+        pass
+    finally:
+        if reply.close is not None:
+            reply.close()
+
+
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    for name, value in headers:
+        if name == b"x-request-id":
+            return value[:64].decode("latin-1")
+    return secrets.token_hex(8)
+
+
+def _client(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return str(client[0]) if client else None
+
+
+def _host(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    for name, value in headers:
+        if name == b"host":
+            return value
+    return None
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)

@@ -1,0 +1,318 @@
+"""The command line: `idempotency-proxy run | demo | check-store | records`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from proxy.config import ENV_PREFIX, ConfigError, Settings, load_settings
+
+PROG = "idempotency-proxy"
+
+_DEFAULTS = Settings()
+
+
+def _flag_help(text: str, env: str, default: object) -> str:
+    return f"{text} (env {ENV_PREFIX}{env}; default: {default})"
+
+
+def _add_store_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help=_flag_help(
+            "the shared store: redis://, rediss://, redis+sentinel://h:p/master, "
+            "redis+cluster://h:p, or memory:// for one process",
+            "REDIS_URL",
+            "the in-process memory store",
+        ),
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help=_flag_help("YAML config file (docs/configuration.md)", "CONFIG", "none"),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "A reverse proxy that makes any HTTP backend idempotent: each request's key is "
+            "claimed in a shared store, the backend executes it at most once, and every "
+            "duplicate, on any replica, gets the first response."
+        ),
+        epilog="Flags beat environment variables, which beat the config file.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="serve traffic in front of an upstream",
+        description="Serve traffic in front of an upstream HTTP backend.",
+        epilog="Flags beat environment variables, which beat the config file.",
+    )
+    run.add_argument(
+        "--upstream",
+        metavar="URL",
+        help=_flag_help(
+            "the backend's base URL, e.g. http://127.0.0.1:9000", "UPSTREAM", "none; required"
+        ),
+    )
+    run.add_argument(
+        "--host", help=_flag_help("traffic listen address", "HOST", _DEFAULTS.listen.host)
+    )
+    run.add_argument(
+        "--port", type=int, help=_flag_help("traffic port", "PORT", _DEFAULTS.listen.port)
+    )
+    run.add_argument(
+        "--admin-port",
+        type=int,
+        metavar="P",
+        help=_flag_help(
+            "admin port for /livez /readyz /metrics", "ADMIN_PORT", _DEFAULTS.admin.port
+        ),
+    )
+    _add_store_flags(run)
+    run.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help=_flag_help(
+            "worker processes (more than 1 needs Redis; no admin port then)", "WORKERS", 1
+        ),
+    )
+    run.add_argument(
+        "--log-level",
+        metavar="L",
+        choices=["debug", "info", "warning", "error", "critical"],
+        type=str.lower,
+        help=_flag_help("debug, info, warning, error or critical", "LOG_LEVEL", "info"),
+    )
+
+    demo = commands.add_parser(
+        "demo",
+        help="play the double-charge stories against the sample backend, direct and proxied",
+        description=(
+            "Start a private Redis, the sample payment backend and five proxy replicas, play "
+            "the double click, timeout-and-retry and burst stories straight against the backend "
+            "and then through the replicas, and print what the ledger shows."
+        ),
+    )
+    demo.add_argument("--orders", type=int, default=200, help="orders in the burst (default: 200)")
+    demo.add_argument("--replicas", type=int, default=5, help="proxy replicas (default: 5)")
+    demo.add_argument(
+        "--memory",
+        action="store_true",
+        help="use the in-process memory store even if redis-server is installed",
+    )
+
+    check = commands.add_parser(
+        "check-store",
+        help="are the store's settings safe for idempotency records?",
+        description=(
+            "Read maxmemory-policy, persistence and replication from Redis and say what is "
+            "unsafe. Exits 1 when something is unsafe, 2 when the store cannot be reached."
+        ),
+    )
+    _add_store_flags(check)
+
+    records = commands.add_parser(
+        "records",
+        help="inspect or resolve one record (operators, for UNKNOWN outcomes)",
+        description=(
+            "Find a record by tenant, route and key, show it, resolve an UNKNOWN record to a "
+            "response after checking the payment system's ledger, or release it so the "
+            "client's retry executes. Records in other states need --force."
+        ),
+    )
+    actions = records.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, text in (
+        ("show", "print the record as JSON"),
+        ("resolve", "UNKNOWN -> COMPLETED with the given response"),
+        ("release", "delete the record so a retry executes (UNKNOWN only without --force)"),
+    ):
+        action = actions.add_parser(name, help=text, description=text)
+        _add_store_flags(action)
+        action.add_argument(
+            "--key", required=True, help="the idempotency key as the client sent it"
+        )
+        action.add_argument(
+            "--route",
+            default="default",
+            help="route name as in the config file (default: 'default', the no-routes rule)",
+        )
+        action.add_argument(
+            "--tenant",
+            default="default",
+            help="tenant, as the trusted header gave it (default: default)",
+        )
+        if name != "show":
+            action.add_argument(
+                "--force", action="store_true", help="also act on non-UNKNOWN records"
+            )
+        if name == "resolve":
+            action.add_argument("--status", type=int, required=True, help="HTTP status to replay")
+            action.add_argument("--body", default="", help="response body to replay (text)")
+            action.add_argument(
+                "--content-type", default="application/json", help="(default: application/json)"
+            )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            _run(args)
+        elif args.command == "demo":
+            from proxy.demo import main as demo_main
+
+            sys.exit(demo_main(orders=args.orders, replicas=args.replicas, memory=args.memory))
+        elif args.command == "check-store":
+            sys.exit(asyncio.run(_check_store(args)))
+        elif args.command == "records":
+            sys.exit(asyncio.run(_records(args)))
+    except ConfigError as exc:
+        print(f"{PROG}: config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from proxy import logs
+
+    settings = load_settings(
+        args.config,
+        {
+            "upstream": args.upstream,
+            "host": args.host,
+            "port": args.port,
+            "admin_port": args.admin_port,
+            "redis_url": args.redis_url,
+            "workers": args.workers,
+            "log_level": args.log_level,
+        },
+    )
+    if not settings.upstream:
+        raise ConfigError(
+            "upstream: required (--upstream URL, IDEMPOTENCY_PROXY_UPSTREAM or 'upstream:')"
+        )
+    from proxy.routes import RouteTable
+
+    RouteTable(settings)  # path templates are checked before anything starts
+    logs.configure(settings.log_level)
+    from proxy.server import run
+
+    run(settings)
+
+
+def _store_settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config, {"redis_url": args.redis_url})
+    return settings
+
+
+async def _check_store(args: argparse.Namespace) -> int:
+    from proxy.safety import assess
+    from proxy.store import StoreUnavailable, open_store
+
+    settings = _store_settings(args)
+    if settings.store.url.startswith("memory://"):
+        print("memory store: nothing to check (records live in one process only)")
+        return 0
+    store: Any = open_store(settings.store.url, timeout=settings.store.timeout)
+    try:
+        await store.start()
+        findings = assess(await store.server_info())
+    except StoreUnavailable as exc:
+        print(f"{PROG}: store unavailable: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await store.close()
+    unsafe = False
+    for finding in findings:
+        print(f"{finding.severity.upper():8} {finding.message}")
+        unsafe |= finding.severity != "ok"
+    return 1 if unsafe else 0
+
+
+async def _records(args: argparse.Namespace) -> int:
+    from proxy import keys
+    from proxy.records import StoredResponse
+    from proxy.routes import RouteTable
+    from proxy.store import StoreUnavailable, open_store
+
+    settings = _store_settings(args)
+    if settings.store.url.startswith("memory://"):
+        raise ConfigError("records: needs --redis-url; the memory store lives inside the proxy")
+    table = RouteTable(settings.model_copy(update={"upstream": "http://unused"}))
+    namespaces = {route.name: route.namespace for route in table.routes}
+    if args.route not in namespaces:
+        raise ConfigError(
+            f"--route: no route named {args.route!r} (known: {', '.join(namespaces)})"
+        )
+    scoped = keys.scope(args.tenant, namespaces[args.route], keys.validate(args.key))
+    store: Any = open_store(settings.store.url, timeout=settings.store.timeout)
+    try:
+        await store.start()
+        if args.action == "show":
+            record = await store.get(scoped.storage_key)
+            if record is None:
+                print(f"no record for this key (route {args.route}, tenant {args.tenant})")
+                return 1
+            print(orjson.dumps(_record_json(record), option=orjson.OPT_INDENT_2).decode())
+            return 0
+        try:
+            if args.action == "resolve":
+                response = StoredResponse(
+                    args.status,
+                    ((b"content-type", args.content_type.encode("latin-1")),),
+                    args.body.encode(),
+                )
+                done = await store.resolve(scoped.storage_key, response, args.force)
+            else:
+                done = await store.discard(scoped.storage_key, args.force)
+        except KeyError:
+            print("no record for this key", file=sys.stderr)
+            return 1
+        if not done:
+            print(
+                "refused: the record is not UNKNOWN; check `records show`, then use --force",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{args.action}d")
+        return 0
+    except StoreUnavailable as exc:
+        print(f"{PROG}: store unavailable: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await store.close()
+
+
+def _record_json(record: Any) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "state": record.state,
+        "fence": record.fence,
+        "fingerprint": record.fingerprint,
+        "created_ms": record.created_ms,
+        "lease_remaining_ms": record.lease_remaining_ms,
+        "ttl_ms": record.ttl_ms,
+        "reason": record.reason or None,
+    }
+    if record.response is not None:
+        body = record.response.body
+        document["response"] = {
+            "status": record.response.status,
+            "headers": [
+                [k.decode("latin-1"), v.decode("latin-1")] for k, v in record.response.headers
+            ],
+            "body_base64": base64.b64encode(body).decode(),
+            "replayable": record.response.replayable,
+        }
+    return document

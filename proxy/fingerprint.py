@@ -1,0 +1,58 @@
+"""The canonical fingerprint of a request: what 'the same request' means.
+
+sha256 over method, path, sorted query, media type and body. A JSON body is
+canonicalised (parsed, keys sorted, compact) so whitespace and key order do not
+make a retry look like a different payment. Only the digest is ever stored:
+request bodies may carry card data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import orjson
+
+from proxy.request import InvalidJSON, ProxyRequest, is_json
+
+
+def canonical_json(value: Any) -> bytes:
+    """Compact JSON with sorted keys; the same document always gives the same bytes."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        # Integers wider than 64 bits: the standard library keeps them exact.
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def canonical_query(query_string: bytes) -> bytes:
+    if not query_string:
+        return b""
+    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    return urlencode(sorted(pairs)).encode("latin-1")
+
+
+def canonical_body(request: ProxyRequest, media_type: str) -> bytes:
+    if request.body and is_json(media_type):
+        try:
+            return canonical_json(request.json())
+        except InvalidJSON:
+            pass
+    return request.body
+
+
+def fingerprint(request: ProxyRequest) -> str:
+    media_type = request.media_type
+    digest = hashlib.sha256()
+    for part in (
+        request.method.encode("ascii"),
+        request.path.encode("utf-8", "surrogateescape"),
+        canonical_query(request.query_string),
+        media_type.encode("latin-1"),
+    ):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    digest.update(canonical_body(request, media_type))
+    return digest.hexdigest()

@@ -1,0 +1,478 @@
+"""The request's story on a protected route, in one place.
+
+extract and validate the key -> scope it -> fingerprint -> claim -> (duplicate:
+replay, 409, 422 or outcome-unknown) -> mark SENT -> forward -> record -> reply.
+
+Every ambiguous case resolves towards "do not send again": the only failure that
+releases a record is one where the backend provably never saw the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from proxy import keys, problems
+from proxy.fingerprint import fingerprint
+from proxy.metrics import Metrics
+from proxy.problems import Problem
+from proxy.records import ClaimKind, ClaimResult, StoredResponse
+from proxy.replay import REPLAYED, ReplayCache, replay_headers, stored_headers
+from proxy.request import ProxyRequest
+from proxy.routes import Route
+from proxy.store import Store, StoreUnavailable
+from proxy.upstream import (
+    NotSent,
+    OutcomeUnknown,
+    UpstreamClient,
+    UpstreamResponse,
+    response_headers,
+)
+
+logger = logging.getLogger("idempotency_proxy")
+T = TypeVar("T")
+
+# How long background completion keeps trying after the store failed at the end.
+BACKGROUND_RETRY_SECONDS = 60.0
+
+
+@dataclass(slots=True)
+class Reply:
+    """What the client gets: a status, headers, a body, and maybe the rest of a stream."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+    rest: AsyncIterator[bytes] | None = None
+    close: Callable[[], None] | None = None
+    # For the request's log line and metrics; never sent.
+    outcome: str = ""
+    key_hash: str = ""
+    upstream_ms: float | None = None
+    store_ms: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def problem_reply(problem: Problem, outcome: str, date: bytes, *, replayed: bool = False) -> Reply:
+    body = problem.body()
+    headers = problem.headers(date)
+    headers.append((b"content-length", str(len(body)).encode("ascii")))
+    if replayed:
+        headers.append(REPLAYED)
+    return Reply(problem.status, headers, body, outcome=outcome)
+
+
+def outcome_unknown(status: int, reason: str) -> Problem:
+    return Problem(
+        "outcome-unknown",
+        status,
+        f"the backend may or may not have executed this request ({reason}); it will not be "
+        "sent again with this key until an operator resolves it",
+    )
+
+
+def replay_unavailable() -> Problem:
+    return Problem(
+        "replay-unavailable",
+        409,
+        "the request was executed, but its response was too large to store for replays",
+    )
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One owner's hold on a record while it forwards."""
+
+    route: Route
+    storage_key: str
+    token: str
+    lease_ms: int
+    renewal: asyncio.TimerHandle | None = None
+    fenced: bool = False
+    done: bool = False
+
+
+class Lifecycle:
+    """Claims, forwards and records requests on protected routes."""
+
+    def __init__(
+        self,
+        store: Store,
+        upstream: UpstreamClient,
+        metrics: Metrics,
+        *,
+        tenant_header: str | None,
+        cache: ReplayCache,
+        date: Callable[[], bytes],
+    ) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.metrics = metrics
+        self.tenant_header = tenant_header.lower().encode("latin-1") if tenant_header else None
+        self.cache = cache
+        self.date = date
+        # Forwards and completions run as tasks that outlive a client that hangs up;
+        # shutdown waits for them.
+        self.tasks: set[asyncio.Task[object]] = set()
+
+    # -- the story -------------------------------------------------------------------
+
+    async def handle(
+        self,
+        request: ProxyRequest,
+        route: Route,
+        params: dict[str, str],
+        forward_headers: list[tuple[bytes, bytes]],
+    ) -> Reply:
+        key = keys.extract(request, route.key, params, route.required)
+        if key is None:
+            reply = await self._forward_unrecorded(request, route, forward_headers)
+            reply.outcome = "unprotected"
+            return reply
+        scoped = keys.scope(self._tenant(request), route.namespace, key)
+        fp = fingerprint(request)
+
+        cached = self.cache.get(scoped.storage_key)
+        if cached is not None:
+            reply = self._duplicate_of_completed(cached[0] == fp, cached[1])
+            reply.key_hash = scoped.log_hash
+            return reply
+
+        policy = route.policy
+        token = secrets.token_hex(12)
+        lease_ms = max(1, int(policy.lease * 1000))
+        retention_ms = max(1, int(policy.retention * 1000))
+        started = time.perf_counter()
+        deadline = time.monotonic() + policy.wait_timeout
+        attempt_delay = 0.02
+        while True:
+            try:
+                claim = await self._timed(
+                    "claim",
+                    self.store.claim(scoped.storage_key, token, fp, lease_ms, retention_ms),
+                )
+            except StoreUnavailable:
+                if route.fail_open:
+                    reply = await self._forward_unrecorded(request, route, forward_headers)
+                    reply.outcome = "fail_open"
+                else:
+                    reply = problem_reply(
+                        problems.store_unavailable(), "store_unavailable", self.date()
+                    )
+                reply.key_hash = scoped.log_hash
+                return reply
+            if claim.kind is not ClaimKind.IN_FLIGHT or policy.in_flight != "wait":
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            # Poll gently: a duplicate that waits must not hammer the store.
+            await asyncio.sleep(min(attempt_delay, remaining, max(claim.retry_after_ms, 1) / 1000))
+            attempt_delay = min(attempt_delay * 2, 0.25)
+
+        store_ms = (time.perf_counter() - started) * 1000
+        if claim.kind is ClaimKind.CLAIMED:
+            attempt = _Attempt(route, scoped.storage_key, token, lease_ms)
+            reply = await self._shielded(self._execute(attempt, request, fp, forward_headers))
+            self.metrics.transitions.labels("CLAIMED").inc()
+        else:
+            reply = self._duplicate(claim, scoped.storage_key, fp)
+        reply.key_hash = scoped.log_hash
+        reply.store_ms += store_ms
+        return reply
+
+    def _tenant(self, request: ProxyRequest) -> str:
+        if self.tenant_header is None:
+            return keys.DEFAULT_TENANT
+        value = request.header(self.tenant_header)
+        return value.decode("latin-1") if value else keys.DEFAULT_TENANT
+
+    # -- duplicates ------------------------------------------------------------------
+
+    def _duplicate(self, claim: ClaimResult, storage_key: str, fp: str) -> Reply:
+        date = self.date()
+        if claim.kind is ClaimKind.MISMATCH:
+            return problem_reply(problems.key_reused(), "key_reused", date)
+        if claim.kind is ClaimKind.IN_FLIGHT:
+            retry_after = max(1, math.ceil(claim.retry_after_ms / 1000))
+            return problem_reply(problems.in_progress(retry_after), "in_flight", date)
+        if claim.kind is ClaimKind.UNKNOWN:
+            status = claim.response.status if claim.response else 502
+            problem = outcome_unknown(status, claim.reason or "unknown")
+            return problem_reply(problem, "outcome_unknown", date, replayed=True)
+        assert claim.response is not None
+        if claim.response.replayable:
+            self.cache.put(storage_key, fp, claim.response, claim.ttl_ms)
+        return self._duplicate_of_completed(True, claim.response)
+
+    def _duplicate_of_completed(self, same_request: bool, response: StoredResponse) -> Reply:
+        if not same_request:
+            return problem_reply(problems.key_reused(), "key_reused", self.date())
+        if not response.replayable:
+            return problem_reply(replay_unavailable(), "replay_unavailable", self.date())
+        self.metrics.replayed_bytes.inc(len(response.body))
+        return Reply(response.status, replay_headers(response), response.body, outcome="replayed")
+
+    # -- the owner's path ------------------------------------------------------------
+
+    async def _shielded(self, work: Awaitable[Reply]) -> Reply:
+        """Run the owner's work as a task a client disconnect cannot cancel."""
+        task: asyncio.Task[Reply] = asyncio.ensure_future(work)
+        self._track(task)
+        return await asyncio.shield(task)
+
+    def _track(self, task: asyncio.Task[object] | asyncio.Task[Reply]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _execute(
+        self,
+        attempt: _Attempt,
+        request: ProxyRequest,
+        fp: str,
+        forward_headers: list[tuple[bytes, bytes]],
+    ) -> Reply:
+        route, key, token = attempt.route, attempt.storage_key, attempt.token
+        policy = route.policy
+        date = self.date()
+        store_started = time.perf_counter()
+        try:
+            sent = await self._timed(
+                "mark_sent", self.store.mark_sent(key, token, attempt.lease_ms)
+            )
+        except StoreUnavailable:
+            # Not sent. The CLAIMED record's lease runs out and a retry takes it over.
+            return problem_reply(problems.store_unavailable(), "store_unavailable", date)
+        store_ms = (time.perf_counter() - store_started) * 1000
+        if not sent:
+            self.metrics.fenced.labels("mark_sent").inc()
+            return problem_reply(problems.in_progress(1), "fenced", date)
+        self.metrics.transitions.labels("SENT").inc()
+
+        self._schedule_renewal(attempt)
+        self.metrics.in_flight.inc()
+        upstream_started = time.perf_counter()
+        try:
+            response = await self.upstream.send(
+                request.method,
+                _target(request),
+                forward_headers,
+                request.body,
+                timeout=policy.upstream_timeout,
+                read_limit=policy.max_stored_response,
+            )
+        except NotSent as exc:
+            self._stop_renewal(attempt)
+            await self._settle("release", attempt, lambda: self.store.release(key, token))
+            reply = problem_reply(
+                Problem(
+                    "upstream-unreachable",
+                    502,
+                    f"the backend refused or could not take the connection ({exc}); nothing was "
+                    "sent and the key is free for a retry",
+                ),
+                "upstream_unreachable",
+                self.date(),
+            )
+            return _timed_reply(reply, upstream_started, store_ms)
+        except OutcomeUnknown as exc:
+            self._stop_renewal(attempt)
+            status, reason = exc.status, exc.reason
+            await self._settle(
+                "mark_unknown",
+                attempt,
+                lambda: self.store.mark_unknown(key, token, status, reason),
+            )
+            reply = problem_reply(
+                outcome_unknown(exc.status, exc.reason), "outcome_unknown", self.date()
+            )
+            return _timed_reply(reply, upstream_started, store_ms)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.upstream_seconds.labels(route.name).observe(
+                time.perf_counter() - upstream_started
+            )
+        self._stop_renewal(attempt)
+        headers = response_headers(response.headers)
+
+        if response.status in policy.release_statuses:
+            await self._settle("release", attempt, lambda: self.store.release(key, token))
+            reply = _reply_from(response, headers, "released")
+            return _timed_reply(reply, upstream_started, store_ms)
+
+        if response.complete and len(response.body) <= policy.max_stored_response:
+            stored = StoredResponse(
+                response.status, stored_headers(headers, route.replay_headers), response.body
+            )
+        else:
+            stored = StoredResponse(response.status, replayable=False)
+        completed = await self._settle(
+            "complete", attempt, lambda: self.store.complete(key, token, stored)
+        )
+        if completed and stored.replayable:
+            self.cache.put(key, fp, stored, int(policy.retention * 1000))
+        reply = _reply_from(response, headers, "forwarded")
+        return _timed_reply(reply, upstream_started, store_ms)
+
+    async def _forward_unrecorded(
+        self, request: ProxyRequest, route: Route, forward_headers: list[tuple[bytes, bytes]]
+    ) -> Reply:
+        """Forward without a record: no key on an optional route, or a fail-open route
+        whose store is down."""
+        started = time.perf_counter()
+        try:
+            response = await self.upstream.send(
+                request.method,
+                _target(request),
+                forward_headers,
+                request.body,
+                timeout=route.policy.upstream_timeout,
+                read_limit=0,
+            )
+        except NotSent:
+            return problem_reply(
+                Problem("upstream-unreachable", 502, "the backend could not be reached"),
+                "upstream_unreachable",
+                self.date(),
+            )
+        except OutcomeUnknown as exc:
+            return problem_reply(
+                Problem(
+                    "upstream-failed", exc.status, f"the backend did not answer ({exc.reason})"
+                ),
+                "upstream_failed",
+                self.date(),
+            )
+        reply = _reply_from(response, response_headers(response.headers), "forwarded")
+        reply.upstream_ms = (time.perf_counter() - started) * 1000
+        return reply
+
+    # -- store calls that must not be lost -------------------------------------------
+
+    async def _timed(self, operation: str, call: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        try:
+            return await call
+        except StoreUnavailable:
+            self.metrics.store_errors.labels(operation).inc()
+            raise
+        finally:
+            self.metrics.store_seconds.labels(operation).observe(time.perf_counter() - started)
+
+    async def _settle(
+        self, operation: str, attempt: _Attempt, call: Callable[[], Awaitable[bool]]
+    ) -> bool:
+        """Record the outcome; if the store is down, keep trying in the background.
+
+        The client still gets the real answer: losing the store after the backend
+        answered must not turn a success into an error. Every try is safe to repeat,
+        because the scripts recognise the owner's token.
+        """
+        try:
+            ok = bool(await self._timed(operation, call()))
+        except StoreUnavailable:
+            logger.warning(
+                "store unavailable after forwarding; retrying in the background",
+                extra={"operation": operation, "route": attempt.route.name},
+            )
+            self._track(asyncio.ensure_future(self._retry_later(operation, attempt, call)))
+            return False
+        self._note(operation, attempt, ok)
+        return ok
+
+    def _note(self, operation: str, attempt: _Attempt, ok: bool) -> None:
+        if ok:
+            to = {"complete": "COMPLETED", "mark_unknown": "UNKNOWN", "release": "released"}
+            self.metrics.transitions.labels(to.get(operation, operation)).inc()
+            return
+        self.metrics.fenced.labels(operation).inc()
+        logger.warning(
+            "fenced: another owner holds the record, or it left the state this owner expected",
+            extra={"operation": operation, "route": attempt.route.name},
+        )
+
+    async def _retry_later(
+        self, operation: str, attempt: _Attempt, call: Callable[[], Awaitable[bool]]
+    ) -> None:
+        deadline = time.monotonic() + BACKGROUND_RETRY_SECONDS
+        delay = 0.1
+        while time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            try:
+                ok = bool(await self._timed(operation, call()))
+            except StoreUnavailable:
+                continue
+            self._note(operation, attempt, ok)
+            return
+        logger.error(
+            "gave up recording an outcome; the record will turn UNKNOWN when its lease expires",
+            extra={"operation": operation, "route": attempt.route.name},
+        )
+
+    # -- lease renewal ---------------------------------------------------------------
+
+    def _schedule_renewal(self, attempt: _Attempt) -> None:
+        """Renew at a third of the lease, so a slow backend never looks like a dead owner.
+
+        A timer, not a task: most requests finish long before the first renewal.
+        """
+        loop = asyncio.get_running_loop()
+        attempt.renewal = loop.call_later(attempt.lease_ms / 3000, self._renew_soon, attempt)
+
+    def _renew_soon(self, attempt: _Attempt) -> None:
+        if attempt.done:
+            return
+        task = asyncio.ensure_future(self._renew(attempt))
+        self._track(task)
+
+    async def _renew(self, attempt: _Attempt) -> None:
+        try:
+            ok = await self._timed(
+                "renew", self.store.renew(attempt.storage_key, attempt.token, attempt.lease_ms)
+            )
+        except StoreUnavailable:
+            ok = True  # try again at the next tick; the lease may still hold
+        if not ok:
+            attempt.fenced = True
+            self.metrics.fenced.labels("renew").inc()
+            return
+        if not attempt.done:
+            self._schedule_renewal(attempt)
+
+    def _stop_renewal(self, attempt: _Attempt) -> None:
+        attempt.done = True
+        if attempt.renewal is not None:
+            attempt.renewal.cancel()
+
+
+def _target(request: ProxyRequest) -> str:
+    path = request.raw_path.decode("latin-1") or request.path
+    if request.query_string:
+        return f"{path}?{request.query_string.decode('latin-1')}"
+    return path
+
+
+def _reply_from(
+    response: UpstreamResponse, headers: list[tuple[bytes, bytes]], outcome: str
+) -> Reply:
+    return Reply(
+        response.status,
+        headers,
+        response.body,
+        rest=response.rest,
+        close=response.close,
+        outcome=outcome,
+    )
+
+
+def _timed_reply(reply: Reply, upstream_started: float, store_ms: float) -> Reply:
+    reply.upstream_ms = (time.perf_counter() - upstream_started) * 1000
+    reply.store_ms += store_ms
+    return reply

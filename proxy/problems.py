@@ -1,0 +1,98 @@
+"""RFC 9457 problem+json answers for everything the proxy itself decides.
+
+`type` ends in the contract's name for the situation, `status` equals the HTTP
+status, and nothing the client sent (keys, bodies) is ever echoed back.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+TYPE_BASE = "https://idempotency-proxy.dev/problems/"
+
+TITLES: dict[str, str] = {
+    "request-in-progress": "A request with this idempotency key is still in progress",
+    "key-reused": "This idempotency key was already used for a different request",
+    "key-missing": "This endpoint requires an idempotency key",
+    "key-invalid": "The idempotency key is malformed",
+    "body-too-large": "The request body is larger than this endpoint accepts",
+    "body-invalid": "The request body cannot be read",
+    "unsupported-media-type": "This endpoint reads its idempotency key from another media type",
+    "headers-too-large": "The request headers are too large",
+    "outcome-unknown": "The backend may or may not have executed this request",
+    "upstream-unreachable": "The backend could not be reached; nothing was sent",
+    "store-unavailable": "The idempotency store is unavailable; nothing was sent",
+    "replay-unavailable": "The stored response is too large to replay",
+}
+
+
+class Problem(Exception):
+    """A decision the proxy answers itself, as problem+json."""
+
+    def __init__(
+        self,
+        name: str,
+        status: int,
+        detail: str | None = None,
+        *,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(name)
+        self.name = name
+        self.status = status
+        self.detail = detail
+        self.retry_after = retry_after
+
+    def body(self) -> bytes:
+        document: dict[str, object] = {
+            "type": TYPE_BASE + self.name,
+            "title": TITLES.get(self.name, self.name),
+            "status": self.status,
+        }
+        if self.detail:
+            document["detail"] = self.detail
+        return orjson.dumps(document)
+
+    def headers(self, date: bytes) -> list[tuple[bytes, bytes]]:
+        headers = [
+            (b"content-type", b"application/problem+json"),
+            (b"cache-control", b"no-store"),
+            (b"date", date),
+        ]
+        if self.retry_after is not None:
+            headers.append((b"retry-after", str(self.retry_after).encode()))
+        return headers
+
+
+def key_missing(where: str) -> Problem:
+    return Problem("key-missing", 400, f"expected the idempotency key in {where}")
+
+
+def key_invalid(reason: str) -> Problem:
+    return Problem("key-invalid", 400, reason)
+
+
+def key_reused() -> Problem:
+    return Problem(
+        "key-reused",
+        422,
+        "this key was first used with a different method, path, query or body",
+    )
+
+
+def in_progress(retry_after: int) -> Problem:
+    return Problem(
+        "request-in-progress",
+        409,
+        "the first request with this key has not finished; retry later to get its response",
+        retry_after=retry_after,
+    )
+
+
+def store_unavailable(retry_after: int = 1) -> Problem:
+    return Problem(
+        "store-unavailable",
+        503,
+        "the request was not forwarded; it is safe to retry",
+        retry_after=retry_after,
+    )

@@ -1,0 +1,80 @@
+"""The record kept per scoped key, and what a claim can find.
+
+States: CLAIMED -> SENT -> COMPLETED | UNKNOWN, or (absent) when released. Only
+the owner holding the record's token may move it on; see docs/design.md.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import orjson
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
+class State(enum.StrEnum):
+    CLAIMED = "CLAIMED"
+    SENT = "SENT"
+    COMPLETED = "COMPLETED"
+    UNKNOWN = "UNKNOWN"
+
+
+class ClaimKind(enum.Enum):
+    CLAIMED = "claimed"  # the caller owns the record: a new one, its own retry, or a take-over
+    COMPLETED = "completed"  # replay the stored response
+    IN_FLIGHT = "in_flight"  # another owner is alive and working
+    MISMATCH = "mismatch"  # same key, different request
+    UNKNOWN = "unknown"  # the backend may have executed it; an operator must resolve
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """What a duplicate is answered with: status, allow-listed headers, raw body bytes."""
+
+    status: int
+    headers: Headers = ()
+    body: bytes = b""
+    # False when the response was over the stored-response cap: duplicates get 409.
+    replayable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    kind: ClaimKind
+    fence: int = 0
+    response: StoredResponse | None = None
+    retry_after_ms: int = 0
+    # Remaining retention of a COMPLETED record, which bounds how long it may be cached.
+    ttl_ms: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A record as an operator sees it (`records show`)."""
+
+    state: str
+    token: str
+    fence: int
+    fingerprint: str
+    created_ms: int
+    lease_remaining_ms: int | None
+    ttl_ms: int
+    reason: str = ""
+    response: StoredResponse | None = None
+
+
+def encode_headers(headers: Headers) -> bytes:
+    return orjson.dumps(
+        [[name.decode("latin-1"), value.decode("latin-1")] for name, value in headers]
+    )
+
+
+def decode_headers(blob: bytes | str | None) -> Headers:
+    if not blob:
+        return ()
+    return tuple(
+        (name.encode("latin-1"), value.encode("latin-1")) for name, value in orjson.loads(blob)
+    )

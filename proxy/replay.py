@@ -1,0 +1,89 @@
+"""What a duplicate receives: the stored response, or the problem that stands in for it.
+
+Replays keep the allow-listed headers and the raw (still encoded) body bytes,
+get a fresh Date and a correct Content-Length, and never carry hop-by-hop
+headers, Set-Cookie or the original request id.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from email.utils import formatdate
+
+from proxy.records import Headers, StoredResponse
+from proxy.upstream import HOP_BY_HOP
+
+REPLAYED = (b"idempotent-replayed", b"true")
+
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
+    """The current IMF-fixdate, formatted at most once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True).encode("ascii"))
+    return _date_cache[1]
+
+
+def stored_headers(headers: list[tuple[bytes, bytes]], allowed: frozenset[bytes]) -> Headers:
+    """The headers worth replaying: the allow-list, never hop-by-hop ones."""
+    return tuple((k, v) for k, v in headers if k in allowed and k not in HOP_BY_HOP)
+
+
+def replay_headers(response: StoredResponse) -> list[tuple[bytes, bytes]]:
+    headers = list(response.headers)
+    headers.append((b"content-length", str(len(response.body)).encode("ascii")))
+    headers.append((b"date", http_date()))
+    headers.append(REPLAYED)
+    return headers
+
+
+class ReplayCache:
+    """The hottest COMPLETED records of this process, bounded in entries, bytes and age.
+
+    A COMPLETED record never changes until it expires (only an operator's forced
+    release removes one early), so answering a duplicate from memory is exactly
+    what the store would have said, without the round trip.
+    """
+
+    def __init__(self, max_entries: int, max_bytes: int, max_age: float) -> None:
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._max_age = max_age
+        self._bytes = 0
+        self._entries: OrderedDict[str, tuple[str, StoredResponse, float]] = OrderedDict()
+
+    def get(self, key: str) -> tuple[str, StoredResponse] | None:
+        """(fingerprint, response) when cached and fresh."""
+        if not self._max_entries:
+            return None
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[2] <= time.monotonic():
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry[0], entry[1]
+
+    def put(self, key: str, fingerprint: str, response: StoredResponse, ttl_ms: int) -> None:
+        size = len(response.body) + 256
+        if not self._max_entries or size > self._max_bytes // 8 or ttl_ms <= 0:
+            return
+        if key in self._entries:
+            self._drop(key)
+        expires = time.monotonic() + min(self._max_age, ttl_ms / 1000)
+        self._entries[key] = (fingerprint, response, expires)
+        self._bytes += size
+        while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: str) -> None:
+        _, response, _ = self._entries.pop(key)
+        self._bytes -= len(response.body) + 256
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,69 @@
+"""The incoming request as the proxy's story sees it, read once from the ASGI scope."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+_UNPARSED: Any = object()
+
+
+class InvalidJSON(ValueError):
+    """The body claims to be JSON and is not (bad syntax or invalid UTF-8)."""
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse JSON strictly (UTF-8 only); integers beyond 64 bits are kept exactly."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson refuses integers wider than 64 bits; the standard library does not.
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidJSON("the body is not valid UTF-8 JSON") from None
+
+
+def is_json(media_type: str) -> bool:
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+@dataclass(slots=True)
+class ProxyRequest:
+    """Method, target, raw headers and the fully read body of one request."""
+
+    method: str
+    path: str
+    raw_path: bytes
+    query_string: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+    _json: Any = field(default=_UNPARSED, repr=False)
+
+    def header_values(self, name: bytes) -> list[bytes]:
+        """Every value of a header, in order; `name` must be lower case."""
+        return [value for key, value in self.headers if key == name]
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def media_type(self) -> str:
+        """The Content-Type without parameters, lower case ('' when absent)."""
+        value = self.header(b"content-type")
+        if not value:
+            return ""
+        return value.split(b";", 1)[0].strip().lower().decode("latin-1")
+
+    def json(self) -> Any:
+        """The parsed JSON body, parsed at most once per request."""
+        if self._json is _UNPARSED:
+            self._json = parse_json(self.body)
+        return self._json

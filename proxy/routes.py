@@ -1,0 +1,114 @@
+"""Which requests are protected, and by what policy: method + path template, first match wins."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.routing import compile_path
+
+from proxy.config import ConfigError, KeySpec, Policy, Settings
+
+# The default rule's methods: those that create or change something. GET, PUT and
+# DELETE are idempotent by definition and pass straight through.
+DEFAULT_METHODS = frozenset({"POST", "PATCH"})
+ALWAYS_REPLAYED = (b"content-type", b"content-encoding", b"location", b"etag", b"link")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One compiled route: everything the request's story needs, resolved at start-up."""
+
+    name: str
+    namespace: str
+    methods: frozenset[str]
+    path: str
+    key: KeySpec
+    required: bool
+    policy: Policy
+    fail_open: bool
+    replay_headers: frozenset[bytes]
+    _regex: re.Pattern[str] | None
+    _convertors: dict[str, Any]
+
+    def match(self, method: str, path: str) -> dict[str, str] | None:
+        """Path parameters when this route protects the request, else None."""
+        if method not in self.methods:
+            return None
+        if self._regex is None:
+            return {}
+        found = self._regex.match(path)
+        if found is None:
+            return None
+        return {
+            name: str(self._convertors[name].convert(value))
+            for name, value in found.groupdict().items()
+        }
+
+
+class RouteTable:
+    """The configured routes in order, or the default rule when none are configured."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.routes: tuple[Route, ...] = tuple(_compile(settings))
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+        for route in self.routes:
+            params = route.match(method, path)
+            if params is not None:
+                return route, params
+        return None
+
+
+def _replay_headers(policy: Policy) -> frozenset[bytes]:
+    extra = (h.strip().lower().encode("latin-1") for h in policy.replay_headers)
+    return frozenset((*ALWAYS_REPLAYED, *extra))
+
+
+def _compile(settings: Settings) -> list[Route]:
+    store_fail_open = settings.store.failure_mode == "open"
+    if not settings.routes:
+        policy = settings.defaults
+        fail_open = (policy.failure_mode or settings.store.failure_mode) == "open"
+        return [
+            Route(
+                name="default",
+                namespace="default",
+                methods=DEFAULT_METHODS,
+                path="/{path:path}",
+                key=KeySpec.model_validate({"from": "header", "name": "Idempotency-Key"}),
+                required=False,
+                policy=policy,
+                fail_open=fail_open,
+                replay_headers=_replay_headers(policy),
+                _regex=None,
+                _convertors={},
+            )
+        ]
+    compiled = []
+    for spec in settings.routes:
+        policy = spec.policy(settings.defaults)
+        regex, _, convertors = compile_path(spec.path)
+        if spec.key.source == "path" and spec.key.target not in convertors:
+            raise ConfigError(
+                f"routes[{spec.name!r}].key.name: {spec.key.target!r} is not a parameter "
+                f"of the path {spec.path!r}"
+            )
+        fail_open = (policy.failure_mode == "open") if policy.failure_mode else store_fail_open
+        compiled.append(
+            Route(
+                name=spec.name,
+                namespace=spec.namespace or spec.name,
+                methods=frozenset(spec.methods),
+                path=spec.path,
+                key=spec.key,
+                required=spec.required,
+                policy=policy,
+                fail_open=fail_open,
+                replay_headers=_replay_headers(policy),
+                _regex=regex,
+                _convertors=convertors,
+            )
+        )
+    return compiled

@@ -1,0 +1,108 @@
+"""Running the proxy: the traffic server and the admin server on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Generator
+
+import uvicorn
+
+from proxy.admin import create_admin_app
+from proxy.app import ProxyApp
+from proxy.config import Settings
+
+SETTINGS_ENV = "IDEMPOTENCY_PROXY__SETTINGS_JSON"
+
+
+class _AdminServer(uvicorn.Server):
+    """The admin server follows the traffic server's lifetime instead of owning the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _uvicorn_config(
+    app: object, host: str, port: int, settings: Settings, **extra: object
+) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        log_config=None,
+        log_level=settings.log_level,
+        access_log=False,
+        server_header=False,
+        # The proxy sets Date itself: the backend's passes through, replays get a fresh one.
+        date_header=False,
+        http="httptools",
+        loop="uvloop",
+        timeout_graceful_shutdown=30,
+        backlog=2048,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+async def serve(settings: Settings) -> None:
+    proxy = ProxyApp(settings)
+    traffic = uvicorn.Server(
+        _uvicorn_config(proxy, settings.listen.host, settings.listen.port, settings, lifespan="on")
+    )
+    admin_task = None
+    admin = None
+    if settings.admin.enabled:
+        admin_app = create_admin_app(proxy, lambda: traffic.should_exit)
+        admin = _AdminServer(
+            _uvicorn_config(
+                admin_app, settings.admin.host, settings.admin.port, settings, lifespan="off"
+            )
+        )
+        admin_task = asyncio.create_task(admin.serve())
+    try:
+        await traffic.serve()
+    finally:
+        if admin is not None and admin_task is not None:
+            admin.should_exit = True
+            await admin_task
+
+
+def run(settings: Settings) -> None:
+    if settings.workers > 1:
+        _run_workers(settings)
+        return
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(settings))
+
+
+def _run_workers(settings: Settings) -> None:
+    """Several worker processes on one port (uvicorn's supervisor). The admin port is not
+    served in this mode: each worker's metrics would be a partial view."""
+    os.environ[SETTINGS_ENV] = settings.model_dump_json(by_alias=True)
+    uvicorn.run(
+        "proxy.server:worker_app",
+        factory=True,
+        host=settings.listen.host,
+        port=settings.listen.port,
+        workers=settings.workers,
+        log_config=None,
+        log_level=settings.log_level,
+        access_log=False,
+        server_header=False,
+        date_header=False,
+        http="httptools",
+        loop="uvloop",
+        timeout_graceful_shutdown=30,
+    )
+
+
+def worker_app() -> ProxyApp:
+    """The app factory each worker process calls."""
+    from proxy import logs
+
+    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    logs.configure(settings.log_level)
+    return ProxyApp(settings)

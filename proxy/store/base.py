@@ -1,0 +1,56 @@
+"""The `Store` protocol: every transition of a record is a compare-and-set on its owner token.
+
+Implementations must give the same answers for the same history (the behaviour
+suite runs against each); times are milliseconds, and the store's own clock
+decides leases so that every replica shares one clock.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from proxy.records import ClaimResult, Record, StoredResponse
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer (in time): nothing may be assumed about the write."""
+
+
+class Store(Protocol):
+    name: str
+
+    async def start(self) -> None:
+        """Connect, load scripts; called once before serving."""
+
+    async def close(self) -> None: ...
+
+    async def claim(
+        self, key: str, token: str, fingerprint: str, lease_ms: int, retention_ms: int
+    ) -> ClaimResult:
+        """Create a CLAIMED record, recognise our own earlier claim, take over a CLAIMED record
+        whose lease expired, or report what stands in the way (and turn a SENT record whose
+        lease expired into UNKNOWN)."""
+
+    async def mark_sent(self, key: str, token: str, lease_ms: int) -> bool:
+        """CLAIMED -> SENT, before the first byte goes upstream. False: fenced, do not send."""
+
+    async def renew(self, key: str, token: str, lease_ms: int) -> bool:
+        """Push the lease deadline while the backend works. False: fenced."""
+
+    async def complete(self, key: str, token: str, response: StoredResponse) -> bool:
+        """SENT -> COMPLETED with the response to replay. False: fenced."""
+
+    async def mark_unknown(self, key: str, token: str, status: int, reason: str) -> bool:
+        """SENT -> UNKNOWN: the backend may have executed it. False: fenced."""
+
+    async def release(self, key: str, token: str) -> bool:
+        """CLAIMED/SENT -> (absent): the backend provably did not act. False: fenced."""
+
+    async def get(self, key: str) -> Record | None:
+        """The record as it is, for operators."""
+
+    async def resolve(self, key: str, response: StoredResponse, force: bool) -> bool:
+        """Operator: UNKNOWN (or any state with force) -> COMPLETED with `response`."""
+
+    async def discard(self, key: str, force: bool) -> bool:
+        """Operator: delete an UNKNOWN record (or any state with force) so a retry executes."""

@@ -1,0 +1,23 @@
+-- mark_sent.lua: CLAIMED -> SENT, just before the first byte goes to the backend.
+--
+-- KEYS[1]  the record
+-- ARGV[1]  owner token
+-- ARGV[2]  lease in milliseconds (the deadline restarts from Redis TIME)
+--
+-- Returns 1 when the caller owns the record and it is now SENT (also when a retried
+-- call finds it already SENT by this token); 0 when fenced: another owner took over,
+-- or the record is gone. On 0 the caller must not send.
+local r = redis.call('HMGET', KEYS[1], 'state', 'token')
+if r[2] ~= ARGV[1] then
+  return 0
+end
+if r[1] == 'SENT' then
+  return 1
+end
+if r[1] ~= 'CLAIMED' then
+  return 0
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'state', 'SENT', 'lease', now + tonumber(ARGV[2]))
+return 1

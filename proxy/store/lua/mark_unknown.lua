@@ -1,0 +1,23 @@
+-- mark_unknown.lua: SENT -> UNKNOWN, when the backend may or may not have executed it
+-- (timeout, reset or protocol error after sending).
+--
+-- KEYS[1]  the record
+-- ARGV[1]  owner token
+-- ARGV[2]  the status duplicates get (504 after a timeout, 502 otherwise)
+-- ARGV[3]  reason (timeout | reset | protocol | ...)
+--
+-- Returns 1 when the record is UNKNOWN for this token (also on a retried call); 0 when
+-- fenced. UNKNOWN stays until an operator resolves it or the retention expires.
+local r = redis.call('HMGET', KEYS[1], 'state', 'token')
+if r[2] ~= ARGV[1] then
+  return 0
+end
+if r[1] == 'UNKNOWN' then
+  return 1
+end
+if r[1] ~= 'SENT' and r[1] ~= 'CLAIMED' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', 'UNKNOWN', 'status', ARGV[2], 'reason', ARGV[3])
+redis.call('HDEL', KEYS[1], 'lease')
+return 1

@@ -1,0 +1,265 @@
+"""The Redis store: each transition one Lua script, one round trip, its contract in the file.
+
+Commands time out fast and retry at most a couple of times: every script is
+safe to retry because it recognises its own token (a retried claim that already
+won is not "in progress").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from proxy.records import (
+    ClaimKind,
+    ClaimResult,
+    Record,
+    StoredResponse,
+    decode_headers,
+    encode_headers,
+)
+from proxy.store.base import StoreUnavailable
+
+SCRIPTS = (
+    "claim",
+    "mark_sent",
+    "renew",
+    "complete",
+    "mark_unknown",
+    "release",
+    "resolve",
+    "discard",
+)
+
+
+def _source(name: str) -> str:
+    return resources.files("proxy.store").joinpath(f"lua/{name}.lua").read_text("utf-8")
+
+
+def _client(url: str, timeout: float, retries: int, max_connections: int) -> Any:
+    retry = Retry(ExponentialBackoff(cap=0.05, base=0.005), retries)
+    common: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": retry,
+        "health_check_interval": 0,
+    }
+    if url.startswith("redis+cluster://"):
+        cluster_url = "redis://" + url.removeprefix("redis+cluster://")
+        return RedisCluster.from_url(cluster_url, max_connections=max_connections, **common)
+    if url.startswith("redis+sentinel://"):
+        parts = urlsplit(url)
+        hosts = []
+        for item in parts.netloc.rsplit("@", 1)[-1].split(","):
+            host, _, port = item.rpartition(":")
+            hosts.append((host or item, int(port or 26379)))
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise ValueError(
+                "redis+sentinel:// needs the master's name: redis+sentinel://h:p/mymaster"
+            )
+        service = unquote(path[0])
+        db = int(path[1]) if len(path) > 1 else 0
+        password = unquote(parts.password) if parts.password else None
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            hosts, socket_timeout=timeout, sentinel_kwargs={"socket_timeout": timeout}
+        )
+        return sentinel.master_for(service, db=db, password=password, **common)
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout, **common
+    )
+    return Redis(connection_pool=pool, retry=retry)
+
+
+class RedisStore:
+    """Records in Redis (single node, Sentinel or Cluster), shared by every replica."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 0.5,
+        retries: int = 2,
+        max_connections: int = 64,
+        wait_replicas: int = 0,
+        wait_timeout: float = 0.1,
+    ) -> None:
+        self.url = url
+        self.cluster = url.startswith("redis+cluster://")
+        self._client = _client(url, timeout, retries, max_connections)
+        self._scripts = {name: self._client.register_script(_source(name)) for name in SCRIPTS}
+        self._wait_replicas = wait_replicas
+        self._wait_timeout_ms = max(1, int(wait_timeout * 1000))
+        self.replica_shortfalls = 0
+
+    @property
+    def client(self) -> Any:
+        return self._client
+
+    async def start(self) -> None:
+        try:
+            if self.cluster:
+                await self._client.initialize()
+            await self._client.ping()
+            for script in self._scripts.values():
+                script.sha = await self._client.script_load(script.script)
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise StoreUnavailable(f"cannot reach {_safe_url(self.url)}: {exc}") from exc
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _run(self, name: str, key: str, *args: Any, wait: bool = False) -> Any:
+        script = self._scripts[name]
+        try:
+            if wait and self._wait_replicas and not self.cluster:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    await script(keys=[key], args=args, client=pipe)
+                    pipe.wait(self._wait_replicas, self._wait_timeout_ms)
+                    result, acknowledged = await pipe.execute()
+                if int(acknowledged) < self._wait_replicas:
+                    self.replica_shortfalls += 1
+                return result
+            return await script(keys=[key], args=args)
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+
+    async def claim(
+        self, key: str, token: str, fingerprint: str, lease_ms: int, retention_ms: int
+    ) -> ClaimResult:
+        reply = await self._run("claim", key, token, fingerprint, lease_ms, retention_ms, wait=True)
+        return _claim_result(reply)
+
+    async def mark_sent(self, key: str, token: str, lease_ms: int) -> bool:
+        return bool(await self._run("mark_sent", key, token, lease_ms))
+
+    async def renew(self, key: str, token: str, lease_ms: int) -> bool:
+        return bool(await self._run("renew", key, token, lease_ms))
+
+    async def complete(self, key: str, token: str, response: StoredResponse) -> bool:
+        reply = await self._run(
+            "complete",
+            key,
+            token,
+            response.status,
+            encode_headers(response.headers),
+            response.body,
+            b"1" if response.replayable else b"0",
+            wait=True,
+        )
+        return bool(reply)
+
+    async def mark_unknown(self, key: str, token: str, status: int, reason: str) -> bool:
+        return bool(await self._run("mark_unknown", key, token, status, reason, wait=True))
+
+    async def release(self, key: str, token: str) -> bool:
+        return bool(await self._run("release", key, token))
+
+    async def get(self, key: str) -> Record | None:
+        try:
+            fields, ttl = await asyncio.gather(self._client.hgetall(key), self._client.pttl(key))
+            timing = await self._client.time()
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+        if not fields:
+            return None
+        now_ms = int(timing[0]) * 1000 + int(timing[1]) // 1000
+        return _record(fields, int(ttl), now_ms)
+
+    async def resolve(self, key: str, response: StoredResponse, force: bool) -> bool:
+        reply = await self._run(
+            "resolve",
+            key,
+            response.status,
+            encode_headers(response.headers),
+            response.body,
+            b"1" if force else b"0",
+        )
+        if int(reply) < 0:
+            raise KeyError(key)
+        return bool(reply == 1)
+
+    async def discard(self, key: str, force: bool) -> bool:
+        reply = await self._run("discard", key, b"1" if force else b"0")
+        if int(reply) < 0:
+            raise KeyError(key)
+        return bool(reply == 1)
+
+    async def server_info(self) -> dict[str, Any]:
+        """Settings that decide whether records survive: eviction, persistence, replication."""
+        try:
+            policy = await self._client.config_get("maxmemory-policy")
+            persistence = await self._client.info("persistence")
+            replication = await self._client.info("replication")
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+        return {"config": policy, "persistence": persistence, "replication": replication}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _claim_result(reply: list[Any]) -> ClaimResult:
+    kind = _text(reply[0])
+    if kind == "claimed":
+        return ClaimResult(ClaimKind.CLAIMED, fence=int(reply[1]))
+    if kind == "completed":
+        response = StoredResponse(
+            status=int(reply[1]),
+            headers=decode_headers(reply[2]),
+            body=reply[3] or b"",
+            replayable=reply[4] != b"0",
+        )
+        return ClaimResult(ClaimKind.COMPLETED, response=response, ttl_ms=int(reply[5]))
+    if kind == "unknown":
+        return ClaimResult(
+            ClaimKind.UNKNOWN, response=StoredResponse(status=int(reply[1])), reason=_text(reply[2])
+        )
+    if kind == "in_flight":
+        return ClaimResult(ClaimKind.IN_FLIGHT, retry_after_ms=max(0, int(reply[1])))
+    return ClaimResult(ClaimKind.MISMATCH)
+
+
+def _record(fields: dict[bytes, bytes], ttl_ms: int, now_ms: int) -> Record:
+    get = fields.get
+    state = _text(get(b"state", b"?"))
+    response = None
+    if state == "COMPLETED":
+        response = StoredResponse(
+            status=int(get(b"status", b"0")),
+            headers=decode_headers(get(b"headers")),
+            body=get(b"body", b""),
+            replayable=get(b"replayable") != b"0",
+        )
+    lease = get(b"lease")
+    return Record(
+        state=state,
+        token=_text(get(b"token", b"")),
+        fence=int(get(b"fence", b"0")),
+        fingerprint=_text(get(b"fp", b"")),
+        created_ms=int(get(b"created", b"0")),
+        lease_remaining_ms=(int(lease) - now_ms) if lease else None,
+        ttl_ms=ttl_ms,
+        reason=_text(get(b"reason", b"")),
+        response=response,
+    )
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(parts.password, "***")
+    return url

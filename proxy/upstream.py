@@ -1,0 +1,355 @@
+"""Forwarding to the backend, behind a small interface, with the contract's error classes.
+
+Only a failure to connect means "nothing was sent". Anything after the first
+byte (a timeout, a reset, a protocol error) means the backend may have acted,
+and the proxy never sends that request again. Two transports sit behind the
+interface (aiohttp, httpx); docs/benchmarks.md says why aiohttp is the default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Recomputed by the transport for the bytes it actually sends.
+_NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class NotSent(Exception):
+    """The backend could not be reached: no byte of the request left the proxy."""
+
+
+class OutcomeUnknown(Exception):
+    """The request may have reached the backend, and no full answer came back."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason  # timeout | reset | protocol
+
+    @property
+    def status(self) -> int:
+        return 504 if self.reason == "timeout" else 502
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return tokens
+
+
+def request_headers(
+    headers: Headers, client: str | None, scheme: str, host: bytes | None
+) -> Headers:
+    """The client's headers minus hop-by-hop ones, plus X-Forwarded-*."""
+    named = _connection_tokens(headers)
+    out = [(k, v) for k, v in headers if k not in _NOT_FORWARDED and k not in named]
+    forwarded_for = [v for k, v in headers if k == b"x-forwarded-for"]
+    out = [
+        (k, v)
+        for k, v in out
+        if k not in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+    ]
+    chain = b", ".join([*forwarded_for, client.encode()] if client else forwarded_for)
+    if chain:
+        out.append((b"x-forwarded-for", chain))
+    out.append((b"x-forwarded-proto", scheme.encode()))
+    if host:
+        out.append((b"x-forwarded-host", host))
+    return out
+
+
+def response_headers(headers: Headers) -> Headers:
+    """The backend's headers minus hop-by-hop ones (the server frames the body itself)."""
+    named = _connection_tokens(headers)
+    return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named]
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    """Status, headers, the body read so far, and the rest as a stream if there is more."""
+
+    status: int
+    headers: Headers
+    body: bytes = b""
+    complete: bool = True
+    rest: AsyncIterator[bytes] | None = None
+    _release: Any = field(default=None, repr=False)
+
+    def close(self) -> None:
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+
+class UpstreamClient(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def send(
+        self,
+        method: str,
+        target: str,
+        headers: Headers,
+        body: bytes | AsyncIterable[bytes],
+        *,
+        timeout: float,
+        read_limit: int | None,
+    ) -> UpstreamResponse:
+        """Send one request once. `read_limit`: read at most this many body bytes before
+        returning (None: all of it, under `timeout`); the rest comes from `rest`.
+
+        Raises NotSent or OutcomeUnknown.
+        """
+
+
+class AiohttpUpstream:
+    """aiohttp's client: the fastest transport measured here (docs/benchmarks.md)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        max_connections: int,
+        keepalive_expiry: float,
+        connect_timeout: float,
+    ) -> None:
+        self.base_url = base_url
+        self._max_connections = max_connections
+        self._keepalive = keepalive_expiry
+        self._connect_timeout = connect_timeout
+        self._session: Any = None
+
+    async def start(self) -> None:
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections,
+            keepalive_timeout=self._keepalive,
+            enable_cleanup_closed=False,
+            ttl_dns_cache=60,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout),
+        )
+        # aiohttp quietly re-sends idempotent methods over a fresh connection when a
+        # pooled one was closed; the proxy must decide about re-sending, not the client.
+        if hasattr(self._session, "_retry_connection"):
+            self._session._retry_connection = False
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def send(
+        self,
+        method: str,
+        target: str,
+        headers: Headers,
+        body: bytes | AsyncIterable[bytes],
+        *,
+        timeout: float,
+        read_limit: int | None,
+    ) -> UpstreamResponse:
+        import aiohttp
+        from multidict import CIMultiDict
+
+        send_headers: CIMultiDict[str] = CIMultiDict(
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in headers
+        )
+        response: Any = None
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._session.request(
+                    method,
+                    self.base_url + target,
+                    headers=send_headers,
+                    data=body if body else None,
+                    allow_redirects=False,
+                )
+                if read_limit is None:
+                    data = await response.read()
+                    response.release()
+                    return UpstreamResponse(response.status, _lower(response.raw_headers), data)
+                data = await _read_up_to(response.content, read_limit)
+        except aiohttp.ClientConnectorError as exc:
+            raise NotSent(type(exc).__name__) from exc
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise NotSent("connect-timeout") from exc
+        except TimeoutError as exc:
+            _discard(response)
+            raise OutcomeUnknown("timeout") from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError) as exc:
+            _discard(response)
+            raise OutcomeUnknown("reset") from exc
+        except aiohttp.ClientError as exc:
+            _discard(response)
+            raise OutcomeUnknown("protocol") from exc
+        if response.content.at_eof():
+            response.release()
+            return UpstreamResponse(response.status, _lower(response.raw_headers), data)
+        return UpstreamResponse(
+            response.status,
+            _lower(response.raw_headers),
+            data,
+            complete=False,
+            rest=response.content.iter_any(),
+            _release=response.close,
+        )
+
+
+async def _read_up_to(content: Any, limit: int) -> bytes:
+    """Read until EOF or just past `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await content.readany()
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _discard(response: Any) -> None:
+    if response is not None:
+        response.close()
+
+
+class HttpxUpstream:
+    """httpx's client, kept behind the same interface for comparison (docs/benchmarks.md)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        max_connections: int,
+        keepalive_expiry: float,
+        connect_timeout: float,
+    ) -> None:
+        self.base_url = base_url
+        self._limits = (max_connections, keepalive_expiry)
+        self._connect_timeout = connect_timeout
+        self._client: Any = None
+
+    async def start(self) -> None:
+        import httpx
+
+        self._client = httpx.AsyncClient(
+            limits=httpx.Limits(
+                max_connections=self._limits[0],
+                max_keepalive_connections=self._limits[0],
+                keepalive_expiry=self._limits[1],
+            ),
+            timeout=httpx.Timeout(None, connect=self._connect_timeout),
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def send(
+        self,
+        method: str,
+        target: str,
+        headers: Headers,
+        body: bytes | AsyncIterable[bytes],
+        *,
+        timeout: float,
+        read_limit: int | None,
+    ) -> UpstreamResponse:
+        import httpx
+
+        request = self._client.build_request(
+            method, self.base_url + target, headers=headers, content=body
+        )
+        response: Any = None
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._client.send(request, stream=True)
+                raw = response.aiter_raw()
+                chunks: list[bytes] = []
+                size = 0
+                done = False
+                while read_limit is None or size <= read_limit:
+                    try:
+                        chunk = await raw.__anext__()
+                    except StopAsyncIteration:
+                        done = True
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise NotSent(type(exc).__name__) from exc
+        except TimeoutError as exc:
+            await _aclose(response)
+            raise OutcomeUnknown("timeout") from exc
+        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
+            await _aclose(response)
+            raise OutcomeUnknown("reset") from exc
+        except httpx.HTTPError as exc:
+            await _aclose(response)
+            raise OutcomeUnknown("protocol") from exc
+        headers_out = [(k.lower(), v) for k, v in response.headers.raw]
+        if done:
+            await response.aclose()
+            return UpstreamResponse(response.status_code, headers_out, b"".join(chunks))
+        return UpstreamResponse(
+            response.status_code,
+            headers_out,
+            b"".join(chunks),
+            complete=False,
+            rest=raw,
+            _release=lambda: asyncio.ensure_future(response.aclose()),
+        )
+
+
+async def _aclose(response: Any) -> None:
+    if response is not None:
+        await response.aclose()
+
+
+def make_upstream(
+    kind: str,
+    base_url: str,
+    *,
+    max_connections: int,
+    keepalive_expiry: float,
+    connect_timeout: float,
+) -> UpstreamClient:
+    cls = HttpxUpstream if kind == "httpx" else AiohttpUpstream
+    return cls(
+        base_url,
+        max_connections=max_connections,
+        keepalive_expiry=keepalive_expiry,
+        connect_timeout=connect_timeout,
+    )
+
+
+def _lower(raw_headers: Any) -> Headers:
+    return [(name.lower(), value) for name, value in raw_headers]

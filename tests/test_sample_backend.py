@@ -1,0 +1,336 @@
+"""The sample base_url, run as a real subprocess: it must double charge, and fail on request."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class RunningBackend:
+    url: str
+    port: int
+    stderr: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def sample_backend_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBackend]:
+    tmp = tmp_path_factory.mktemp("sample_backend")
+    port = _free_port()
+    stderr_path = tmp / "stderr.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAMPLE_BACKEND_")}
+    with stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "sample_backend"),
+                *("--port", str(port), "--db", str(tmp / "ledger.sqlite3")),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"sample base_url exited early: {stderr_path.read_text()}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("sample base_url did not become healthy within 10 s")
+            time.sleep(0.05)
+        yield RunningBackend(url, port, stderr_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+async def base_url(sample_backend_server: RunningBackend) -> str:
+    """The backend's base URL, with an empty ledger."""
+    async with httpx.AsyncClient() as client:
+        reset = await client.post(f"{sample_backend_server.url}/v1/ledger/reset")
+        assert reset.status_code == 204
+    return sample_backend_server.url
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as client:
+        yield client
+
+
+async def _ledger(session: aiohttp.ClientSession, base_url: str) -> dict[str, Any]:
+    async with session.get(f"{base_url}/v1/ledger") as response:
+        assert response.status == 200
+        data: dict[str, Any] = await response.json()
+        return data
+
+
+PAYMENT = {"order_id": "order-1", "amount": 1250, "currency": "EUR"}
+
+
+def test_start_message_is_one_json_line(sample_backend_server: RunningBackend) -> None:
+    lines = sample_backend_server.stderr.read_text().splitlines()
+    assert len(lines) == 1
+    message = json.loads(lines[0])
+    assert message["event"] == "sample_backend.started"
+    assert message["port"] == sample_backend_server.port
+
+
+async def test_identical_payments_charge_twice(
+    base_url: str, session: aiohttp.ClientSession
+) -> None:
+    answers = []
+    for _ in range(2):
+        async with session.post(f"{base_url}/v1/orders/pay", json=PAYMENT) as response:
+            assert response.status == 201
+            body = await response.json()
+            assert response.headers["Location"] == f"/v1/charges/{body['charge_id']}"
+            assert response.headers["ETag"].startswith('"')
+            assert response.headers["Set-Cookie"].startswith("session=")
+            assert response.headers["X-Request-Id"]
+            answers.append(body)
+    first, second = answers
+    assert first["charge_id"] != second["charge_id"]
+    assert first["status"] == "succeeded"
+    assert {k: first[k] for k in PAYMENT} == PAYMENT
+
+    ledger = await _ledger(session, base_url)
+    assert ledger["charges"] == 2
+    assert ledger["amount_total"] == 2500
+    assert ledger["orders"] == {"order-1": 2}
+    assert ledger["orders_charged_more_than_once"] == ["order-1"]
+    assert ledger["double_charged_count"] == 1
+    assert ledger["requests_seen"] == 2
+    assert ledger["balances"] == {"EUR": -2500}
+
+    async with session.get(f"{base_url}/v1/orders/order-1") as response:
+        order = await response.json()
+    assert order["times_charged"] == 2
+    assert [c["charge_id"] for c in order["charges"]] == [first["charge_id"], second["charge_id"]]
+    async with session.get(f"{base_url}/v1/charges/{first['charge_id']}") as response:
+        assert await response.json() == first
+
+
+async def test_charges_endpoint_and_lookups(base_url: str, session: aiohttp.ClientSession) -> None:
+    charge = {"amount": 5, "currency": "usd", "description": "tip"}
+    async with session.post(f"{base_url}/v1/charges", json=charge) as response:
+        assert response.status == 201
+        body = await response.json()
+    assert body["order_id"] is None
+    assert body["currency"] == "USD"
+    async with session.get(f"{base_url}/v1/charges/ch_999999") as response:
+        assert response.status == 404
+    async with session.get(f"{base_url}/v1/orders/never") as response:
+        assert await response.json() == {"order_id": "never", "charges": [], "times_charged": 0}
+
+
+async def test_reject_answers_without_charging(
+    base_url: str, session: aiohttp.ClientSession
+) -> None:
+    url = f"{base_url}/v1/orders/pay"
+    async with session.post(url, params={"reject": "429"}, json=PAYMENT) as response:
+        assert response.status == 429
+        assert response.headers["Retry-After"] == "1"
+        assert "error" in await response.json()
+    async with session.post(url, headers={"X-Sample-Reject": "402"}, json=PAYMENT) as response:
+        assert response.status == 402
+    ledger = await _ledger(session, base_url)
+    assert ledger["charges"] == 0
+    assert ledger["requests_seen"] == 2
+
+
+async def test_status_fault_charges_then_fails(
+    base_url: str, session: aiohttp.ClientSession
+) -> None:
+    async with session.post(
+        f"{base_url}/v1/orders/pay", params={"status": "500"}, json=PAYMENT
+    ) as response:
+        assert response.status == 500
+        assert (await response.json())["order_id"] == "order-1"
+    assert (await _ledger(session, base_url))["charges"] == 1
+
+
+async def test_header_wins_over_query(base_url: str, session: aiohttp.ClientSession) -> None:
+    async with session.post(
+        f"{base_url}/v1/orders/pay",
+        params={"status": "500"},
+        headers={"X-Sample-Status": "202"},
+        json=PAYMENT,
+    ) as response:
+        assert response.status == 202
+
+
+@pytest.mark.parametrize(("when", "charges"), [("before", 0), ("after", 1)])
+async def test_drop_closes_the_connection(
+    base_url: str, session: aiohttp.ClientSession, when: str, charges: int
+) -> None:
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with session.post(
+            f"{base_url}/v1/orders/pay", params={"drop": when}, json=PAYMENT
+        ) as response:
+            await response.read()
+    ledger = await _ledger(session, base_url)
+    assert ledger["charges"] == charges
+    assert ledger["requests_seen"] == 1
+
+
+async def test_drop_sends_no_response_byte(base_url: str, session: aiohttp.ClientSession) -> None:
+    port = int(base_url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = json.dumps(PAYMENT).encode()
+    writer.write(
+        b"POST /v1/orders/pay HTTP/1.1\r\nHost: x\r\nX-Sample-Drop: after\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await writer.drain()
+    try:
+        received = await asyncio.wait_for(reader.read(), timeout=5)
+    except ConnectionResetError:
+        received = b""
+    writer.close()
+    assert received == b""
+    assert (await _ledger(session, base_url))["charges"] == 1
+
+
+async def test_gzip_sends_raw_compressed_json(
+    base_url: str, session: aiohttp.ClientSession
+) -> None:
+    async with session.post(
+        f"{base_url}/v1/orders/pay", headers={"X-Sample-Gzip": "1"}, json=PAYMENT
+    ) as response:
+        assert response.status == 201
+        assert response.headers["Content-Encoding"] == "gzip"
+        assert response.headers["Vary"] == "Accept-Encoding"
+        raw = await response.read()
+    assert raw[:2] == b"\x1f\x8b"
+    assert json.loads(gzip.decompress(raw))["order_id"] == "order-1"
+
+
+async def test_delay_answers_late_but_charges_first(
+    base_url: str, session: aiohttp.ClientSession
+) -> None:
+    started = time.monotonic()
+    async with session.post(
+        f"{base_url}/v1/orders/pay", params={"delay": "0.3"}, json=PAYMENT
+    ) as response:
+        assert response.status == 201
+    assert time.monotonic() - started >= 0.3
+
+    with pytest.raises(TimeoutError):
+        async with session.post(
+            f"{base_url}/v1/orders/pay",
+            headers={"X-Sample-Delay": "2"},
+            json=PAYMENT,
+            timeout=aiohttp.ClientTimeout(total=0.3),
+        ):
+            pass
+    # The client gave up, but the slow base_url had already charged.
+    assert (await _ledger(session, base_url))["charges"] == 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"amount": 100, "currency": "EUR"}',
+        b'{"order_id": "o", "amount": 0, "currency": "EUR"}',
+        b'{"order_id": "o", "amount": 1.5, "currency": "EUR"}',
+        b'{"order_id": "o", "amount": "100", "currency": "EUR"}',
+        b'{"order_id": "o", "amount": 100, "currency": "EURO"}',
+        b'{"order_id": true, "amount": 100, "currency": "EUR"}',
+    ],
+)
+async def test_bad_body_is_400_without_charge(
+    base_url: str, session: aiohttp.ClientSession, body: bytes
+) -> None:
+    async with session.post(
+        f"{base_url}/v1/orders/pay", data=body, headers={"Content-Type": "application/json"}
+    ) as response:
+        assert response.status == 400
+        assert "error" in await response.json()
+    ledger = await _ledger(session, base_url)
+    assert ledger["charges"] == 0
+    assert ledger["requests_seen"] == 1
+
+
+async def test_bad_fault_value_is_400_without_charge(
+    base_url: str, session: aiohttp.ClientSession
+) -> None:
+    async with session.post(
+        f"{base_url}/v1/orders/pay", params={"drop": "sometimes"}, json=PAYMENT
+    ) as response:
+        assert response.status == 400
+    assert (await _ledger(session, base_url))["charges"] == 0
+
+
+async def test_reset_empties_the_ledger(base_url: str, session: aiohttp.ClientSession) -> None:
+    async with session.post(f"{base_url}/v1/orders/pay", json=PAYMENT) as response:
+        before = await response.json()
+    async with session.post(f"{base_url}/v1/ledger/reset") as response:
+        assert response.status == 204
+    ledger = await _ledger(session, base_url)
+    assert ledger["charges"] == 0
+    assert ledger["orders"] == {}
+    assert ledger["requests_seen"] == 0
+    async with session.post(f"{base_url}/v1/orders/pay", json=PAYMENT) as response:
+        after = await response.json()
+    # Charge ids never repeat, so a stale replay cannot pass for a fresh charge.
+    assert int(after["charge_id"][3:]) > int(before["charge_id"][3:])
+
+
+async def test_echo_returns_body_or_headers(base_url: str, session: aiohttp.ClientSession) -> None:
+    payload = bytes(range(256))
+    async with session.post(f"{base_url}/v1/echo", data=payload) as response:
+        assert response.status == 200
+        assert await response.read() == payload
+    async with session.post(
+        f"{base_url}/v1/echo", params={"headers": "1"}, headers={"X-Custom": "yes"}, data=b"x"
+    ) as response:
+        received = await response.json()
+    assert received["x-custom"] == "yes"
+    assert json.loads(response.headers["X-Echo-Headers"]) == received
+    assert (await _ledger(session, base_url))["requests_seen"] == 0
+
+
+async def test_big_and_stream(base_url: str, session: aiohttp.ClientSession) -> None:
+    async with session.get(f"{base_url}/v1/big", params={"size": "100000"}) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        assert await response.read() == b"a" * 100_000
+    async with session.get(f"{base_url}/v1/stream", params={"chunks": "4"}) as response:
+        assert response.headers.get("Transfer-Encoding") == "chunked"
+        assert await response.read() == b"".join(b"chunk %d\n" % i for i in range(4))
