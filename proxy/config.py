@@ -315,7 +315,10 @@ def _read_file(path: str) -> dict[str, Any]:
 
 
 def _describe(error: ValidationError, tree: Mapping[str, Any]) -> str:
-    first = error.errors()[0]
+    errors = error.errors()
+    # A typo (`frm:` for `from:`) also makes the real key "missing"; naming the typo
+    # is what lets the operator fix it, so unknown keys are reported first.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = list(first["loc"])
     parts: list[str] = []
     node: Any = tree

@@ -3,6 +3,21 @@
 Every POST to a charge endpoint charges again, so any retry that reaches this backend shows up in
 the ledger as a double charge. That is the whole point: it is the backend the idempotency proxy
 has to protect, and the witness that tells whether it did.
+
+=================================  ==============================================================
+``POST /v1/orders/pay``            ``{order_id, amount, currency}``: charge, 201
+``POST /v1/charges``               ``{amount, currency, order_id?, description?}``: charge, 201
+``GET /v1/charges/{charge_id}``    one charge, or 404
+``GET /v1/orders/{order_id}``      ``{order_id, charges, times_charged}``, 200 even if none
+``GET /v1/ledger``                 totals, per-order counts, double charges, ``requests_seen``
+``POST /v1/ledger/reset``          empty the ledger, 204
+``GET /healthz``                   ``{"ok": true}``
+``POST /v1/echo``                  the request body back (``?headers=1``: the received headers)
+``GET /v1/big?size=N``             N bytes of ``a``
+``GET /v1/stream?chunks=N``        N chunks, streamed (``&interval=S``, ``&size=B`` optional)
+=================================  ==============================================================
+
+The faults of :mod:`sample_backend.faults` apply to the two charge endpoints and to the echo.
 """
 
 from __future__ import annotations

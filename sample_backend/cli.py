@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from contextlib import ExitStack
+from types import FrameType
 
 import orjson
 import uvicorn
@@ -123,9 +126,18 @@ class _AnnouncingServer(uvicorn.Server):
             sys.stderr.flush()
 
 
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse options and serve until SIGINT/SIGTERM."""
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn shuts down gracefully, then re-raises the signal; turning that into SystemExit
+        # (instead of dying from it) lets the temporary ledger directory be removed.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _exit_cleanly)
     with ExitStack() as stack:
         db: str = args.db
         if db is None:

@@ -56,10 +56,9 @@ def error_response(status: int, code: str, message: str) -> Response:
 
 
 def _lookup(request: Request, name: str, header: str) -> str | None:
-    value = request.headers.get(header)
-    if value is None:
-        value = request.query_params.get(name)
-    return None if value is None else value.strip()
+    """Return the header's value, else the query parameter's; empty means absent."""
+    value = request.headers.get(header, "").strip() or request.query_params.get(name, "").strip()
+    return value or None
 
 
 def _seconds(name: str, raw: str | None, default: float) -> float:
@@ -173,6 +172,8 @@ class Faults:
                 content = gzip.compress(content, compresslevel=6, mtime=0)
                 out["content-encoding"] = "gzip"
                 out["vary"] = "Accept-Encoding"
+                if "etag" in out:  # a different representation needs a different tag
+                    out["etag"] = out["etag"].removesuffix('"') + '-gzip"'
         return Response(content, status_code=status, headers=out)
 
 

@@ -102,14 +102,6 @@ async def _ledger(session: aiohttp.ClientSession, base_url: str) -> dict[str, An
 PAYMENT = {"order_id": "order-1", "amount": 1250, "currency": "EUR"}
 
 
-def test_start_message_is_one_json_line(sample_backend_server: RunningBackend) -> None:
-    lines = sample_backend_server.stderr.read_text().splitlines()
-    assert len(lines) == 1
-    message = json.loads(lines[0])
-    assert message["event"] == "sample_backend.started"
-    assert message["port"] == sample_backend_server.port
-
-
 async def test_identical_payments_charge_twice(
     base_url: str, session: aiohttp.ClientSession
 ) -> None:
@@ -334,3 +326,12 @@ async def test_big_and_stream(base_url: str, session: aiohttp.ClientSession) -> 
     async with session.get(f"{base_url}/v1/stream", params={"chunks": "4"}) as response:
         assert response.headers.get("Transfer-Encoding") == "chunked"
         assert await response.read() == b"".join(b"chunk %d\n" % i for i in range(4))
+
+
+def test_stderr_holds_only_the_start_message(sample_backend_server: RunningBackend) -> None:
+    # Last in the module: drops, rejects and delays above must not have logged anything.
+    lines = sample_backend_server.stderr.read_text().splitlines()
+    assert len(lines) == 1
+    message = json.loads(lines[0])
+    assert message["event"] == "sample_backend.started"
+    assert message["port"] == sample_backend_server.port
