@@ -54,6 +54,14 @@ class ProxyApp:
             max_connections=settings.store.max_connections,
             wait_replicas=settings.store.wait_replicas,
             wait_timeout=settings.store.wait_timeout,
+            breaker_threshold=settings.store.breaker_threshold,
+            breaker_cooldown=settings.store.breaker_cooldown,
+            canary_interval=settings.store.canary_interval,
+            # After a data loss, fail closed until every request that may have been
+            # in flight has finished or timed out.
+            safe_mode_seconds=max(
+                r.policy.lease + r.policy.upstream_timeout for r in self.routes.routes
+            ),
         )
         self._owns_store = store is None
         pool = settings.upstream_pool

@@ -225,7 +225,7 @@ async def _check_store(args: argparse.Namespace) -> int:
     if settings.store.url.startswith("memory://"):
         print("memory store: nothing to check (records live in one process only)")
         return 0
-    store: Any = open_store(settings.store.url, timeout=settings.store.timeout)
+    store: Any = open_store(settings.store.url, timeout=settings.store.timeout, canary_interval=0)
     try:
         await store.start()
         findings = assess(await store.server_info())
@@ -257,7 +257,7 @@ async def _records(args: argparse.Namespace) -> int:
             f"--route: no route named {args.route!r} (known: {', '.join(namespaces)})"
         )
     scoped = keys.scope(args.tenant, namespaces[args.route], keys.validate(args.key))
-    store: Any = open_store(settings.store.url, timeout=settings.store.timeout)
+    store: Any = open_store(settings.store.url, timeout=settings.store.timeout, canary_interval=0)
     try:
         await store.start()
         if args.action == "show":

@@ -115,6 +115,11 @@ class StoreSettings(BaseModel):
     replay_cache_entries: int = Field(default=4096, ge=0)
     replay_cache_bytes: Size = 16 * 1024 * 1024
     replay_cache_ttl: Duration = 60.0
+    # After this many store failures in a row, answer 503 at once for the cooldown.
+    breaker_threshold: int = Field(default=5, ge=1)
+    breaker_cooldown: Duration = 1.0
+    # How often each process reads the canary that reveals a store which lost data.
+    canary_interval: Duration = 1.0
 
     @field_validator("url")
     @classmethod

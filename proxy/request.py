@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 _UNPARSED: Any = object()
+_LONG_DIGITS = re.compile(rb"\d{19,}")
 
 
 class InvalidJSON(ValueError):
@@ -17,11 +19,14 @@ class InvalidJSON(ValueError):
 
 def parse_json(body: bytes) -> Any:
     """Parse JSON strictly (UTF-8 only); integers beyond 64 bits are kept exactly."""
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        pass
-    # orjson refuses integers wider than 64 bits; the standard library does not.
+    # orjson silently turns integers wider than 64 bits into floats, so two different
+    # huge amounts would fingerprint alike; any 19+ digit run takes the exact parser.
+    if not _LONG_DIGITS.search(body):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    # The standard library keeps every integer exact.
     try:
         return json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
+import threading
 from collections.abc import Generator
 
 import uvicorn
@@ -14,6 +16,25 @@ from proxy.app import ProxyApp
 from proxy.config import Settings
 
 SETTINGS_ENV = "IDEMPOTENCY_PROXY__SETTINGS_JSON"
+_EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _TrafficServer(uvicorn.Server):
+    """Owns SIGTERM/SIGINT. A signal asks for a graceful drain, and a drained process exits 0:
+    uvicorn's own handler raises the captured signal again once serve() returns, which would
+    end the process with 143 before the admin server shut down and the logs were flushed."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in _EXIT_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
 
 class _AdminServer(uvicorn.Server):
@@ -47,7 +68,7 @@ def _uvicorn_config(
 
 async def serve(settings: Settings) -> None:
     proxy = ProxyApp(settings)
-    traffic = uvicorn.Server(
+    traffic = _TrafficServer(
         _uvicorn_config(proxy, settings.listen.host, settings.listen.port, settings, lifespan="on")
     )
     admin_task = None

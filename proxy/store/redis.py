@@ -8,6 +8,7 @@ won is not "in progress").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from importlib import resources
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -28,6 +29,7 @@ from proxy.records import (
     encode_headers,
 )
 from proxy.store.base import StoreUnavailable
+from proxy.store.guard import CircuitBreaker, DataLossWatch
 
 SCRIPTS = (
     "claim",
@@ -94,6 +96,10 @@ class RedisStore:
         max_connections: int = 64,
         wait_replicas: int = 0,
         wait_timeout: float = 0.1,
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 1.0,
+        safe_mode_seconds: float = 40.0,
+        canary_interval: float = 1.0,
     ) -> None:
         self.url = url
         self.cluster = url.startswith("redis+cluster://")
@@ -102,6 +108,10 @@ class RedisStore:
         self._wait_replicas = wait_replicas
         self._wait_timeout_ms = max(1, int(wait_timeout * 1000))
         self.replica_shortfalls = 0
+        self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown)
+        self.watch = DataLossWatch(safe_mode_seconds)
+        self._canary_interval = canary_interval
+        self._watch_task: asyncio.Task[None] | None = None
 
     @property
     def client(self) -> Any:
@@ -116,12 +126,34 @@ class RedisStore:
                 script.sha = await self._client.script_load(script.script)
         except (TimeoutError, RedisError, OSError) as exc:
             raise StoreUnavailable(f"cannot reach {_safe_url(self.url)}: {exc}") from exc
+        finally:
+            if self._canary_interval > 0 and self._watch_task is None:
+                self._watch_task = asyncio.create_task(self._watch_canary())
 
     async def close(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
         await self._client.aclose()
+
+    async def check_canary(self) -> None:
+        """Read the canary once; a vanished canary puts claims into safe mode."""
+        current = await self._client.get(DataLossWatch.KEY)
+        if self.watch.observe(current):
+            # SET NX: when several replicas notice at once, one value wins and the
+            # others adopt it at their next read.
+            await self._client.set(DataLossWatch.KEY, self.watch.seen, nx=True)
+
+    async def _watch_canary(self) -> None:
+        while True:
+            # An outage is answered per request; only a loss matters here.
+            with contextlib.suppress(TimeoutError, RedisError, OSError):
+                await self.check_canary()
+            await asyncio.sleep(self._canary_interval)
 
     async def _run(self, name: str, key: str, *args: Any, wait: bool = False) -> Any:
         script = self._scripts[name]
+        self.breaker.before()
         try:
             if wait and self._wait_replicas and not self.cluster:
                 async with self._client.pipeline(transaction=False) as pipe:
@@ -130,14 +162,19 @@ class RedisStore:
                     result, acknowledged = await pipe.execute()
                 if int(acknowledged) < self._wait_replicas:
                     self.replica_shortfalls += 1
-                return result
-            return await script(keys=[key], args=args)
+            else:
+                result = await script(keys=[key], args=args)
         except (TimeoutError, RedisError, OSError) as exc:
+            self.breaker.failure()
             raise StoreUnavailable(type(exc).__name__) from exc
+        self.breaker.success()
+        return result
 
     async def claim(
         self, key: str, token: str, fingerprint: str, lease_ms: int, retention_ms: int
     ) -> ClaimResult:
+        if self.watch.active:
+            raise StoreUnavailable("safe-mode")
         reply = await self._run("claim", key, token, fingerprint, lease_ms, retention_ms, wait=True)
         return _claim_result(reply)
 
