@@ -15,7 +15,7 @@ from typing import Any
 
 from proxy import logs
 from proxy.config import Settings
-from proxy.lifecycle import Lifecycle, Reply, problem_reply
+from proxy.lifecycle import Lifecycle, Reply, forward_unrecorded, problem_reply
 from proxy.metrics import Metrics
 from proxy.problems import Problem
 from proxy.replay import ReplayCache, http_date
@@ -23,7 +23,7 @@ from proxy.request import ProxyRequest
 from proxy.routes import RouteTable
 from proxy.safety import check_store
 from proxy.store import Store, StoreUnavailable, open_store
-from proxy.upstream import NotSent, OutcomeUnknown, make_upstream, request_headers, response_headers
+from proxy.upstream import make_upstream, request_headers
 
 Scope = dict[str, Any]
 Receive = Any
@@ -218,35 +218,13 @@ class ProxyApp:
             target += "?" + scope["query_string"].decode("latin-1")
         has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
         body: bytes | AsyncIterator[bytes] = _stream_body(receive) if has_body else b""
-        try:
-            response = await self.upstream.send(
-                scope["method"],
-                target,
-                forward,
-                body,
-                timeout=self._passthrough_timeout,
-                read_limit=0,
-            )
-        except NotSent:
-            return problem_reply(
-                Problem("upstream-unreachable", 502, "the backend could not be reached"),
-                "upstream_unreachable",
-                http_date(),
-            )
-        except OutcomeUnknown as exc:
-            return problem_reply(
-                Problem(
-                    "upstream-failed", exc.status, f"the backend did not answer ({exc.reason})"
-                ),
-                "upstream_failed",
-                http_date(),
-            )
-        return Reply(
-            response.status,
-            response_headers(response.headers),
-            response.body,
-            rest=response.rest,
-            close=response.close,
+        return await forward_unrecorded(
+            self.upstream,
+            scope["method"],
+            target,
+            forward,
+            body,
+            timeout=self._passthrough_timeout,
             outcome="passthrough",
         )
 

@@ -23,7 +23,7 @@ from proxy.fingerprint import fingerprint
 from proxy.metrics import Metrics
 from proxy.problems import Problem
 from proxy.records import ClaimKind, ClaimResult, StoredResponse
-from proxy.replay import REPLAYED, ReplayCache, replay_headers, stored_headers
+from proxy.replay import REPLAYED, ReplayCache, http_date, replay_headers, stored_headers
 from proxy.request import ProxyRequest
 from proxy.routes import Route
 from proxy.store import Store, StoreUnavailable
@@ -132,60 +132,69 @@ class Lifecycle:
     ) -> Reply:
         key = keys.extract(request, route.key, params, route.required)
         if key is None:
-            reply = await self._forward_unrecorded(request, route, forward_headers)
-            reply.outcome = "unprotected"
-            return reply
+            return await self._forward_unrecorded(request, route, forward_headers, "unprotected")
         scoped = keys.scope(self._tenant(request), route.namespace, key)
         fp = fingerprint(request)
 
         cached = self.cache.get(scoped.storage_key)
         if cached is not None:
             reply = self._duplicate_of_completed(cached[0] == fp, cached[1])
-            reply.key_hash = scoped.log_hash
-            return reply
+        else:
+            reply = await self._claim_and_execute(
+                request, route, scoped.storage_key, fp, forward_headers
+            )
+        reply.key_hash = scoped.log_hash
+        return reply
 
-        policy = route.policy
+    async def _claim_and_execute(
+        self,
+        request: ProxyRequest,
+        route: Route,
+        storage_key: str,
+        fp: str,
+        forward_headers: list[tuple[bytes, bytes]],
+    ) -> Reply:
         token = secrets.token_hex(12)
-        lease_ms = max(1, int(policy.lease * 1000))
-        retention_ms = max(1, int(policy.retention * 1000))
+        lease_ms = max(1, int(route.policy.lease * 1000))
         started = time.perf_counter()
-        deadline = time.monotonic() + policy.wait_timeout
-        attempt_delay = 0.02
-        while True:
-            try:
-                claim = await self._timed(
-                    "claim",
-                    self.store.claim(scoped.storage_key, token, fp, lease_ms, retention_ms),
-                )
-            except StoreUnavailable:
-                if route.fail_open:
-                    reply = await self._forward_unrecorded(request, route, forward_headers)
-                    reply.outcome = "fail_open"
-                else:
-                    reply = problem_reply(
-                        problems.store_unavailable(), "store_unavailable", self.date()
-                    )
-                reply.key_hash = scoped.log_hash
-                return reply
-            if claim.kind is not ClaimKind.IN_FLIGHT or policy.in_flight != "wait":
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            # Poll gently: a duplicate that waits must not hammer the store.
-            await asyncio.sleep(min(attempt_delay, remaining, max(claim.retry_after_ms, 1) / 1000))
-            attempt_delay = min(attempt_delay * 2, 0.25)
-
+        try:
+            claim = await self._claim(route, storage_key, token, fp, lease_ms)
+        except StoreUnavailable:
+            if route.fail_open:
+                return await self._forward_unrecorded(request, route, forward_headers, "fail_open")
+            return problem_reply(problems.store_unavailable(), "store_unavailable", self.date())
         store_ms = (time.perf_counter() - started) * 1000
         if claim.kind is ClaimKind.CLAIMED:
-            attempt = _Attempt(route, scoped.storage_key, token, lease_ms)
-            reply = await self._shielded(self._execute(attempt, request, fp, forward_headers))
             self.metrics.transitions.labels("CLAIMED").inc()
+            attempt = _Attempt(route, storage_key, token, lease_ms)
+            reply = await self._shielded(self._execute(attempt, request, fp, forward_headers))
         else:
-            reply = self._duplicate(claim, scoped.storage_key, fp)
-        reply.key_hash = scoped.log_hash
+            reply = self._duplicate(claim, storage_key, fp)
         reply.store_ms += store_ms
         return reply
+
+    async def _claim(
+        self, route: Route, storage_key: str, token: str, fp: str, lease_ms: int
+    ) -> ClaimResult:
+        """Claim once; on an `in_flight: wait` route, keep claiming with the same token until
+        the first request finishes or `wait_timeout` passes. A record released meanwhile is
+        claimed by the waiter, which then executes as a retry would."""
+        policy = route.policy
+        retention_ms = max(1, int(policy.retention * 1000))
+        deadline = time.monotonic() + policy.wait_timeout
+        delay = 0.02
+        while True:
+            claim = await self._timed(
+                "claim", self.store.claim(storage_key, token, fp, lease_ms, retention_ms)
+            )
+            if claim.kind is not ClaimKind.IN_FLIGHT or policy.in_flight != "wait":
+                return claim
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return claim
+            # Poll gently: a waiting duplicate must not hammer the store.
+            await asyncio.sleep(min(delay, remaining, max(claim.retry_after_ms, 1) / 1000))
+            delay = min(delay * 2, 0.25)
 
     def _tenant(self, request: ProxyRequest) -> str:
         if self.tenant_header is None:
@@ -321,37 +330,23 @@ class Lifecycle:
         return _timed_reply(reply, upstream_started, store_ms)
 
     async def _forward_unrecorded(
-        self, request: ProxyRequest, route: Route, forward_headers: list[tuple[bytes, bytes]]
+        self,
+        request: ProxyRequest,
+        route: Route,
+        forward_headers: list[tuple[bytes, bytes]],
+        outcome: str,
     ) -> Reply:
         """Forward without a record: no key on an optional route, or a fail-open route
         whose store is down."""
-        started = time.perf_counter()
-        try:
-            response = await self.upstream.send(
-                request.method,
-                _target(request),
-                forward_headers,
-                request.body,
-                timeout=route.policy.upstream_timeout,
-                read_limit=0,
-            )
-        except NotSent:
-            return problem_reply(
-                Problem("upstream-unreachable", 502, "the backend could not be reached"),
-                "upstream_unreachable",
-                self.date(),
-            )
-        except OutcomeUnknown as exc:
-            return problem_reply(
-                Problem(
-                    "upstream-failed", exc.status, f"the backend did not answer ({exc.reason})"
-                ),
-                "upstream_failed",
-                self.date(),
-            )
-        reply = _reply_from(response, response_headers(response.headers), "forwarded")
-        reply.upstream_ms = (time.perf_counter() - started) * 1000
-        return reply
+        return await forward_unrecorded(
+            self.upstream,
+            request.method,
+            _target(request),
+            forward_headers,
+            request.body,
+            timeout=route.policy.upstream_timeout,
+            outcome=outcome,
+        )
 
     # -- store calls that must not be lost -------------------------------------------
 
@@ -450,6 +445,34 @@ class Lifecycle:
         attempt.done = True
         if attempt.renewal is not None:
             attempt.renewal.cancel()
+
+
+async def forward_unrecorded(
+    upstream: UpstreamClient,
+    method: str,
+    target: str,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes | AsyncIterator[bytes],
+    *,
+    timeout: float,
+    outcome: str,
+) -> Reply:
+    """Send once and stream the answer back, with no record: pass-through traffic, an
+    absent optional key, or a fail-open route whose store is down."""
+    started = time.perf_counter()
+    try:
+        response = await upstream.send(method, target, headers, body, timeout=timeout, read_limit=0)
+    except NotSent:
+        problem = Problem("upstream-unreachable", 502, "the backend could not be reached")
+        return problem_reply(problem, "upstream_unreachable", http_date())
+    except OutcomeUnknown as exc:
+        problem = Problem(
+            "upstream-failed", exc.status, f"the backend did not answer ({exc.reason})"
+        )
+        return problem_reply(problem, "upstream_failed", http_date())
+    reply = _reply_from(response, response_headers(response.headers), outcome)
+    reply.upstream_ms = (time.perf_counter() - started) * 1000
+    return reply
 
 
 def _target(request: ProxyRequest) -> str:
