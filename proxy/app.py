@@ -38,6 +38,15 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTimeout(Exception):
+    pass
+
+
+# The client is still sending a body the proxy will not read: close the connection after
+# the answer, or uvicorn keeps parsing (and discarding) whatever else it sends.
+_CLOSE = (b"connection", b"close")
+
+
 class ProxyApp:
     """The traffic port's ASGI application."""
 
@@ -171,7 +180,12 @@ class ProxyApp:
             else:
                 route, params = match
                 route_name = route.name
-                body = await _read_body(receive, headers, route.policy.max_request_body)
+                body = await _read_body(
+                    receive,
+                    headers,
+                    route.policy.max_request_body,
+                    route.policy.max_body_read_time,
+                )
                 request = ProxyRequest(
                     method=method,
                     path=path,
@@ -191,6 +205,14 @@ class ProxyApp:
                 "body_too_large",
                 http_date(),
             )
+            reply.headers.append(_CLOSE)
+        except BodyTimeout:
+            reply = problem_reply(
+                Problem("body-timeout", 408, "the request body was not received in time"),
+                "body_timeout",
+                http_date(),
+            )
+            reply.headers.append(_CLOSE)
         await _send_reply(send, reply)
         self.metrics.count(route_name, reply.outcome)
         if logs.access.isEnabledFor(logging.INFO):
@@ -229,8 +251,11 @@ class ProxyApp:
         )
 
 
-async def _read_body(receive: Receive, headers: list[tuple[bytes, bytes]], limit: int) -> bytes:
-    """The whole request body, refused (413) as soon as it passes `limit`, before any claim."""
+async def _read_body(
+    receive: Receive, headers: list[tuple[bytes, bytes]], limit: int, read_time: float
+) -> bytes:
+    """The whole request body, refused (413) as soon as it passes `limit`, before any claim,
+    and (408) when it takes longer than `read_time` seconds (0: no limit) to arrive."""
     for name, value in headers:
         if name == b"content-length":
             try:
@@ -240,18 +265,24 @@ async def _read_body(receive: Receive, headers: list[tuple[bytes, bytes]], limit
                 raise Problem("body-invalid", 400, "Content-Length is not a number") from None
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise Problem("body-invalid", 400, "the client went away while sending the body")
-        chunk = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
+    try:
+        async with asyncio.timeout(read_time or None):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise Problem(
+                        "body-invalid", 400, "the client went away while sending the body"
+                    )
+                chunk = message.get("body", b"")
+                if chunk:
+                    size += len(chunk)
+                    if size > limit:
+                        raise BodyTooLarge
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        raise BodyTimeout from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

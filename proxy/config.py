@@ -153,6 +153,9 @@ class Policy(BaseModel):
     lease: Duration = 10.0
     upstream_timeout: Duration = 30.0
     max_request_body: Size = 1024 * 1024
+    # A client that trickles its body (slow loris) holds a connection and a buffer;
+    # uvicorn has no body read timeout, so the proxy bounds the whole read (408).
+    max_body_read_time: Duration = 30.0
     max_stored_response: Size = 1024 * 1024
     in_flight: Literal["reject", "wait"] = "reject"
     wait_timeout: Duration = 5.0
@@ -205,6 +208,7 @@ class RouteSettings(BaseModel):
     lease: Duration | None = None
     upstream_timeout: Duration | None = None
     max_request_body: Size | None = None
+    max_body_read_time: Duration | None = None
     max_stored_response: Size | None = None
     in_flight: Literal["reject", "wait"] | None = None
     wait_timeout: Duration | None = None
@@ -346,7 +350,8 @@ def _describe(error: ValidationError, tree: Mapping[str, Any]) -> str:
     if kind == "missing":
         return f"{where}: required key is missing"
     message = str(first["msg"]).removeprefix("Value error, ")
-    return f"{where}: {message}"
+    # Whole-config checks name their keys in the message themselves.
+    return f"{where}: {message}" if parts else message
 
 
 def load_settings(

@@ -12,7 +12,11 @@ import orjson
 logger = logging.getLogger("idempotency_proxy")
 access = logging.getLogger("idempotency_proxy.requests")
 
-_RESERVED = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+_RESERVED = frozenset(vars(logging.makeLogRecord({})).keys()) | {
+    "message",
+    "asctime",
+    "color_message",  # uvicorn's ANSI-coloured copy of msg
+}
 
 
 class JSONFormatter(logging.Formatter):

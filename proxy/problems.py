@@ -17,6 +17,7 @@ TITLES: dict[str, str] = {
     "key-invalid": "The idempotency key is malformed",
     "body-too-large": "The request body is larger than this endpoint accepts",
     "body-invalid": "The request body cannot be read",
+    "body-timeout": "The request body did not arrive in time",
     "unsupported-media-type": "This endpoint reads its idempotency key from another media type",
     "headers-too-large": "The request headers are too large",
     "outcome-unknown": "The backend may or may not have executed this request",

@@ -18,7 +18,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import BusyLoadingError, ClusterDownError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.records import (
     ClaimKind,
@@ -30,6 +32,15 @@ from proxy.records import (
 )
 from proxy.store.base import StoreUnavailable
 from proxy.store.guard import CircuitBreaker, DataLossWatch
+
+_UNREACHABLE = (
+    TimeoutError,
+    OSError,
+    RedisConnectionError,
+    RedisTimeoutError,
+    BusyLoadingError,
+    ClusterDownError,
+)
 
 SCRIPTS = (
     "claim",
@@ -165,7 +176,10 @@ class RedisStore:
             else:
                 result = await script(keys=[key], args=args)
         except (TimeoutError, RedisError, OSError) as exc:
-            self.breaker.failure()
+            # Only an unreachable store opens the circuit: one corrupt record (WRONGTYPE)
+            # must not take every other key down with it.
+            if isinstance(exc, _UNREACHABLE):
+                self.breaker.failure()
             raise StoreUnavailable(type(exc).__name__) from exc
         self.breaker.success()
         return result

@@ -1,0 +1,1026 @@
+#!/usr/bin/env python3
+"""The proxy's benchmark: the same load against the backend and through the proxy, in one run.
+
+One run on one machine starts a private Redis (no persistence), the sample backend
+with one worker, and the proxy with one worker (a header-keyed route on
+`POST /v1/charges`), then drives the same `POST /v1/charges` load at:
+
+  direct   the backend itself (the baseline every ratio divides by)
+  miss     the proxy, a new Idempotency-Key per request (claim, forward, complete)
+  replay   the proxy, a small set of keys that are already COMPLETED
+  storm    the proxy, every request of a round on one fresh key: the first one
+           executes, the ones that arrive while it runs get 409, the rest replay
+  miss-httpx  (--transports) the miss path through a second proxy whose upstream
+           client is httpx, to compare the two transports
+
+at 1 and 32 connections, in interleaved rounds (every scenario once per round,
+the order rotated each round), and reports the median of the rounds.
+
+A round only counts when every answer was 201 (or 409 in the storm) and the
+backend's ledger shows the executions the scenario implies: as many charges as
+201s on the direct and miss paths, none while replaying, exactly one per storm.
+
+Load comes from wrk with a Lua script (unique keys: thread id + counter); without
+wrk a bounded asyncio (aiohttp) generator stands in, which is much slower itself.
+
+    .venv/bin/python scripts/bench.py [--duration S] [--rounds N] [--write docs/benchmarks.md]
+                                      [--quick] [--no-transports] [--pin] [--profile DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bench_report
+
+REPO = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+PATH = "/v1/charges"
+BODY = b'{"amount":100,"currency":"EUR"}'
+REPLAY_KEYS = 16
+CONNECTIONS = (1, 32)
+# A client timeout far above any healthy latency: a timeout here means the run is invalid.
+CLIENT_TIMEOUT_S = 10
+# Hard cap on one aiohttp worker's requests per round, so even its loop is bounded by count.
+MAX_REQUESTS_PER_WORKER = 1_000_000
+
+TARGETS = {
+    "miss_throughput": 0.25,  # miss-path req/s at 32 connections >= 0.25x direct
+    "replay_throughput": 0.60,  # replay-path req/s at 32 connections >= 0.60x direct
+    "added_p50_ms": 1.5,  # proxy p50 - direct p50 on the miss path at 1 connection
+    "rss_mb": 120.0,  # the proxy's VmRSS after the run
+}
+
+# The wrk script. `mode prefix nkeys` come after `--` on wrk's command line. Globals (not
+# locals) because done() reads each thread's status counts with thread:get().
+WRK_LUA = r"""
+local threads = {}
+local started = 0
+
+function setup(thread)
+  started = started + 1
+  thread:set("tid", started)
+  table.insert(threads, thread)
+end
+
+statuses = {}
+counter = 0
+
+function init(args)
+  mode = args[1]
+  prefix = args[2]
+  nkeys = tonumber(args[3]) or 1
+  wrk.method = "POST"
+  wrk.body = '{"amount":100,"currency":"EUR"}'
+  wrk.headers["Content-Type"] = "application/json"
+end
+
+function request()
+  counter = counter + 1
+  local key
+  if mode == "replay" then
+    key = prefix .. "-" .. (counter % nkeys)
+  elseif mode == "storm" then
+    key = prefix
+  else
+    key = prefix .. "-" .. tid .. "-" .. counter
+  end
+  wrk.headers["Idempotency-Key"] = key
+  return wrk.format()
+end
+
+function response(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+end
+
+function done(summary, latency, requests)
+  local merged = {}
+  for _, thread in ipairs(threads) do
+    local counts = thread:get("statuses") or {}
+    for code, n in pairs(counts) do
+      merged[code] = (merged[code] or 0) + n
+    end
+  end
+  local parts = {}
+  for code, n in pairs(merged) do
+    parts[#parts + 1] = string.format('"%d":%d', code, n)
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {"requests":%d,"duration_us":%.0f,"p50_us":%.0f,"p99_us":%.0f,' ..
+    '"errors":{"connect":%d,"read":%d,"write":%d,"timeout":%d},"statuses":{%s}}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect, e.read, e.write, e.timeout, table.concat(parts, ",")))
+end
+"""
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str  # direct | miss | replay | storm | miss-httpx
+    target: str  # backend | proxy | proxy-httpx
+    mode: str  # the key pattern: unique | replay | storm
+    connections: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} c{self.connections}"
+
+    @property
+    def allowed_statuses(self) -> frozenset[int]:
+        # The storm's duplicates that arrive while the first request runs get 409 by contract.
+        return frozenset({201, 409}) if self.name == "storm" else frozenset({201})
+
+
+@dataclass(slots=True)
+class Sample:
+    """One round of one scenario."""
+
+    round: int
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    statuses: dict[int, int]
+    errors: dict[str, int]
+    executions: int | None = None  # charges the backend's ledger recorded in the round
+    problems: list[str] = field(default_factory=list)
+
+
+def scenarios(transports: bool) -> list[Scenario]:
+    out: list[Scenario] = []
+    for connections in CONNECTIONS:
+        out += [
+            Scenario("direct", "backend", "unique", connections),
+            Scenario("miss", "proxy", "unique", connections),
+            Scenario("replay", "proxy", "replay", connections),
+            Scenario("storm", "proxy", "storm", connections),
+        ]
+    if transports:
+        out.append(Scenario("miss-httpx", "proxy-httpx", "unique", 32))
+    return out
+
+
+def check(scenario: Scenario, sample: Sample) -> list[str]:
+    """Why this round does not count (empty: it does)."""
+    problems: list[str] = []
+    if sample.requests == 0:
+        problems.append("no responses at all")
+    for status, count in sorted(sample.statuses.items()):
+        if status not in scenario.allowed_statuses:
+            problems.append(f"{count} responses with status {status}")
+    for kind, count in sorted(sample.errors.items()):
+        if count:
+            problems.append(f"{count} socket {kind} errors")
+    ok = sample.statuses.get(201, 0)
+    executions = sample.executions
+    if executions is not None:
+        if scenario.mode == "unique":
+            # Requests still in flight when the load stopped may have charged unanswered.
+            if not ok <= executions <= ok + scenario.connections:
+                problems.append(f"{executions} backend executions for {ok} answers of 201")
+        elif scenario.mode == "replay" and executions != 0:
+            problems.append(f"{executions} backend executions while replaying (want 0)")
+        elif scenario.mode == "storm" and executions != 1:
+            problems.append(f"{executions} backend executions for one key (want 1)")
+    return problems
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _preexec(cpus: set[int] | None) -> Callable[[], None]:
+    """Children die with the bench (PR_SET_PDEATHSIG) and optionally run on `cpus` only."""
+    libc: Any = None
+    with contextlib.suppress(OSError):
+        libc = ctypes.CDLL(None, use_errno=True)
+
+    def run() -> None:
+        if libc is not None:
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return run
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
+
+
+class Child:
+    """One server process in its own process group, logging to a file."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path, cpus: set[int] | None) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = workdir / f"{name}.log"
+        self.cpus = cpus
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Child:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=_env(),
+                start_new_session=True,
+                preexec_fn=_preexec(self.cpus),
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, limit: int = 3000) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return text[-limit:]
+
+    def stop(self) -> None:
+        """SIGTERM this child's own process group, SIGKILL it if it lingers."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _http(
+    method: str,
+    port: int,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=5)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def wait_until(child: Child, ready: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise RuntimeError(f"{child.name} exited while starting:\n{child.log_tail()}")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            if ready():
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{child.name} not ready within {timeout:.0f}s:\n{child.log_tail()}")
+
+
+def _redis_ping(port: int) -> bool:
+    with socket.create_connection((HOST, port), timeout=1) as sock:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(64).startswith(b"+PONG")
+
+
+def start_redis(workdir: Path, cpus: set[int] | None) -> tuple[Child, int]:
+    port = free_port()
+    argv = [
+        shutil.which("redis-server") or "redis-server",
+        "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+        "--dir", str(workdir), "--protected-mode", "no", "--maxmemory-policy", "noeviction",
+    ]  # fmt: skip
+    child = Child("redis", argv, workdir, cpus).start()
+    wait_until(child, lambda: _redis_ping(port))
+    return child, port
+
+
+def start_backend(workdir: Path, cpus: set[int] | None) -> tuple[Child, int]:
+    port = free_port()
+    argv = [sys.executable, "-m", "sample_backend", "--host", HOST, "--port", str(port)]
+    argv += ["--db", ":memory:", "--log-level", "warning"]
+    child = Child("backend", argv, workdir, cpus).start()
+    wait_until(child, lambda: _http("GET", port, "/healthz")[0] == 200)
+    return child, port
+
+
+def start_proxy(
+    name: str, client: str, backend_port: int, redis_port: int, workdir: Path, cpus: set[int] | None
+) -> tuple[Child, int]:
+    port, admin_port = free_port(), free_port()
+    config = {
+        "upstream": f"http://{HOST}:{backend_port}",
+        "listen": {"host": HOST, "port": port},
+        "admin": {"host": HOST, "port": admin_port},
+        "upstream_pool": {"client": client},
+        "routes": [
+            {
+                "name": "charges",
+                "methods": ["POST"],
+                "path": PATH,
+                "key": {"from": "header", "name": "Idempotency-Key"},
+                "required": True,
+            }
+        ],
+    }
+    config_path = workdir / f"{name}.yaml"
+    config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+    argv = [sys.executable, "-m", "proxy", "run", "--log-level", "warning"]
+    argv += ["--redis-url", f"redis://{HOST}:{redis_port}/0", "--config", str(config_path)]
+    child = Child(name, argv, workdir, cpus).start()
+    wait_until(child, lambda: _http("GET", admin_port, "/readyz")[0] == 200)
+    return child, port
+
+
+def read_rss_kib(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                out[name] = int(value.split()[0])
+    return out
+
+
+# --------------------------------------------------------------------------- load
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """How one round is driven: the load generator and its settings."""
+
+    generator: str  # wrk | aiohttp
+    wrk: str | None
+    lua: Path | None
+    threads: int
+    cpus: set[int] | None
+
+
+def run_round(
+    load: Load, port: int, scenario: Scenario, prefix: str, duration: int, round_no: int
+) -> Sample:
+    nkeys = REPLAY_KEYS if scenario.mode == "replay" else 1
+    if load.generator == "wrk":
+        raw = _run_wrk(load, port, scenario, prefix, nkeys, duration)
+    else:
+        raw = asyncio.run(
+            _aiohttp_load(port, scenario.mode, prefix, nkeys, scenario.connections, duration)
+        )
+    seconds = raw["duration_us"] / 1e6
+    requests = int(raw["requests"])
+    return Sample(
+        round=round_no,
+        requests=requests,
+        seconds=round(seconds, 3),
+        rps=requests / seconds if seconds > 0 else 0.0,
+        p50_ms=raw["p50_us"] / 1000,
+        p99_ms=raw["p99_us"] / 1000,
+        statuses={int(k): int(v) for k, v in raw["statuses"].items()},
+        errors={k: int(v) for k, v in raw["errors"].items()},
+    )
+
+
+def _run_wrk(
+    load: Load, port: int, scenario: Scenario, prefix: str, nkeys: int, duration: int
+) -> dict[str, Any]:
+    assert load.wrk is not None and load.lua is not None
+    threads = max(1, min(load.threads, scenario.connections))
+    argv = [
+        load.wrk, "-t", str(threads), "-c", str(scenario.connections), "-d", f"{duration}s",
+        "--timeout", f"{CLIENT_TIMEOUT_S}s", "-s", str(load.lua), f"http://{HOST}:{port}{PATH}",
+        "--", scenario.mode, prefix, str(nkeys),
+    ]  # fmt: skip
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=duration + CLIENT_TIMEOUT_S + 30,
+        preexec_fn=_preexec(load.cpus),
+        check=False,
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            result: dict[str, Any] = json.loads(line.removeprefix("BENCH_JSON "))
+            return result
+    raise RuntimeError(
+        f"wrk gave no result (exit {done.returncode}):\n{done.stdout}\n{done.stderr}"
+    )
+
+
+async def _aiohttp_load(
+    port: int, mode: str, prefix: str, nkeys: int, connections: int, duration: float
+) -> dict[str, Any]:
+    """The stand-in for wrk: `connections` workers, each one request at a time, until the end."""
+    import aiohttp
+
+    url = f"http://{HOST}:{port}{PATH}"
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    errors = {"connect": 0, "read": 0, "write": 0, "timeout": 0}
+    connector = aiohttp.TCPConnector(limit=connections)
+    timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, trust_env=False
+    ) as session:
+        started = time.perf_counter()
+        deadline = started + duration
+
+        async def worker(worker_id: int) -> None:
+            for counter in range(1, MAX_REQUESTS_PER_WORKER + 1):
+                if time.perf_counter() >= deadline:
+                    return
+                if mode == "replay":
+                    key = f"{prefix}-{counter % nkeys}"
+                elif mode == "storm":
+                    key = prefix
+                else:
+                    key = f"{prefix}-{worker_id}-{counter}"
+                headers = {"Content-Type": "application/json", "Idempotency-Key": key}
+                sent = time.perf_counter()
+                try:
+                    async with session.post(url, data=BODY, headers=headers) as response:
+                        await response.read()
+                        status = response.status
+                except TimeoutError:
+                    errors["timeout"] += 1
+                    continue
+                except aiohttp.ClientConnectorError:
+                    errors["connect"] += 1
+                    continue
+                except aiohttp.ClientError:
+                    errors["read"] += 1
+                    continue
+                latencies.append(time.perf_counter() - sent)
+                statuses[str(status)] = statuses.get(str(status), 0) + 1
+
+        await asyncio.gather(*(worker(i + 1) for i in range(connections)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "duration_us": elapsed * 1e6,
+        "p50_us": _percentile(latencies, 50) * 1e6,
+        "p99_us": _percentile(latencies, 99) * 1e6,
+        "errors": errors,
+        "statuses": statuses,
+    }
+
+
+def _percentile(ordered: Sequence[float], pct: float) -> float:
+    if not ordered:
+        return 0.0
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass(slots=True)
+class Servers:
+    backend: int
+    ports: dict[str, int]  # target -> port
+    proxy: Child
+    proxy_httpx: Child | None
+    replay_prefix: str  # the keys the replay rounds repeat, COMPLETED before any round
+
+
+def ledger_reset(backend_port: int) -> None:
+    status, _ = _http("POST", backend_port, "/v1/ledger/reset")
+    if status != 204:
+        raise RuntimeError(f"ledger reset answered {status}")
+
+
+def ledger_charges(backend_port: int) -> int:
+    status, body = _http("GET", backend_port, "/v1/ledger")
+    if status != 200:
+        raise RuntimeError(f"ledger answered {status}")
+    return int(json.loads(body)["charges"])
+
+
+def ledger_settled(backend_port: int) -> int:
+    """The charge count once it stops moving.
+
+    When the load stops, the proxy still finishes the forwards it has started (a client
+    hanging up never cancels the owner's work), so charges can land a little later.
+    """
+    charges = ledger_charges(backend_port)
+    for _ in range(50):
+        time.sleep(0.1)
+        now = ledger_charges(backend_port)
+        if now == charges:
+            return now
+        charges = now
+    return charges
+
+
+def complete_replay_keys(port: int, prefix: str) -> None:
+    """Execute each replay key once, so the replay rounds only ever see COMPLETED records."""
+    for i in range(REPLAY_KEYS):
+        headers = {"Content-Type": "application/json", "Idempotency-Key": f"{prefix}-{i}"}
+        status, body = _http("POST", port, PATH, BODY, headers)
+        if status != 201:
+            raise RuntimeError(f"completing replay key {i}: {status} {body[:200]!r}")
+
+
+def measure(
+    servers: Servers,
+    load: Load,
+    plan: list[Scenario],
+    *,
+    rounds: int,
+    duration: int,
+    replay_prefix: str,
+    nonce: str,
+    log: Callable[[str], None],
+) -> dict[Scenario, list[Sample]]:
+    """Every scenario once per round, the starting point rotated each round."""
+    results: dict[Scenario, list[Sample]] = {s: [] for s in plan}
+    for round_no in range(1, rounds + 1):
+        shift = (round_no - 1) % len(plan)
+        for scenario in plan[shift:] + plan[:shift]:
+            if scenario.mode == "replay":
+                prefix = replay_prefix
+            else:
+                prefix = f"{scenario.name}-{nonce}-r{round_no}-c{scenario.connections}"
+            ledger_settled(servers.backend)  # the previous round's stragglers, if any
+            ledger_reset(servers.backend)
+            sample = run_round(
+                load, servers.ports[scenario.target], scenario, prefix, duration, round_no
+            )
+            sample.executions = ledger_settled(servers.backend)
+            sample.problems = check(scenario, sample)
+            results[scenario].append(sample)
+            flag = "  INVALID: " + "; ".join(sample.problems) if sample.problems else ""
+            log(
+                f"round {round_no} {scenario.label:<15} {sample.rps:9.0f} req/s  "
+                f"p50 {sample.p50_ms:7.2f} ms  p99 {sample.p99_ms:7.2f} ms{flag}"
+            )
+    return results
+
+
+def warm_up(servers: Servers, load: Load, duration: int, nonce: str) -> None:
+    """Fill connection pools, caches and lazily imported code before anything counts."""
+    for target in servers.ports:
+        warm = Scenario("warmup", target, "unique", 32)
+        run_round(load, servers.ports[target], warm, f"warm-{nonce}-{target}", duration, 0)
+
+
+def profile(
+    servers: Servers, load: Load, outdir: Path, seconds: int, log: Callable[[str], None]
+) -> dict[str, list[dict[str, Any]]]:
+    """py-spy on the proxy under miss-path and replay-path load at 32 connections."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
+    outdir.mkdir(parents=True, exist_ok=True)
+    tables: dict[str, list[dict[str, Any]]] = {}
+    for name, mode, prefix in (
+        ("miss", "unique", f"profile-{uuid.uuid4().hex[:8]}"),
+        ("replay", "replay", servers.replay_prefix),
+    ):
+        raw = outdir / f"{name}.txt"
+        spy = subprocess.Popen(
+            [py_spy, "record", "--pid", str(servers.proxy.pid), "--duration", str(seconds),
+             "--rate", "200", "--format", "raw", "--output", str(raw), "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        time.sleep(0.5)
+        scenario = Scenario(f"profile-{name}", "proxy", mode, 32)
+        run_round(load, servers.ports["proxy"], scenario, prefix, seconds + 1, 0)
+        _, err = spy.communicate(timeout=seconds + 30)
+        if spy.returncode != 0 or not raw.exists():
+            raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-2000:]}")
+        tables[name] = bench_report.hottest(raw.read_text(), limit=10)
+        log(f"profile {name}: {raw}")
+    return tables
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summarize(results: dict[Scenario, list[Sample]]) -> list[dict[str, Any]]:
+    out = []
+    for scenario, samples in results.items():
+        statuses: dict[int, int] = {}
+        errors: dict[str, int] = {}
+        for sample in samples:
+            for status, count in sample.statuses.items():
+                statuses[status] = statuses.get(status, 0) + count
+            for kind, count in sample.errors.items():
+                errors[kind] = errors.get(kind, 0) + count
+        out.append(
+            {
+                "name": scenario.name,
+                "target": scenario.target,
+                "connections": scenario.connections,
+                "label": scenario.label,
+                "rps": statistics.median(s.rps for s in samples),
+                "p50_ms": statistics.median(s.p50_ms for s in samples),
+                "p99_ms": statistics.median(s.p99_ms for s in samples),
+                "statuses": {str(k): v for k, v in sorted(statuses.items())},
+                "non_2xx": sum(v for k, v in statuses.items() if not 200 <= k < 300),
+                "errors": errors,
+                "executions": sum(s.executions or 0 for s in samples),
+                "problems": [f"round {s.round}: {p}" for s in samples for p in s.problems],
+                "rounds": [asdict(s) for s in samples],
+            }
+        )
+    return out
+
+
+def _find(rows: list[dict[str, Any]], name: str, connections: int) -> dict[str, Any] | None:
+    for row in rows:
+        if row["name"] == name and row["connections"] == connections:
+            return row
+    return None
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def comparisons(rows: list[dict[str, Any]], rss: dict[str, int]) -> dict[str, Any]:
+    """Ratios to direct, added latency, memory, transports; with targets where there are any."""
+    ratios = []
+    for name in ("miss", "replay", "storm"):
+        for connections in CONNECTIONS:
+            row, base = _find(rows, name, connections), _find(rows, "direct", connections)
+            if row is None or base is None or not base["rps"]:
+                continue
+            paired = [
+                p["rps"] / d["rps"]
+                for p, d in zip(row["rounds"], base["rounds"], strict=False)
+                if d["rps"]
+            ]
+            target = None
+            if connections == 32 and name in ("miss", "replay"):
+                target = TARGETS[f"{name}_throughput"]
+            value = row["rps"] / base["rps"]
+            ratios.append(
+                {
+                    "name": f"{name}/direct",
+                    "connections": connections,
+                    "value": value,
+                    "rounds_min": min(paired, default=value),
+                    "rounds_max": max(paired, default=value),
+                    "target": target,
+                    "verdict": _verdict(value >= target) if target is not None else None,
+                }
+            )
+    added = []
+    for name in ("miss", "replay"):
+        row, base = _find(rows, name, 1), _find(rows, "direct", 1)
+        if row is None or base is None:
+            continue
+        value = row["p50_ms"] - base["p50_ms"]
+        target = TARGETS["added_p50_ms"] if name == "miss" else None
+        added.append(
+            {
+                "name": name,
+                "value_ms": value,
+                "target": target,
+                "verdict": _verdict(value <= target) if target is not None else None,
+            }
+        )
+    rss_mb = rss.get("VmRSS", 0) / 1024
+    memory = {
+        "rss_mb": rss_mb,
+        "peak_mb": rss.get("VmHWM", 0) / 1024,
+        "target": TARGETS["rss_mb"],
+        "verdict": _verdict(rss_mb <= TARGETS["rss_mb"]),
+    }
+    transports = None
+    aio, hx, base = (
+        _find(rows, "miss", 32),
+        _find(rows, "miss-httpx", 32),
+        _find(rows, "direct", 32),
+    )
+    if aio is not None and hx is not None and base is not None:
+        transports = {
+            "aiohttp": {k: aio[k] for k in ("rps", "p50_ms", "p99_ms")},
+            "httpx": {k: hx[k] for k in ("rps", "p50_ms", "p99_ms")},
+            "aiohttp_vs_direct": aio["rps"] / base["rps"] if base["rps"] else 0.0,
+            "httpx_vs_direct": hx["rps"] / base["rps"] if base["rps"] else 0.0,
+            "httpx_vs_aiohttp": hx["rps"] / aio["rps"] if aio["rps"] else 0.0,
+        }
+    return {"ratios": ratios, "added_p50": added, "memory": memory, "transports": transports}
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    redis_version = "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["redis-server", "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+        found = re.search(r"v=(\S+)", out)
+        redis_version = found.group(1) if found else out.strip()
+    wrk_version = None
+    if shutil.which("wrk"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                ["wrk", "--version"], capture_output=True, text=True, timeout=10, check=False
+            )
+            wrk_version = (out.stdout or out.stderr).splitlines()[0].split(" Copyright")[0]
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "redis": redis_version,
+        "wrk": wrk_version,
+        "versions": _package_versions(),
+    }
+
+
+def _package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("uvicorn", "uvloop", "httptools", "aiohttp", "httpx", "redis", "starlette"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def print_summary(run: dict[str, Any], emit: Callable[[str], None]) -> None:
+    emit("")
+    emit(f"{'scenario':<12}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}  statuses")
+    for row in run["rows"]:
+        statuses = " ".join(f"{k}:{v}" for k, v in row["statuses"].items())
+        emit(
+            f"{row['name']:<12}{row['connections']:>6}{row['rps']:>10.0f}"
+            f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}  {statuses}"
+        )
+    emit("")
+    for ratio in run["comparisons"]["ratios"]:
+        line = (
+            f"ratio {ratio['name']:<14} c={ratio['connections']:<3} {ratio['value']:.2f}x"
+            f"  (rounds {ratio['rounds_min']:.2f}-{ratio['rounds_max']:.2f})"
+        )
+        if ratio["target"] is not None:
+            line += f"  target >= {ratio['target']:.2f}x  {ratio['verdict']}"
+        emit(line)
+    for added in run["comparisons"]["added_p50"]:
+        line = f"added p50 at c=1 ({added['name']} - direct)  {added['value_ms']:+.2f} ms"
+        if added["target"] is not None:
+            line += f"  target <= {added['target']:.1f} ms  {added['verdict']}"
+        emit(line)
+    memory = run["comparisons"]["memory"]
+    emit(
+        f"proxy RSS after the run  {memory['rss_mb']:.1f} MB (peak {memory['peak_mb']:.1f} MB)"
+        f"  target <= {memory['target']:.0f} MB  {memory['verdict']}"
+    )
+    transports = run["comparisons"]["transports"]
+    if transports:
+        emit(
+            f"transports miss c=32  aiohttp {transports['aiohttp']['rps']:.0f} req/s "
+            f"({transports['aiohttp_vs_direct']:.2f}x direct), httpx "
+            f"{transports['httpx']['rps']:.0f} req/s ({transports['httpx_vs_direct']:.2f}x "
+            f"direct): httpx/aiohttp {transports['httpx_vs_aiohttp']:.2f}x"
+        )
+    non_2xx = sum(row["non_2xx"] for row in run["rows"] if row["name"] != "storm")
+    storm_409 = sum(row["statuses"].get("409", 0) for row in run["rows"] if row["name"] == "storm")
+    emit(f"non-2xx answers outside the storm: {non_2xx}; 409s in the storm (expected): {storm_409}")
+    problems = [f"{row['label']}: {p}" for row in run["rows"] for p in row["problems"]]
+    if problems:
+        emit("INVALID: " + "; ".join(problems))
+    else:
+        emit("valid: only 201s (and 409s in the storm); ledger executions as each path implies")
+    for name, table in (run.get("profile") or {}).items():
+        emit(f"\nhottest functions, {name} path (self samples, share of active samples):")
+        for entry in table:
+            emit(f"  {entry['share'] * 100:5.1f}%  {entry['function']}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench.py",
+        description="Benchmark the proxy against the backend it fronts, in one run.",
+    )
+    parser.add_argument("--duration", type=int, default=5, help="seconds per round (default 5)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per scenario (default 3)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds per server")
+    parser.add_argument("--write", metavar="MD", help="write the report (and a PNG next to it)")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 s rounds, 1 round, no transports, no write"
+    )
+    parser.add_argument(
+        "--transports",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the httpx upstream client on the miss path at 32 connections",
+    )
+    parser.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "aiohttp"),
+        default="auto",
+        help="wrk when installed (auto), else the asyncio stand-in",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the proxy to CPU 1 and the backend, Redis and wrk to CPU 0",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="after measuring, py-spy the proxy on the miss and replay paths (raw stacks in DIR)",
+    )
+    parser.add_argument("--profile-seconds", type=int, default=10)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.rounds, args.warmup = 1, 1, 1
+        args.transports, args.write = False, None
+    if args.duration < 1 or args.rounds < 1:
+        parser.error("--duration and --rounds must be at least 1")
+    return args
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    wrk = shutil.which("wrk")
+    generator = "wrk" if args.loadgen == "wrk" or (args.loadgen == "auto" and wrk) else "aiohttp"
+    if generator == "wrk" and wrk is None:
+        log("wrk is not installed")
+        return 2
+    if generator == "aiohttp":
+        log("load generator: the asyncio (aiohttp) stand-in; numbers are lower than with wrk")
+    nproc = len(os.sched_getaffinity(0))
+    pinned = args.pin and nproc >= 2
+    proxy_cpus, other_cpus = ({1}, {0}) if pinned else (None, None)
+    plan = scenarios(args.transports)
+    started = dt.datetime.now(dt.UTC)
+    load_before = os.getloadavg()
+    nonce = uuid.uuid4().hex[:8]
+    children: list[Child] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            workdir = Path(tmp)
+            lua = workdir / "bench.lua"
+            lua.write_text(WRK_LUA)
+            load = Load(generator, wrk, lua, args.threads, other_cpus)
+            redis_child, redis_port = start_redis(workdir, other_cpus)
+            children.append(redis_child)
+            backend_child, backend_port = start_backend(workdir, other_cpus)
+            children.append(backend_child)
+            proxy_child, proxy_port = start_proxy(
+                "proxy", "aiohttp", backend_port, redis_port, workdir, proxy_cpus
+            )
+            children.append(proxy_child)
+            ports = {"backend": backend_port, "proxy": proxy_port}
+            httpx_child = None
+            if args.transports:
+                httpx_child, httpx_port = start_proxy(
+                    "proxy-httpx", "httpx", backend_port, redis_port, workdir, proxy_cpus
+                )
+                children.append(httpx_child)
+                ports["proxy-httpx"] = httpx_port
+            replay_prefix = f"replay-{nonce}"
+            servers = Servers(backend_port, ports, proxy_child, httpx_child, replay_prefix)
+            log(
+                f"servers up: redis :{redis_port}, backend :{backend_port}, proxy :{proxy_port}"
+                + (f", proxy-httpx :{ports['proxy-httpx']}" if httpx_child else "")
+                + (" (pinned: proxy on CPU 1, the rest on CPU 0)" if pinned else " (not pinned)")
+            )
+            complete_replay_keys(proxy_port, replay_prefix)
+            warm_up(servers, load, args.warmup, nonce)
+            results = measure(
+                servers,
+                load,
+                plan,
+                rounds=args.rounds,
+                duration=args.duration,
+                replay_prefix=replay_prefix,
+                nonce=nonce,
+                log=log,
+            )
+            rss = read_rss_kib(proxy_child.pid)
+            rss_httpx = read_rss_kib(httpx_child.pid) if httpx_child else None
+            profile_tables = None
+            if args.profile:
+                profile_tables = profile(
+                    servers, load, Path(args.profile), args.profile_seconds, log
+                )
+            for child in children:
+                if not child.alive():
+                    raise RuntimeError(f"{child.name} died during the run:\n{child.log_tail()}")
+    finally:
+        for child in reversed(children):
+            child.stop()
+    rows = summarize(results)
+    run: dict[str, Any] = {
+        "started": started.isoformat(timespec="seconds"),
+        "command": _command(argv),
+        "machine": machine(),
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "settings": {
+            "duration": args.duration,
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "generator": generator,
+            "wrk_threads": args.threads,
+            "pinned": pinned,
+            "transports": args.transports,
+            "replay_keys": REPLAY_KEYS,
+        },
+        "rows": rows,
+        "comparisons": comparisons(rows, rss),
+        "rss_httpx_mb": rss_httpx["VmRSS"] / 1024 if rss_httpx else None,
+        "profile": profile_tables,
+        "targets": TARGETS,
+    }
+    print_summary(run, log)
+    valid = not any(row["problems"] for row in run["rows"])
+    if args.write:
+        if not valid:
+            log(f"not writing {args.write}: the run is invalid")
+        else:
+            md_path = Path(args.write)
+            png_path = md_path.with_suffix(".png")
+            bench_report.write_chart(run, png_path)
+            md_path.write_text(bench_report.markdown(run, png_path.name))
+            log(f"wrote {md_path} and {png_path}")
+    return 0 if valid else 1
+
+
+def _command(argv: Sequence[str] | None) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    python = (
+        os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else "python"
+    )
+    script = os.path.relpath(Path(__file__).resolve(), REPO)
+    return shlex.join([python, script, *args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

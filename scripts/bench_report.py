@@ -1,0 +1,395 @@
+"""The benchmark's outputs: docs/benchmarks.md, its chart, and py-spy profile tables.
+
+Kept apart from scripts/bench.py so the measuring code stays readable; everything
+here works on the plain `run` dict that bench.py builds.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+SCENARIO_ORDER = ("direct", "miss", "replay", "storm", "miss-httpx")
+COLOURS = {
+    "direct": "#4c72b0",
+    "miss": "#dd8452",
+    "replay": "#55a868",
+    "storm": "#c44e52",
+    "miss-httpx": "#8172b3",
+}
+DESCRIPTIONS = {
+    "direct": "the backend itself, no proxy: the baseline every ratio divides by",
+    "miss": "through the proxy, a new `Idempotency-Key` per request: claim (one Lua call), "
+    "mark SENT, forward, store the response",
+    "replay": "through the proxy, 16 keys that were COMPLETED before the first round: every "
+    "request is a replay (from the proxy's in-process cache of COMPLETED records)",
+    "storm": "through the proxy, every request of the round on one fresh key: the first "
+    "executes, the ones arriving while it runs get 409, everything after replays",
+    "miss-httpx": "the miss path through a second proxy whose upstream client is httpx",
+}
+
+_LINE = re.compile(r":\d+\)$")
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def _frame_name(frame: str) -> str:
+    """`func (path/to/file.py:123)` -> `func (file-ish path)`, without the line number."""
+    frame = _LINE.sub(")", frame.strip())
+    for marker in ("site-packages/", "/lib/python3", "/work/main/"):
+        head, sep, tail = frame.partition(marker)
+        if sep:
+            name = head.split(" (", 1)[0]
+            tail = tail.split("/", 1)[1] if marker == "/lib/python3" and "/" in tail else tail
+            return f"{name} ({tail}"
+    return frame
+
+
+def hottest(raw: str, *, limit: int = 10, inclusive: bool = False) -> list[dict[str, Any]]:
+    """Top functions of py-spy's raw (collapsed) output by share of samples.
+
+    Self (default): the innermost Python frame of each sample, so C code (uvloop,
+    hiredis, the socket calls) is charged to the Python function that called it.
+    Inclusive: every function on the stack, counted once per sample.
+    """
+    counts: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not stack or not number.isdigit():
+            continue
+        n = int(number)
+        total += n
+        frames = [_frame_name(f) for f in stack.split(";") if f.strip()]
+        if not frames:
+            continue
+        names = set(frames) if inclusive else {frames[-1]}
+        for name in names:
+            counts[name] = counts.get(name, 0) + n
+    ranked = sorted(counts.items(), key=lambda item: -item[1])[:limit]
+    return [
+        {"function": name, "samples": n, "share": n / total if total else 0.0} for name, n in ranked
+    ]
+
+
+# --------------------------------------------------------------------------- chart
+
+
+def write_chart(run: dict[str, Any], path: Path) -> None:
+    """Grouped bars: req/s per scenario, one group per connection count, ratio labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = run["rows"]
+    groups = sorted({row["connections"] for row in rows})
+    names = [n for n in SCENARIO_ORDER if any(row["name"] == n for row in rows)]
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
+    for i, name in enumerate(names):
+        for g, connections in enumerate(groups):
+            row = next(
+                (r for r in rows if r["name"] == name and r["connections"] == connections), None
+            )
+            if row is None:
+                continue
+            base = next(
+                (r for r in rows if r["name"] == "direct" and r["connections"] == connections),
+                None,
+            )
+            x = g + (i - (len(names) - 1) / 2) * width
+            ax.bar(
+                x,
+                row["rps"],
+                width * 0.92,
+                color=COLOURS.get(name, "#999999"),
+                label=name if g == len(groups) - 1 or connections == 1 else None,
+            )
+            if name == "direct" or base is None or not base["rps"]:
+                label = f"{row['rps']:.0f}"
+            else:
+                label = f"{row['rps'] / base['rps']:.2f}x"
+            ax.annotate(
+                label,
+                (x, row["rps"]),
+                textcoords="offset points",
+                xytext=(0, 3),
+                ha="center",
+                fontsize=8,
+            )
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=False))
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left")
+    ax.set_xticks(range(len(groups)), [f"{c} connection{'s' if c > 1 else ''}" for c in groups])
+    ax.set_ylabel("requests/s (median of rounds)")
+    settings = run["settings"]
+    ax.set_title(
+        f"POST /v1/charges, one worker each; {settings['rounds']} interleaved rounds of "
+        f"{settings['duration']} s; labels: proxy/direct",
+        fontsize=10,
+    )
+    ax.margins(y=0.12)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _fmt_statuses(statuses: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in statuses.items()) or "-"
+
+
+def markdown(run: dict[str, Any], chart_name: str) -> str:
+    m = run["machine"]
+    s = run["settings"]
+    c = run["comparisons"]
+    out: list[str] = []
+    add = out.append
+    add("# Benchmarks")
+    add("")
+    add(
+        "Generated by `make bench` on "
+        f"{run['started']} (UTC). The numbers below come from one run on one machine; "
+        "rerun it on yours before relying on them. "
+        + (
+            "This run was made on a shared, busy machine (see [Noise](#noise)): treat the "
+            "absolute numbers as rough and the ratios as the result."
+            if max(run["load_average"]["before"][0], run["load_average"]["after"][0])
+            > 0.5 * m["nproc"]
+            else ""
+        )
+    )
+    add("")
+    add("## Targets")
+    add("")
+    add("| what | target | result | |")
+    add("|---|---|---|---|")
+    for ratio in c["ratios"]:
+        if ratio["target"] is None:
+            continue
+        path = ratio["name"].split("/")[0]
+        add(
+            f"| {path}-path throughput, {ratio['connections']} connections, proxy / direct "
+            f"| >= {ratio['target']:.2f}x | {ratio['value']:.2f}x "
+            f"(rounds {ratio['rounds_min']:.2f}-{ratio['rounds_max']:.2f}) | {ratio['verdict']} |"
+        )
+    for added in c["added_p50"]:
+        if added["target"] is None:
+            continue
+        add(
+            f"| added p50 latency, 1 connection, {added['name']} path (proxy p50 - direct p50) "
+            f"| <= {added['target']:.1f} ms | {added['value_ms']:+.2f} ms | {added['verdict']} |"
+        )
+    mem = c["memory"]
+    add(
+        f"| proxy RSS after the run (VmRSS) | <= {mem['target']:.0f} MB | {mem['rss_mb']:.1f} MB "
+        f"(peak {mem['peak_mb']:.1f} MB) | {mem['verdict']} |"
+    )
+    add("")
+    add(
+        "Throughput targets are judged at 32 connections, where throughput is the question; "
+        "at 1 connection req/s is just 1 / latency and the ratios below are for information."
+    )
+    add("")
+    add(f"## Results (medians of {s['rounds']} interleaved rounds of {s['duration']} s)")
+    add("")
+    add("| scenario | connections | req/s | vs direct | p50 ms | p99 ms | answers | executions |")
+    add("|---|---:|---:|---:|---:|---:|---|---:|")
+    direct = {r["connections"]: r for r in run["rows"] if r["name"] == "direct"}
+    rows = sorted(
+        run["rows"],
+        key=lambda r: (r["connections"], SCENARIO_ORDER.index(r["name"])),
+    )
+    for row in rows:
+        base = direct.get(row["connections"])
+        vs = (
+            f"{row['rps'] / base['rps']:.2f}x"
+            if base and base["rps"] and row["name"] != "direct"
+            else "1.00x"
+            if row["name"] == "direct"
+            else "-"
+        )
+        add(
+            f"| {row['name']} | {row['connections']} | {row['rps']:.0f} | {vs} "
+            f"| {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {_fmt_statuses(row['statuses'])} "
+            f"| {row['executions']} |"
+        )
+    add("")
+    add(
+        "*answers*: HTTP statuses summed over the rounds; *executions*: charges the "
+        "backend's ledger recorded during those rounds (reset before each round). A round "
+        "counts only with nothing but 201 (and 409 in the storm), no socket errors, and "
+        "executions matching the path: one per 201 directly and on the miss path (plus at "
+        "most one per connection still in flight when the load stopped), none while "
+        "replaying, exactly one per storm round."
+    )
+    add("")
+    for ratio in c["ratios"]:
+        verdict = (
+            f" (target >= {ratio['target']:.2f}x: {ratio['verdict']})"
+            if ratio["target"] is not None
+            else ""
+        )
+        add(
+            f"- {ratio['name']} at {ratio['connections']} connection"
+            f"{'s' if ratio['connections'] > 1 else ''}: **{ratio['value']:.2f}x**, per-round "
+            f"{ratio['rounds_min']:.2f}-{ratio['rounds_max']:.2f}{verdict}"
+        )
+    for added in c["added_p50"]:
+        add(f"- added p50 at 1 connection, {added['name']} path: **{added['value_ms']:+.2f} ms**")
+    add(
+        f"- proxy RSS after the run: **{mem['rss_mb']:.1f} MB** (VmHWM peak "
+        f"{mem['peak_mb']:.1f} MB)"
+        + (
+            f"; the httpx-client proxy: {run['rss_httpx_mb']:.1f} MB"
+            if run.get("rss_httpx_mb")
+            else ""
+        )
+    )
+    add("")
+    add(f"![req/s per scenario and connection count]({chart_name})")
+    add("")
+    t = c.get("transports")
+    if t:
+        add("## Upstream client: aiohttp or httpx (miss path, 32 connections)")
+        add("")
+        add("| upstream_pool.client | req/s | vs direct | p50 ms | p99 ms |")
+        add("|---|---:|---:|---:|---:|")
+        for name in ("aiohttp", "httpx"):
+            add(
+                f"| {name} | {t[name]['rps']:.0f} | {t[f'{name}_vs_direct']:.2f}x "
+                f"| {t[name]['p50_ms']:.2f} | {t[name]['p99_ms']:.2f} |"
+            )
+        add("")
+        faster = "aiohttp" if t["httpx_vs_aiohttp"] < 1 else "httpx"
+        factor = 1 / t["httpx_vs_aiohttp"] if faster == "aiohttp" else t["httpx_vs_aiohttp"]
+        add(
+            f"Both proxies ran in the same run, against the same backend and Redis, in "
+            f"interleaved rounds. {faster} carried {factor:.2f}x the other's throughput on "
+            f"the miss path. aiohttp is the default (`upstream_pool: {{client: aiohttp}}`) "
+            "because it is the faster client measured here; httpx stays selectable for "
+            "comparison."
+        )
+        add("")
+    add("## Scenarios")
+    add("")
+    add(
+        "Every request is `POST /v1/charges` with `Content-Type: application/json`, the "
+        'body `{"amount":100,"currency":"EUR"}` and an `Idempotency-Key` header; the '
+        "proxy has one header-keyed route on that path."
+    )
+    add("")
+    for name in SCENARIO_ORDER:
+        if any(r["name"] == name for r in run["rows"]):
+            add(f"- **{name}**: {DESCRIPTIONS[name]}")
+    add("")
+    add(
+        "Keys on the direct and miss paths are unique per request (wrk thread id + a "
+        "counter, under a per-round prefix); the backend ignores the header, so the direct "
+        "path carries exactly the same requests."
+    )
+    add("")
+    add("## Set-up")
+    add("")
+    add(
+        '- Redis: a private `redis-server --save "" --appendonly no` (no persistence, '
+        "so no disk in the measurement)."
+    )
+    add(
+        "- Backend: `python -m sample_backend --db :memory:`, one uvicorn worker, a "
+        "SQLite insert per charge."
+    )
+    add(
+        "- Proxy: `python -m proxy run --log-level warning --redis-url ... --config ...`, "
+        "one worker (uvloop, httptools), the route above, defaults otherwise."
+    )
+    generator = (
+        f"wrk ({m['wrk']})" if s["generator"] == "wrk" else "the asyncio (aiohttp) stand-in for wrk"
+    )
+    add(
+        f"- Load: {generator}"
+        f", {s['wrk_threads']} thread(s), a Lua script for the keys and a `done()` that "
+        "prints the latency percentiles as JSON; 1 and 32 connections."
+    )
+    add(
+        "- CPU: "
+        + (
+            "pinned: the proxy on CPU 1; backend, Redis and wrk on CPU 0."
+            if s["pinned"]
+            else "not pinned: the kernel schedules wrk, the backend, Redis and the proxy "
+            f"over all {m['nproc']} CPUs."
+        )
+    )
+    add(
+        f"- {s['warmup']} s of warm-up load against each server before the first round; "
+        f"{s['replay_keys']} replay keys completed before the first round."
+    )
+    add("")
+    add("## Machine")
+    add("")
+    add(f"- CPUs (nproc): {m['nproc']}, {m['cpu_model']}")
+    add(f"- Linux {m['kernel']}")
+    add(f"- Python {m['python']}, Redis {m['redis']}")
+    add("- " + ", ".join(f"{name} {version}" for name, version in sorted(m["versions"].items())))
+    before = run["load_average"]["before"]
+    after = run["load_average"]["after"]
+    add(
+        f"- load average (1/5/15 min) before the run: {before[0]:.2f} / {before[1]:.2f} / "
+        f"{before[2]:.2f}; after: {after[0]:.2f} / {after[1]:.2f} / {after[2]:.2f}"
+    )
+    add("")
+    add("## Command")
+    add("")
+    add("```")
+    add(run["command"])
+    add("```")
+    add("")
+    add(
+        "`make bench` runs exactly this. `--quick` (1 s rounds, one round, no transports, "
+        "no write) is the smoke test's version; `--profile DIR` adds py-spy profiles of the "
+        "proxy on the miss and replay paths (py-spy is not a project dependency: "
+        "`.venv/bin/pip install py-spy`)."
+    )
+    add("")
+    add("## Noise")
+    add("")
+    add(
+        f"- Everything runs on the same {m['nproc']} CPUs: wrk, the backend, Redis and the "
+        "proxy compete for them, so the proxy's ratios include the CPU the extra process "
+        "takes from the backend. That is the realistic case for a sidecar, and the "
+        "pessimistic one for a proxy on its own host."
+    )
+    add(
+        "- Each scenario runs once per round and the order rotates between rounds, so a "
+        "burst of outside load lands on different scenarios in different rounds; the "
+        "tables show medians, and the per-round ratio range shows the spread."
+    )
+    add(
+        "- The machine may be shared (the load averages above say how busy it was). A "
+        "quiet machine gives higher absolute numbers; the ratios move less."
+    )
+    add(
+        "- At 1 connection, throughput is the inverse of latency, so it magnifies "
+        "scheduling noise; p99 is the noisiest number in the tables."
+    )
+    add("")
+    add("## Per-round numbers")
+    add("")
+    add("| scenario | connections | round | req/s | p50 ms | p99 ms | answers | executions |")
+    add("|---|---:|---:|---:|---:|---:|---|---:|")
+    for row in rows:
+        for sample in row["rounds"]:
+            statuses = {str(k): v for k, v in sample["statuses"].items()}
+            add(
+                f"| {row['name']} | {row['connections']} | {sample['round']} "
+                f"| {sample['rps']:.0f} | {sample['p50_ms']:.2f} | {sample['p99_ms']:.2f} "
+                f"| {_fmt_statuses(statuses)} | {sample['executions']} |"
+            )
+    add("")
+    return "\n".join(out)

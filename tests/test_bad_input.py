@@ -1,0 +1,269 @@
+"""Input the proxy must refuse itself, cleanly, without bothering the backend.
+
+Every refusal is a 4xx problem+json naming what was wrong (never the client's
+bytes), and the backend's ledger shows it never saw the request. A broken config
+stops `run` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from harness import REPO_ROOT, BackendServer, ProxyServer
+
+PROBLEM_BASE = "https://idempotency-proxy.dev/problems/"
+CONFIG: dict[str, Any] = {
+    "routes": [
+        {
+            "name": "pay",
+            "methods": ["POST"],
+            "path": "/v1/orders/pay",
+            "key": {"from": "json", "field": "order_id"},
+        },
+        {
+            "name": "charges",
+            "methods": ["POST"],
+            "path": "/v1/charges",
+            "key": {"from": "json", "field": "meta.ref"},
+        },
+        {
+            "name": "form",
+            "methods": ["POST"],
+            "path": "/v1/echo",
+            "key": {"from": "form", "field": "ref"},
+        },
+    ]
+}
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    tmp_path_factory: pytest.TempPathFactory, backend: BackendServer
+) -> Iterator[ProxyServer]:
+    server = ProxyServer(tmp_path_factory.mktemp("bad-input"), upstream=backend.url, config=CONFIG)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _backend_alive(backend: BackendServer) -> None:
+    """Revive the backend if an earlier suite broke it (tests compare request counts, so
+    the ledger needs no reset)."""
+    if backend.paused:
+        backend.resume()
+    if not backend.running:
+        backend.start()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    # Plain HTTP to 127.0.0.1 only: verify=False skips loading a CA bundle per client.
+    async with httpx.AsyncClient(timeout=30.0, trust_env=False, verify=False) as http:
+        yield http
+
+
+async def requests_seen(client: httpx.AsyncClient, backend: BackendServer) -> int:
+    """Requests that reached a charge endpoint of the backend, charged or not."""
+    response = await client.get(f"{backend.url}/v1/ledger")
+    response.raise_for_status()
+    return int(response.json()["requests_seen"])
+
+
+def assert_problem(response: httpx.Response, status: int, name: str) -> str:
+    """The contract's problem+json; returns the detail for checks on its wording."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["cache-control"] == "no-store"
+    document = response.json()
+    assert document["type"] == PROBLEM_BASE + name
+    assert document["title"]
+    assert document["status"] == status
+    return str(document.get("detail", ""))
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "name", "field"),
+    [
+        ("/v1/orders/pay", b'{"order_id": "o-1", "amount": ', "body-invalid", "order_id"),
+        ("/v1/orders/pay", b"order_id=o-1", "body-invalid", "order_id"),
+        ("/v1/orders/pay", b"", "body-invalid", "order_id"),
+        ("/v1/orders/pay", b'{"amount": 1000, "currency": "EUR"}', "key-missing", "order_id"),
+        ("/v1/orders/pay", b'[{"order_id": "o-1"}]', "key-missing", "order_id"),
+        ("/v1/charges", b'{"meta": {"re": 1}, "amount": 1}', "key-missing", "meta.ref"),
+        ("/v1/charges", b'{"meta": "ref", "amount": 1}', "key-missing", "meta.ref"),
+        ("/v1/charges", b'{"meta": {"ref": ', "body-invalid", "meta.ref"),
+    ],
+    ids=[
+        "truncated",
+        "not-json",
+        "empty",
+        "field-missing",
+        "not-an-object",
+        "nested-missing",
+        "nested-not-an-object",
+        "nested-truncated",
+    ],
+)
+async def test_bad_json_is_400_naming_the_key_field(
+    proxy: ProxyServer,
+    backend: BackendServer,
+    client: httpx.AsyncClient,
+    path: str,
+    body: bytes,
+    name: str,
+    field: str,
+) -> None:
+    seen = await requests_seen(client, backend)
+    response = await client.post(
+        proxy.url + path, content=body, headers={"Content-Type": "application/json"}
+    )
+    detail = assert_problem(response, 400, name)
+    assert f"'{field}'" in detail
+    assert await requests_seen(client, backend) == seen
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "body"),
+    [
+        ("/v1/orders/pay", "text/plain", b'{"order_id": "o-1", "amount": 1, "currency": "EUR"}'),
+        ("/v1/orders/pay", None, b'{"order_id": "o-1", "amount": 1, "currency": "EUR"}'),
+        ("/v1/orders/pay", "application/x-www-form-urlencoded", b"order_id=o-1"),
+        ("/v1/echo", "application/json", b'{"ref": "r-1"}'),
+    ],
+    ids=["text-plain", "no-content-type", "form-on-json-route", "json-on-form-route"],
+)
+async def test_wrong_content_type_is_415(
+    proxy: ProxyServer,
+    backend: BackendServer,
+    client: httpx.AsyncClient,
+    path: str,
+    content_type: str | None,
+    body: bytes,
+) -> None:
+    seen = await requests_seen(client, backend)
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = await client.post(proxy.url + path, content=body, headers=headers)
+    assert_problem(response, 415, "unsupported-media-type")
+    assert await requests_seen(client, backend) == seen
+
+
+async def test_invalid_utf8_is_400(
+    proxy: ProxyServer, backend: BackendServer, client: httpx.AsyncClient
+) -> None:
+    seen = await requests_seen(client, backend)
+    as_json = await client.post(
+        proxy.url + "/v1/orders/pay",
+        content=b'{"order_id": "o-\xff\xfe", "amount": 1000, "currency": "EUR"}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert "order_id" in assert_problem(as_json, 400, "body-invalid")
+    as_form = await client.post(
+        proxy.url + "/v1/echo",
+        content=b"ref=r-\xff\xfe",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert_problem(as_form, 400, "body-invalid")
+    assert await requests_seen(client, backend) == seen
+    # The same form route does accept a well-formed form (and the echo shows it arrived).
+    good = await client.post(
+        proxy.url + "/v1/echo",
+        content=b"ref=r-1&x=%C3%A9",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert good.status_code == 200
+    assert good.content == b"ref=r-1&x=%C3%A9"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("X-Big", "a" * (33 * 1024))],
+        [(f"X-Part-{i}", "b" * 1024) for i in range(40)],
+    ],
+    ids=["one-big-header", "many-headers"],
+)
+async def test_oversized_headers_are_431_and_not_forwarded(
+    proxy: ProxyServer,
+    backend: BackendServer,
+    client: httpx.AsyncClient,
+    headers: list[tuple[str, str]],
+) -> None:
+    order = f"ord-{uuid.uuid4().hex[:16]}"
+    body = json.dumps({"order_id": order, "amount": 1000, "currency": "EUR"}).encode()
+    seen = await requests_seen(client, backend)
+    response = await client.post(
+        proxy.url + "/v1/orders/pay",
+        content=body,
+        headers=[("Content-Type", "application/json"), *headers],
+    )
+    assert_problem(response, 431, "headers-too-large")
+    # Far over the limit, the server itself may refuse first; either way a clean 4xx.
+    huge = await client.get(proxy.url + f"/v1/orders/{order}", headers={"X-Huge": "c" * 2**20})
+    assert 400 <= huge.status_code < 500
+    assert await requests_seen(client, backend) == seen
+    assert (await client.get(f"{backend.url}/v1/orders/{order}")).json()["times_charged"] == 0
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _run_with_config(tmp_path: Path, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "run",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+            "--config",
+            str(path),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "names"),
+    [
+        ({"defaults": {"leese": "10s"}}, "defaults.leese"),
+        (
+            {"routes": [{"name": "pay", "path": "/v1/orders/pay", "lease": "soon"}]},
+            "lease",
+        ),
+    ],
+    ids=["unknown-key", "ill-typed-duration"],
+)
+def test_bad_config_stops_run_with_one_line_naming_the_key(
+    tmp_path: Path, config: dict[str, Any], names: str
+) -> None:
+    result = _run_with_config(tmp_path, config)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert names in lines[0]
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,243 @@
+"""Redis Cluster: the store's semantics and the proxy's behaviours on three masters.
+
+Every record is one hash under a hash-tagged key (`idem:{<hash>}`), so each Lua script
+touches one slot; records of different keys spread over the slots of all masters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from harness import HOST, BackendServer, ProxyFactory, RedisCluster
+
+from proxy import keys
+from proxy.records import ClaimKind, StoredResponse
+from proxy.store.redis import RedisStore
+
+PAY = "/v1/orders/pay"
+JSON = {"content-type": "application/json"}
+KEYS = 60  # enough distinct keys to land on every master
+
+
+def storage_key(order: str) -> str:
+    return keys.scope(keys.DEFAULT_TENANT, "pay", order).storage_key
+
+
+def response(tag: str) -> StoredResponse:
+    return StoredResponse(
+        201, ((b"content-type", b"application/json"), (b"location", tag.encode())), b'{"ok":1}'
+    )
+
+
+@pytest.fixture
+async def cluster_store(redis_cluster: RedisCluster) -> AsyncIterator[RedisStore]:
+    store = RedisStore(redis_cluster.url)
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def masters_of(cluster: RedisCluster, names: list[str]) -> Counter[str]:
+    """Which master holds each key (host:port), from the cluster's own slot map."""
+    with cluster.client() as client:
+        return Counter(client.get_node_from_key(name).name for name in names)
+
+
+async def test_store_semantics_on_every_master(
+    redis_cluster: RedisCluster, cluster_store: RedisStore
+) -> None:
+    run = secrets.token_hex(4)
+    names = [storage_key(f"cluster-{run}-{i}") for i in range(KEYS)]
+    spread = masters_of(redis_cluster, names)
+    assert len(spread) == 3, spread  # the hash tags really spread over all masters
+    store = cluster_store
+
+    async def story(key: str) -> dict[str, Any]:
+        """claim, duplicate, mismatch, SENT, complete, replay, for one key."""
+        first = await store.claim(key, "owner", "fp", 10_000, 60_000)
+        retried = await store.claim(key, "owner", "fp", 10_000, 60_000)
+        duplicate = await store.claim(key, "other", "fp", 10_000, 60_000)
+        mismatch = await store.claim(key, "other", "fp-other", 10_000, 60_000)
+        sent = await store.mark_sent(key, "owner", 10_000)
+        renewed = await store.renew(key, "owner", 10_000)
+        stale = await store.complete(key, "other", response("stale"))
+        completed = await store.complete(key, "owner", response(key))
+        again = await store.complete(key, "owner", response(key))  # a retried call
+        replay = await store.claim(key, "late", "fp", 10_000, 60_000)
+        record = await store.get(key)
+        return {
+            "first": first.kind,
+            "fence": first.fence,
+            "retried": retried.kind,
+            "duplicate": duplicate.kind,
+            "mismatch": mismatch.kind,
+            "writes": (sent, renewed, stale, completed, again),
+            "replay": replay,
+            "record": record,
+        }
+
+    results = await asyncio.gather(*(story(key) for key in names))
+    for key, result in zip(names, results, strict=True):
+        assert result["first"] is ClaimKind.CLAIMED and result["fence"] == 1
+        assert result["retried"] is ClaimKind.CLAIMED  # its own retried claim is not in flight
+        assert result["duplicate"] is ClaimKind.IN_FLIGHT
+        assert result["mismatch"] is ClaimKind.MISMATCH
+        assert result["writes"] == (True, True, False, True, True)
+        replay = result["replay"]
+        assert replay.kind is ClaimKind.COMPLETED
+        assert replay.response is not None
+        assert replay.response.status == 201
+        assert replay.response.body == b'{"ok":1}'
+        assert dict(replay.response.headers)[b"location"] == key.encode()
+        assert 0 < replay.ttl_ms <= 60_000
+        record = result["record"]
+        assert record is not None and record.state == "COMPLETED" and record.token == "owner"
+
+
+async def test_take_over_unknown_and_release_on_every_master(
+    redis_cluster: RedisCluster, cluster_store: RedisStore
+) -> None:
+    run = secrets.token_hex(4)
+    claimed = [storage_key(f"cluster-claimed-{run}-{i}") for i in range(KEYS // 2)]
+    sent = [storage_key(f"cluster-sent-{run}-{i}") for i in range(KEYS // 2)]
+    assert len(masters_of(redis_cluster, claimed + sent)) == 3
+    store = cluster_store
+
+    # Owners with a 1 ms lease: dead as soon as the lease passes.
+    for key in claimed:
+        assert (await store.claim(key, "dead", "fp", 1, 60_000)).kind is ClaimKind.CLAIMED
+    for key in sent:
+        assert (await store.claim(key, "dead", "fp", 1, 60_000)).kind is ClaimKind.CLAIMED
+        assert await store.mark_sent(key, "dead", 1)
+    await asyncio.sleep(0.05)
+
+    takeovers = await asyncio.gather(
+        *(store.claim(key, "heir", "fp", 10_000, 60_000) for key in claimed)
+    )
+    unknowns = await asyncio.gather(
+        *(store.claim(key, "heir", "fp", 10_000, 60_000) for key in sent)
+    )
+    # CLAIMED + expired: nothing was sent, so a new owner takes over with a higher fence.
+    assert all(c.kind is ClaimKind.CLAIMED and c.fence == 2 for c in takeovers)
+    # SENT + expired: the old owner may have sent; never again, UNKNOWN.
+    assert all(c.kind is ClaimKind.UNKNOWN and c.reason == "owner-lost" for c in unknowns)
+    # The old owner is fenced everywhere.
+    assert not any(await asyncio.gather(*(store.mark_sent(k, "dead", 1000) for k in claimed)))
+    assert not any(await asyncio.gather(*(store.complete(k, "dead", response("x")) for k in sent)))
+    # The heir releases (its backend refused the connection): the key is free again.
+    assert all(await asyncio.gather(*(store.release(k, "heir") for k in claimed)))
+    assert all(r is None for r in await asyncio.gather(*(store.get(k) for k in claimed)))
+    fresh = await asyncio.gather(*(store.claim(k, "next", "fp", 10_000, 60_000) for k in claimed))
+    assert all(c.kind is ClaimKind.CLAIMED and c.fence == 1 for c in fresh)
+    # The operator's tools work per slot too.
+    assert await store.resolve(sent[0], response("resolved"), False)
+    assert await store.discard(sent[1], False)
+    assert (await store.claim(sent[0], "x", "fp", 10_000, 60_000)).kind is ClaimKind.COMPLETED
+    assert (await store.claim(sent[1], "x", "fp", 10_000, 60_000)).kind is ClaimKind.CLAIMED
+
+
+def body_of(order: str, amount: int = 1250) -> bytes:
+    return orjson.dumps({"order_id": order, "amount": amount, "currency": "EUR"})
+
+
+def problem(response: httpx.Response) -> str | None:
+    if not response.headers.get("content-type", "").startswith("application/problem+json"):
+        return None
+    return str(response.json()["type"]).rsplit("/", 1)[-1]
+
+
+async def test_proxy_on_cluster_end_to_end(
+    redis_cluster: RedisCluster, ledger_backend: BackendServer, proxy_factory: ProxyFactory
+) -> None:
+    config = {
+        "admin": {"host": HOST},
+        "routes": [
+            {
+                "name": "pay",
+                "methods": ["POST"],
+                "path": PAY,
+                "key": {"from": "json", "field": "order_id"},
+                "required": True,
+            }
+        ],
+    }
+    proxies = [proxy_factory(ledger_backend.url, redis_cluster.url, config) for _ in range(2)]
+    run = secrets.token_hex(4)
+    a, b = proxies
+
+    async with httpx.AsyncClient(timeout=30.0, trust_env=False) as http:
+
+        async def pay(
+            proxy_url: str, order: str, amount: int = 1250, **faults: str
+        ) -> httpx.Response:
+            return await http.post(
+                proxy_url + PAY, content=body_of(order, amount), headers={**JSON, **faults}
+            )
+
+        # First request, then replays on both replicas.
+        first_order = f"e2e-{run}-first"
+        first = await pay(a.url, first_order)
+        replays = [await pay(a.url, first_order), await pay(b.url, first_order)]
+
+        # In flight: the backend holds the answer; a duplicate on the other replica.
+        slow_order = f"e2e-{run}-slow"
+        slow = asyncio.ensure_future(pay(a.url, slow_order, **{"X-Sample-Delay": "1.5"}))
+        for _ in range(100):  # bounded: until the backend has the request
+            if (await http.get(ledger_backend.url + f"/v1/orders/{slow_order}")).json()[
+                "times_charged"
+            ]:
+                break
+            await asyncio.sleep(0.05)
+        in_flight = await pay(b.url, slow_order)
+        slow_answer = await slow
+
+        # Same key, other payload.
+        reused = await pay(b.url, first_order, amount=999)
+
+        # A release status (the backend refused without charging): the retry executes.
+        limited_order = f"e2e-{run}-limited"
+        limited = await pay(a.url, limited_order, **{"X-Sample-Reject": "429"})
+        retried = await pay(b.url, limited_order)
+
+        # A burst of keys on all slots, two copies each on two replicas.
+        burst_orders = [f"e2e-{run}-burst-{i}" for i in range(20)]
+        burst = await asyncio.gather(
+            *(pay(p.url, o) for o in burst_orders for p in proxies), return_exceptions=False
+        )
+        ledger = (await http.get(ledger_backend.url + "/v1/ledger")).json()
+
+    assert first.status_code == 201 and "idempotent-replayed" not in first.headers
+    for replay in replays:
+        assert replay.status_code == 201
+        assert replay.headers["idempotent-replayed"] == "true"
+        assert replay.content == first.content
+        assert replay.headers["location"] == first.headers["location"]
+        assert "set-cookie" not in replay.headers
+    assert in_flight.status_code == 409 and problem(in_flight) == "request-in-progress"
+    assert int(in_flight.headers["retry-after"]) >= 1
+    assert slow_answer.status_code == 201
+    assert reused.status_code == 422 and problem(reused) == "key-reused"
+    assert limited.status_code == 429
+    assert retried.status_code == 201 and "idempotent-replayed" not in retried.headers
+    statuses = Counter(
+        (r.status_code, r.headers.get("idempotent-replayed") == "true") for r in burst
+    )
+    # Each pair raced: one executed; the other replayed or saw it in flight.
+    assert statuses[(201, False)] == len(burst_orders)
+    assert set(statuses) <= {(201, False), (201, True), (409, False)}
+    orders = ledger["orders"]
+    assert ledger["double_charged_count"] == 0
+    assert orders[first_order] == 1
+    assert orders[slow_order] == 1
+    assert orders[limited_order] == 1
+    assert all(orders[o] == 1 for o in burst_orders)
+    assert ledger["requests_seen"] == 4 + len(burst_orders)  # first, slow, 429, retry, burst
