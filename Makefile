@@ -48,6 +48,9 @@ typecheck: venv
 bench: venv redis
 	$(BIN)/python scripts/bench.py --write docs/benchmarks.md
 
+k8s-validate: venv
+	./scripts/validate-k8s.sh
+
 loadtest-smoke: venv redis
 	$(BIN)/python loadtests/smoke.py
 

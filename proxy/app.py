@@ -7,6 +7,7 @@ work that can be done once at start-up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -45,6 +46,11 @@ class BodyTimeout(Exception):
 # The client is still sending a body the proxy will not read: close the connection after
 # the answer, or uvicorn keeps parsing (and discarding) whatever else it sends.
 _CLOSE = (b"connection", b"close")
+# Closing while request bytes are still unread makes the kernel reset the connection, and
+# the client, still sending, never reads the 413. So read and drop a refused body first,
+# up to this much and this long; past that the reset is the lesser evil.
+_DRAIN_BYTES = 4 * 1024 * 1024
+_DRAIN_SECONDS = 2.0
 
 
 class ProxyApp:
@@ -259,12 +265,17 @@ async def _read_body(
     for name, value in headers:
         if name == b"content-length":
             try:
-                if int(value) > limit:
-                    raise BodyTooLarge
+                declared = int(value)
             except ValueError:
                 raise Problem("body-invalid", 400, "Content-Length is not a number") from None
+            if declared > limit:
+                # With Expect: 100-continue nothing was sent yet; reading would ask for it.
+                if declared <= _DRAIN_BYTES and (b"expect", b"100-continue") not in headers:
+                    await _drain(receive)
+                raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
+    too_large = False
     try:
         async with asyncio.timeout(read_time or None):
             while True:
@@ -277,13 +288,33 @@ async def _read_body(
                 if chunk:
                     size += len(chunk)
                     if size > limit:
-                        raise BodyTooLarge
+                        if not message.get("more_body", False):
+                            raise BodyTooLarge  # all of it arrived: nothing left to drain
+                        too_large = True
+                        break
                     chunks.append(chunk)
                 if not message.get("more_body", False):
                     break
     except TimeoutError:
         raise BodyTimeout from None
+    if too_large:
+        await _drain(receive)  # outside the read timeout: this is still a 413, not a 408
+        raise BodyTooLarge
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop the rest of a refused body, bounded by _DRAIN_BYTES and _DRAIN_SECONDS."""
+    left = _DRAIN_BYTES
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            while left > 0:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                left -= len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
 
 
 async def _stream_body(receive: Receive) -> AsyncIterator[bytes]:

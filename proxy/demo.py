@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import random
@@ -81,11 +82,21 @@ class DemoError(RuntimeError):
 # --------------------------------------------------------------------------- processes
 
 
+_issued_ports: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now (the kernel's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port nobody listens on right now (the kernel's choice), never one handed out
+    before in this process: the kernel may offer a just-probed port again, and two of our
+    children would then race for it."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((HOST, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _issued_ports:
+            _issued_ports.add(port)
+            return port
+    raise DemoError("no free TCP port found")
 
 
 def redis_available() -> bool:
@@ -163,10 +174,6 @@ class Child:
             )
         _live.add(self)
         return self
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid if self.proc is not None else -1
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -485,7 +492,7 @@ class Phase:
         elif outcome.status == 422:
             self.mismatches += 1
         else:
-            name = str(outcome.status)
+            name = f"{outcome.status} {outcome.problem}".rstrip()
             self.other[name] = self.other.get(name, 0) + 1
 
 
@@ -494,7 +501,7 @@ class Outcome:
     status: int | None
     replayed: bool = False
     error: str = ""
-    retry_after: float | None = None
+    problem: str = ""
 
 
 class Player:
@@ -524,12 +531,11 @@ class Player:
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
-                await response.read()
-                retry_after = response.headers.get("Retry-After")
+                body_bytes = await response.read()
                 return Outcome(
                     response.status,
                     response.headers.get("Idempotent-Replayed") == "true",
-                    retry_after=float(retry_after) if retry_after else None,
+                    problem=_problem_name(response.content_type, body_bytes),
                 )
         except TimeoutError:
             return Outcome(None, error="timeout")
@@ -645,11 +651,24 @@ class Player:
         progress.finish()
 
 
+def _problem_name(content_type: str, body: bytes) -> str:
+    """The proxy's problem name (`store-unavailable`...) from a problem+json body, or ''."""
+    if content_type != "application/problem+json":
+        return ""
+    try:
+        kind = json.loads(body).get("type", "")
+    except (ValueError, AttributeError):
+        return ""
+    return str(kind).rsplit("/", 1)[-1]
+
+
 def _label(outcome: Outcome) -> str:
     if outcome.status is None:
         return outcome.error
     if outcome.replayed:
         return f"{outcome.status} replayed"
+    if outcome.problem and outcome.status not in (409, 422):
+        return f"{outcome.status} {outcome.problem}"
     return {201: "201 charged", 409: "409 in progress", 422: "422 key reused"}.get(
         outcome.status, str(outcome.status)
     )
@@ -797,7 +816,8 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises KeyboardInterrupt, so cleanup runs as for Ctrl-C."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -825,7 +845,7 @@ def main(orders: int = 200, replicas: int = 5, memory: bool = False) -> int:
             f"one shared memory store; for real replica processes: {REDIS_HINT}"
         )
     started = time.monotonic()
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         stack = Stack()
         try:
             if memory:

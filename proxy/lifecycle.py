@@ -199,8 +199,12 @@ class Lifecycle:
     def _tenant(self, request: ProxyRequest) -> str:
         if self.tenant_header is None:
             return keys.DEFAULT_TENANT
-        value = request.header(self.tenant_header)
-        return value.decode("latin-1") if value else keys.DEFAULT_TENANT
+        values = request.header_values(self.tenant_header)
+        if len(values) > 1:
+            # A client's line plus the auth layer's appended one: using either could let a
+            # client pick whose records it sees, so refuse instead of choosing.
+            raise Problem("tenant-invalid", 400, "the tenant header was sent more than once")
+        return values[0].decode("latin-1") if values and values[0] else keys.DEFAULT_TENANT
 
     # -- duplicates ------------------------------------------------------------------
 

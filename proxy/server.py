@@ -56,6 +56,9 @@ def _uvicorn_config(
         log_level=settings.log_level,
         access_log=False,
         server_header=False,
+        # The proxy appends the real peer to X-Forwarded-For itself; uvicorn's rewrite of the
+        # client from a trusted X-Forwarded-For would make it append the client twice.
+        proxy_headers=False,
         # The proxy sets Date itself: the backend's passes through, replays get a fresh one.
         date_header=False,
         http="httptools",
@@ -113,6 +116,7 @@ def _run_workers(settings: Settings) -> None:
         log_level=settings.log_level,
         access_log=False,
         server_header=False,
+        proxy_headers=False,
         date_header=False,
         http="httptools",
         loop="uvloop",

@@ -242,11 +242,21 @@ def _env() -> dict[str, str]:
 class Child:
     """One server process in its own process group, logging to a file."""
 
-    def __init__(self, name: str, argv: list[str], workdir: Path, cpus: set[int] | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        workdir: Path,
+        cpus: set[int] | None,
+        port: int,
+        ready: Callable[[], bool],
+    ) -> None:
         self.name = name
         self.argv = argv
         self.log_path = workdir / f"{name}.log"
         self.cpus = cpus
+        self.port = port
+        self.ready = ready
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Child:
@@ -278,13 +288,29 @@ class Child:
             return ""
         return text[-limit:]
 
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited while starting:\n{self.log_tail()}")
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                if self.ready():
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not ready within {timeout:.0f}s:\n{self.log_tail()}")
+
+    def terminate(self) -> None:
+        """SIGTERM this child's own process group (stop() then waits for it)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+
     def stop(self) -> None:
         """SIGTERM this child's own process group, SIGKILL it if it lingers."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
+            self.terminate()
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
@@ -315,48 +341,42 @@ def _http(
         conn.close()
 
 
-def wait_until(child: Child, ready: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise RuntimeError(f"{child.name} exited while starting:\n{child.log_tail()}")
-        with contextlib.suppress(OSError, http.client.HTTPException):
-            if ready():
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"{child.name} not ready within {timeout:.0f}s:\n{child.log_tail()}")
-
-
 def _redis_ping(port: int) -> bool:
     with socket.create_connection((HOST, port), timeout=1) as sock:
         sock.sendall(b"PING\r\n")
         return sock.recv(64).startswith(b"+PONG")
 
 
-def start_redis(workdir: Path, cpus: set[int] | None) -> tuple[Child, int]:
+def launch_redis(workdir: Path, cpus: set[int] | None) -> Child:
     port = free_port()
     argv = [
         shutil.which("redis-server") or "redis-server",
         "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
         "--dir", str(workdir), "--protected-mode", "no", "--maxmemory-policy", "noeviction",
     ]  # fmt: skip
-    child = Child("redis", argv, workdir, cpus).start()
-    wait_until(child, lambda: _redis_ping(port))
-    return child, port
+    return Child("redis", argv, workdir, cpus, port, lambda: _redis_ping(port)).start()
 
 
-def start_backend(workdir: Path, cpus: set[int] | None) -> tuple[Child, int]:
+def launch_backend(workdir: Path, cpus: set[int] | None) -> Child:
     port = free_port()
     argv = [sys.executable, "-m", "sample_backend", "--host", HOST, "--port", str(port)]
     argv += ["--db", ":memory:", "--log-level", "warning"]
-    child = Child("backend", argv, workdir, cpus).start()
-    wait_until(child, lambda: _http("GET", port, "/healthz")[0] == 200)
-    return child, port
+
+    def ready() -> bool:
+        return _http("GET", port, "/healthz")[0] == 200
+
+    return Child("backend", argv, workdir, cpus, port, ready).start()
 
 
-def start_proxy(
-    name: str, client: str, backend_port: int, redis_port: int, workdir: Path, cpus: set[int] | None
-) -> tuple[Child, int]:
+def launch_proxy(
+    name: str,
+    client: str,
+    backend_port: int,
+    redis_port: int,
+    workdir: Path,
+    cpus: set[int] | None,
+) -> Child:
+    """The proxy in one worker; the backend need not be up yet (the upstream pool is lazy)."""
     port, admin_port = free_port(), free_port()
     config = {
         "upstream": f"http://{HOST}:{backend_port}",
@@ -377,9 +397,11 @@ def start_proxy(
     config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
     argv = [sys.executable, "-m", "proxy", "run", "--log-level", "warning"]
     argv += ["--redis-url", f"redis://{HOST}:{redis_port}/0", "--config", str(config_path)]
-    child = Child(name, argv, workdir, cpus).start()
-    wait_until(child, lambda: _http("GET", admin_port, "/readyz")[0] == 200)
-    return child, port
+
+    def ready() -> bool:
+        return _http("GET", admin_port, "/readyz")[0] == 200
+
+    return Child(name, argv, workdir, cpus, port, ready).start()
 
 
 def read_rss_kib(pid: int) -> dict[str, int]:
@@ -641,7 +663,9 @@ def profile(
         _, err = spy.communicate(timeout=seconds + 30)
         if spy.returncode != 0 or not raw.exists():
             raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-2000:]}")
-        tables[name] = bench_report.hottest(raw.read_text(), limit=10)
+        text = raw.read_text()
+        tables[name] = bench_report.hottest(text, limit=10)
+        tables[f"{name} (by package)"] = bench_report.by_package(text)
         log(f"profile {name}: {raw}")
     return tables
 
@@ -774,10 +798,11 @@ def machine() -> dict[str, Any]:
     wrk_version = None
     if shutil.which("wrk"):
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(
+            done = subprocess.run(
                 ["wrk", "--version"], capture_output=True, text=True, timeout=10, check=False
             )
-            wrk_version = (out.stdout or out.stderr).splitlines()[0].split(" Copyright")[0]
+            first = (done.stdout or done.stderr or "wrk").splitlines()[0]
+            wrk_version = first.split(" Copyright")[0].strip()
     return {
         "nproc": len(os.sched_getaffinity(0)),
         "cpu_model": model,
@@ -844,7 +869,8 @@ def print_summary(run: dict[str, Any], emit: Callable[[str], None]) -> None:
     else:
         emit("valid: only 201s (and 409s in the storm); ledger executions as each path implies")
     for name, table in (run.get("profile") or {}).items():
-        emit(f"\nhottest functions, {name} path (self samples, share of active samples):")
+        what = "packages" if "package" in name else "functions"
+        emit(f"\nhottest {what}, {name} path (self samples, share of active samples):")
         for entry in table:
             emit(f"  {entry['share'] * 100:5.1f}%  {entry['function']}")
 
@@ -922,6 +948,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()
     nonce = uuid.uuid4().hex[:8]
+    log(
+        f"{nproc} CPUs, load average {load_before[0]:.2f}; {generator}; {len(plan)} scenarios "
+        f"x {args.rounds} round(s) x {args.duration} s, interleaved; "
+        + ("pinned" if pinned else "not pinned")
+    )
     children: list[Child] = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -929,29 +960,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             lua = workdir / "bench.lua"
             lua.write_text(WRK_LUA)
             load = Load(generator, wrk, lua, args.threads, other_cpus)
-            redis_child, redis_port = start_redis(workdir, other_cpus)
+            redis_child = launch_redis(workdir, other_cpus)
             children.append(redis_child)
-            backend_child, backend_port = start_backend(workdir, other_cpus)
+            redis_child.wait_ready()
+            # The rest start side by side: the proxies need Redis at start-up, not the backend.
+            backend_child = launch_backend(workdir, other_cpus)
             children.append(backend_child)
-            proxy_child, proxy_port = start_proxy(
-                "proxy", "aiohttp", backend_port, redis_port, workdir, proxy_cpus
+            proxy_child = launch_proxy(
+                "proxy", "aiohttp", backend_child.port, redis_child.port, workdir, proxy_cpus
             )
             children.append(proxy_child)
-            ports = {"backend": backend_port, "proxy": proxy_port}
             httpx_child = None
             if args.transports:
-                httpx_child, httpx_port = start_proxy(
-                    "proxy-httpx", "httpx", backend_port, redis_port, workdir, proxy_cpus
-                )
+                httpx_child = launch_proxy(
+                    "proxy-httpx", "httpx", backend_child.port, redis_child.port, workdir,
+                    proxy_cpus,
+                )  # fmt: skip
                 children.append(httpx_child)
-                ports["proxy-httpx"] = httpx_port
+            for child in children:
+                child.wait_ready()
+            ports = {child.name: child.port for child in children[1:]}  # target -> port
             replay_prefix = f"replay-{nonce}"
-            servers = Servers(backend_port, ports, proxy_child, httpx_child, replay_prefix)
+            servers = Servers(backend_child.port, ports, proxy_child, httpx_child, replay_prefix)
             log(
-                f"servers up: redis :{redis_port}, backend :{backend_port}, proxy :{proxy_port}"
-                + (f", proxy-httpx :{ports['proxy-httpx']}" if httpx_child else "")
+                "servers up: "
+                + ", ".join(f"{child.name} :{child.port}" for child in children)
                 + (" (pinned: proxy on CPU 1, the rest on CPU 0)" if pinned else " (not pinned)")
             )
+            proxy_port = proxy_child.port
             complete_replay_keys(proxy_port, replay_prefix)
             warm_up(servers, load, args.warmup, nonce)
             results = measure(
@@ -975,6 +1011,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not child.alive():
                     raise RuntimeError(f"{child.name} died during the run:\n{child.log_tail()}")
     finally:
+        for child in reversed(children):  # all at once: each drains for a moment
+            child.terminate()
         for child in reversed(children):
             child.stop()
     rows = summarize(results)

@@ -54,9 +54,13 @@ def _tool(name: str) -> str:
 
 
 def _run(*cmd: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
+    # The script looks in .venv/bin, then PATH: put this interpreter's bin dir on PATH
+    # so it finds the same tools as `_tool` when the tests run from another environment.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return subprocess.run(
         cmd,
         cwd=cwd,
+        env={**os.environ, "PATH": path},
         capture_output=True,
         text=True,
         timeout=TOOL_TIMEOUT,

@@ -433,23 +433,23 @@ async def test_body_over_the_cap_is_413_and_leaves_no_record(
     stack: Stack, client: httpx.AsyncClient
 ) -> None:
     order = new_key()
-    big = pay_body(order, description="x" * 2048)
-    response = await client.post(
-        f"{stack.main.url}/v1/orders/pay", content=big, headers=JSON_HEADERS
-    )
-    assert_problem(response, 413, "body-too-large")
+    url = f"{stack.main.url}/v1/orders/pay"
+    small_over = pay_body(order, description="x" * 2048)
+    big_over = pay_body(order, description="x" * 512 * 1024)
+    for body in (small_over, big_over):
+        response = await client.post(url, content=body, headers=JSON_HEADERS)
+        assert_problem(response, 413, "body-too-large")
 
-    # Streamed without Content-Length: refused while reading, still before any claim.
+    # Streamed without Content-Length: refused while reading, still before any claim, and
+    # the client, still sending, reads the 413 rather than a connection reset.
     async def chunks() -> AsyncIterator[bytes]:
-        for start in range(0, len(big), 256):
-            yield big[start : start + 256]
+        for start in range(0, len(big_over), 4096):
+            yield big_over[start : start + 4096]
 
-    streamed = await client.post(
-        f"{stack.main.url}/v1/orders/pay", content=chunks(), headers=JSON_HEADERS
-    )
+    streamed = await client.post(url, content=chunks(), headers=JSON_HEADERS)
     assert_problem(streamed, 413, "body-too-large")
     assert await times_charged(client, stack.backend, order) == 0
-    # No record was claimed for the big body: the small one is a first request, not a 422.
+    # No record was claimed for the big bodies: the small one is a first request, not a 422.
     assert_first(await pay(client, stack.main, order))
     assert await times_charged(client, stack.backend, order) == 1
 

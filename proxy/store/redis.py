@@ -153,7 +153,10 @@ class RedisStore:
         if self.watch.observe(current):
             # SET NX: when several replicas notice at once, one value wins and the
             # others adopt it at their next read.
-            await self._client.set(DataLossWatch.KEY, self.watch.seen, nx=True)
+            if not await self._client.set(DataLossWatch.KEY, self.watch.seen, nx=True):
+                # Another replica's value won (all saw the key missing, e.g. replicas
+                # starting together): adopt it now, or our next read looks like a loss.
+                self.watch.seen = await self._client.get(DataLossWatch.KEY)
 
     async def _watch_canary(self) -> None:
         while True:
@@ -193,7 +196,9 @@ class RedisStore:
         return _claim_result(reply)
 
     async def mark_sent(self, key: str, token: str, lease_ms: int) -> bool:
-        return bool(await self._run("mark_sent", key, token, lease_ms))
+        # WAIT here too: SENT is the write that must reach a replica before the first byte
+        # goes out, or a failover leaves CLAIMED behind and a take-over sends again.
+        return bool(await self._run("mark_sent", key, token, lease_ms, wait=True))
 
     async def renew(self, key: str, token: str, lease_ms: int) -> bool:
         return bool(await self._run("renew", key, token, lease_ms))

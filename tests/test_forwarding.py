@@ -1,0 +1,231 @@
+"""What the backend receives and what the client gets back, header by header, byte by byte.
+
+The sample backend's `POST /v1/echo?headers=1` answers with the headers it received,
+and plain `POST /v1/echo` with the body it received. For response-side hop-by-hop
+headers, which the sample backend never sends, a tiny raw HTTP server on 127.0.0.1
+answers with them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+from harness import HOST, BackendServer, ProxyServer
+
+# Hop-by-hop headers a client may send; none of them may reach the backend.
+REQUEST_HOP_BY_HOP = {
+    "Connection": "x-custom, x-other",
+    "X-Custom": "1",
+    "X-Other": "2",
+    "Keep-Alive": "timeout=5, max=100",
+    "TE": "trailers",
+    "Proxy-Authorization": "Basic c2VjcmV0OnNlY3JldA==",
+    "Proxy-Connection": "keep-alive",
+}
+STRIPPED_REQUEST = {"x-custom", "x-other", "keep-alive", "te", "proxy-authorization"}
+STRIPPED_RESPONSE = {"x-resp-private", "keep-alive", "proxy-authenticate", "trailer"}
+
+
+class _HopByHopUpstream(BaseHTTPRequestHandler):
+    """Answers every request with hop-by-hop headers mixed into ordinary ones."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self, status: int) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        payload = b'{"answered": true}'
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Connection", "keep-alive, X-Resp-Private")
+        self.send_header("Keep-Alive", "timeout=5")
+        self.send_header("X-Resp-Private", "must not leave the proxy")
+        self.send_header("Proxy-Authenticate", 'Basic realm="upstream"')
+        self.send_header("Trailer", "X-Checksum")
+        self.send_header("X-Kept", "1")
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def do_POST(self) -> None:
+        self._answer(201)
+
+    def do_GET(self) -> None:
+        self._answer(200)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: the test output is for failures."""
+
+
+@pytest.fixture(scope="module")
+def hop_upstream() -> Iterator[str]:
+    server = ThreadingHTTPServer((HOST, 0), _HopByHopUpstream)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{HOST}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def proxies(
+    tmp_path_factory: pytest.TempPathFactory, backend: BackendServer, hop_upstream: str
+) -> Iterator[tuple[ProxyServer, ProxyServer]]:
+    """(proxy to the sample backend, proxy to the hop-by-hop upstream), both with the default
+    rule: POST and PATCH with an Idempotency-Key are protected, the rest passes through."""
+    to_backend = ProxyServer(tmp_path_factory.mktemp("forwarding"), upstream=backend.url)
+    to_hop = ProxyServer(tmp_path_factory.mktemp("forwarding-hop"), upstream=hop_upstream)
+    try:
+        to_backend.start()
+        to_hop.start()
+        yield to_backend, to_hop
+    finally:
+        to_backend.stop()
+        to_hop.stop()
+
+
+@pytest.fixture
+def proxy(proxies: tuple[ProxyServer, ProxyServer], backend: BackendServer) -> ProxyServer:
+    if backend.paused:  # revive the backend if an earlier suite broke it
+        backend.resume()
+    if not backend.running:
+        backend.start()
+    return proxies[0]
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    # Plain HTTP to 127.0.0.1 only: verify=False skips loading a CA bundle per client.
+    async with httpx.AsyncClient(timeout=30.0, trust_env=False, verify=False) as http:
+        yield http
+
+
+def new_key() -> str:
+    return f"fwd-{uuid.uuid4().hex[:16]}"
+
+
+async def received_headers(
+    client: httpx.AsyncClient, method: str, url: str, headers: Any, content: bytes = b"{}"
+) -> dict[str, str]:
+    response = await client.request(
+        method, url + "/v1/echo?headers=1", headers=headers, content=content
+    )
+    assert response.status_code == 200, response.text
+    received: dict[str, str] = response.json()
+    return received
+
+
+@pytest.mark.parametrize("method", ["POST", "GET"], ids=["protected", "pass-through"])
+async def test_hop_by_hop_request_headers_are_stripped(
+    proxy: ProxyServer, client: httpx.AsyncClient, method: str
+) -> None:
+    headers = {
+        **REQUEST_HOP_BY_HOP,
+        "Idempotency-Key": new_key(),
+        "Content-Type": "application/json",
+        "X-Kept": "yes",
+    }
+    received = await received_headers(client, method, proxy.url, headers)
+    assert not STRIPPED_REQUEST & received.keys(), received
+    assert "x-custom" not in received.get("connection", "").lower()
+    assert "proxy-connection" not in received
+    assert received["x-kept"] == "yes"
+    assert received["content-type"] == "application/json"
+
+
+async def test_idempotency_key_forwarded_unchanged_and_forwarded_headers_added(
+    proxy: ProxyServer, client: httpx.AsyncClient
+) -> None:
+    # An sf-string with an escape and a parameter: the proxy parses it, but forwards the
+    # client's bytes untouched.
+    raw_key = b'"pay-\\"' + new_key().encode() + b'\\"";source=web'
+    headers = [
+        (b"idempotency-key", raw_key),
+        (b"content-type", b"application/json"),
+        (b"x-forwarded-for", b"203.0.113.7"),
+    ]
+    received = await received_headers(client, "POST", proxy.url, headers)
+    assert received["idempotency-key"] == raw_key.decode()
+    assert received["x-forwarded-for"] == f"203.0.113.7, {HOST}"
+    assert received["x-forwarded-proto"] == "http"
+    assert received["x-forwarded-host"] == f"{HOST}:{proxy.port}"
+
+    plain = await received_headers(client, "GET", proxy.url, {})
+    assert plain["x-forwarded-for"] == HOST
+    assert plain["x-forwarded-proto"] == "http"
+    assert plain["x-forwarded-host"] == f"{HOST}:{proxy.port}"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "extra", "body"),
+    [
+        ("application/octet-stream", {}, bytes(range(256)) * 64),
+        # Not canonicalised on the way: the fingerprint ignores layout, the backend sees it.
+        ("application/json", {}, b'{ "b" : 1,\n\t"a":2 ,"s":"\\u00e9"}  '),
+        # No silent decompression: the backend gets the encoded bytes.
+        ("application/json", {"Content-Encoding": "gzip"}, gzip.compress(b'{"a": 1}', mtime=0)),
+    ],
+    ids=["binary", "json-layout", "gzip-encoded"],
+)
+async def test_raw_body_bytes_are_preserved_both_ways(
+    proxy: ProxyServer,
+    client: httpx.AsyncClient,
+    content_type: str,
+    extra: dict[str, str],
+    body: bytes,
+) -> None:
+    headers = {"Idempotency-Key": new_key(), "Content-Type": content_type, **extra}
+    first = await client.post(proxy.url + "/v1/echo", content=body, headers=headers)
+    assert first.status_code == 200, first.text
+    assert "idempotent-replayed" not in first.headers
+    assert first.content == body
+    replay = await client.post(proxy.url + "/v1/echo", content=body, headers=headers)
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.content == body
+    # Unprotected (no key): streamed through, same bytes.
+    passed = await client.put(proxy.url + "/v1/echo", content=body, headers=headers)
+    assert passed.content == body
+
+
+async def test_streaming_get_passes_through(proxy: ProxyServer, client: httpx.AsyncClient) -> None:
+    async with client.stream("GET", proxy.url + "/v1/stream?chunks=5") as response:
+        assert response.status_code == 200
+        assert "idempotent-replayed" not in response.headers
+        assert "content-length" not in response.headers  # streamed, not buffered and re-framed
+        text = b"".join([chunk async for chunk in response.aiter_raw()]).decode()
+    assert text == "".join(f"chunk {i}\n" for i in range(5))
+
+    big = await client.get(proxy.url + "/v1/stream?chunks=64&size=16384")
+    assert big.status_code == 200
+    assert big.content == b"a" * (64 * 16384)
+
+
+async def test_hop_by_hop_response_headers_are_stripped(
+    proxies: tuple[ProxyServer, ProxyServer], client: httpx.AsyncClient
+) -> None:
+    to_hop = proxies[1]
+    headers = {"Idempotency-Key": new_key(), "Content-Type": "application/json"}
+    first = await client.post(to_hop.url + "/orders", content=b"{}", headers=headers)
+    replay = await client.post(to_hop.url + "/orders", content=b"{}", headers=headers)
+    passed = await client.get(to_hop.url + "/orders")
+    assert (first.status_code, replay.status_code, passed.status_code) == (201, 201, 200)
+    assert replay.headers["idempotent-replayed"] == "true"
+    for response in (first, replay, passed):
+        assert not STRIPPED_RESPONSE & response.headers.keys(), response.headers
+        assert json.loads(response.content) == {"answered": True}
+        assert int(response.headers["content-length"]) == len(response.content)
+    assert first.headers["x-kept"] == "1"
+    assert passed.headers["x-kept"] == "1"

@@ -1,0 +1,138 @@
+"""The operator's `records` commands against a real Redis and a real proxy.
+
+An UNKNOWN record is the proxy refusing to guess whether a payment happened. The runbook
+(docs/operations.md) is: look at it (`show`), check the payment system's ledger, then
+either `resolve` it to the response the client should get or `release` it so the
+client's retry executes. These tests walk that runbook end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+from harness import REPO_ROOT, BackendServer, ProxyFactory, wait_for_http
+
+ROUTE = "pay"
+TENANT = "acme"
+CONFIG: dict[str, Any] = {
+    "tenant": {"header": "X-Tenant-Id"},
+    "routes": [
+        {
+            "name": ROUTE,
+            "methods": ["POST"],
+            "path": "/v1/orders/pay",
+            "key": {"from": "json", "field": "order_id"},
+            # Shorter than the backend's delay below: the proxy stops waiting after the
+            # charge was committed, which is exactly the ambiguous case.
+            "upstream_timeout": "300ms",
+        }
+    ],
+}
+CLI_TIMEOUT = 60.0
+
+
+async def _records(
+    action: str, redis_url: str, config: Path, key: str, *extra: str
+) -> tuple[int, str, str]:
+    """`python -m proxy records ACTION ...` as an operator would type it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "records",
+        action,
+        "--redis-url",
+        redis_url,
+        "--config",
+        str(config),
+        "--route",
+        ROUTE,
+        "--tenant",
+        TENANT,
+        "--key",
+        key,
+        *extra,
+        cwd=REPO_ROOT,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_resolve_and_release_an_unknown_record(
+    ledger_backend: BackendServer, redis_url: str, proxy_factory: ProxyFactory
+) -> None:
+    proxy = proxy_factory(ledger_backend.url, redis_url, config=CONFIG)
+    assert proxy.config_path is not None
+    config = proxy.config_path  # the CLI reads the same file, so route names match
+    wait_for_http(f"{proxy.admin_url}/readyz", 15.0)
+    order_id = "ord-unknown-1"
+    order = {"order_id": order_id, "amount": 990, "currency": "EUR"}
+    headers = {"X-Tenant-Id": TENANT}
+
+    async with httpx.AsyncClient(timeout=15.0, trust_env=False) as client:
+        # 1. The backend charges, then answers too late: the outcome is unknown.
+        first = await client.post(
+            f"{proxy.url}/v1/orders/pay", json=order, headers={**headers, "X-Sample-Delay": "1.5"}
+        )
+        assert first.status_code == 504
+        assert first.json()["type"].endswith("/outcome-unknown")
+        assert ledger_backend.ledger()["orders"] == {order_id: 1}
+        # Until an operator acts, retries are told the same, and nothing is sent again.
+        retry = await client.post(f"{proxy.url}/v1/orders/pay", json=order, headers=headers)
+        assert retry.status_code == 504
+        assert retry.headers["idempotent-replayed"] == "true"
+
+        # 2. show: the record is UNKNOWN, and says why.
+        code, out, err = await _records("show", redis_url, config, order_id)
+        assert code == 0, err
+        shown = json.loads(out)
+        assert shown["state"] == "UNKNOWN"
+        assert shown["reason"] == "timeout"
+        assert "response" not in shown or shown["response"]["status"] == 504
+
+        # 3. The ledger says the charge happened: resolve to the response the client
+        #    should have had.
+        body = {"charge_id": "ch_manual_1", "order_id": order_id, "status": "succeeded"}
+        code, out, err = await _records(
+            "resolve", redis_url, config, order_id, "--status", "201", "--body", json.dumps(body)
+        )
+        assert code == 0, err
+        assert out.strip() == "resolved"
+
+        # COMPLETED now: the duplicate is a replay of the operator's response.
+        replay = await client.post(f"{proxy.url}/v1/orders/pay", json=order, headers=headers)
+        assert replay.status_code == 201
+        assert replay.headers["idempotent-replayed"] == "true"
+        assert replay.headers["content-type"] == "application/json"
+        assert replay.json() == body
+        assert ledger_backend.ledger()["orders"] == {order_id: 1}
+
+        # 4. release refuses a COMPLETED record: deleting it would let a retry charge again.
+        code, out, err = await _records("release", redis_url, config, order_id)
+        assert code == 1
+        assert "refused" in err
+
+        # 5. --force deletes it (the operator has decided the client must pay again); that
+        #    it finds a record to delete shows the refused release left it alone.
+        code, out, err = await _records("release", redis_url, config, order_id, "--force")
+        assert code == 0, err
+        assert out.strip() == "released"
+        code, out, err = await _records("show", redis_url, config, order_id)
+        assert code == 1
+        assert "no record" in out
+
+    assert ledger_backend.ledger()["orders"] == {order_id: 1}
