@@ -340,7 +340,9 @@ async def test_stale_owner_is_fenced_after_its_sent_lease_expired(
             await wait_for_record(store, key, lease_expired=True)
             # SENT and the owner looks dead: the backend may have executed it.
             assert_outcome_unknown(await pay(client, other, order))
-            assert (await store.get(key)).state == "UNKNOWN"  # type: ignore[union-attr]
+            turned = await store.get(key)
+            assert turned is not None
+            assert turned.state == "UNKNOWN"
         finally:
             owner.resume()
 

@@ -150,13 +150,13 @@ class RedisStore:
     async def check_canary(self) -> None:
         """Read the canary once; a vanished canary puts claims into safe mode."""
         current = await self._client.get(DataLossWatch.KEY)
-        if self.watch.observe(current):
-            # SET NX: when several replicas notice at once, one value wins and the
-            # others adopt it at their next read.
-            if not await self._client.set(DataLossWatch.KEY, self.watch.seen, nx=True):
-                # Another replica's value won (all saw the key missing, e.g. replicas
-                # starting together): adopt it now, or our next read looks like a loss.
-                self.watch.seen = await self._client.get(DataLossWatch.KEY)
+        # SET NX: when several replicas notice at once (replicas starting together, or a
+        # loss), one value wins; the others adopt it now, or their next read would look
+        # like another loss and put them into safe mode for nothing.
+        if self.watch.observe(current) and not await self._client.set(
+            DataLossWatch.KEY, self.watch.seen, nx=True
+        ):
+            self.watch.seen = await self._client.get(DataLossWatch.KEY)
 
     async def _watch_canary(self) -> None:
         while True:
