@@ -151,7 +151,7 @@ def wait_for_http(
     """
     deadline = time.monotonic() + timeout
     last: str = "no attempt"
-    with httpx.Client(timeout=1.0, trust_env=False) as client:
+    with httpx.Client(timeout=1.0, trust_env=False, verify=False) as client:
         while True:
             if alive is not None:
                 alive.check_alive(f"waiting for {url}")
@@ -682,7 +682,7 @@ class _HttpServer(ManagedProcess):
 
     def http(self, timeout: float = 10.0) -> httpx.Client:
         """A sync client bound to this server (ignores proxy env vars)."""
-        return httpx.Client(base_url=self.url, timeout=timeout, trust_env=False)
+        return httpx.Client(verify=False, base_url=self.url, timeout=timeout, trust_env=False)
 
     def restart(self) -> Self:
         """Stop (if running) and start again on the same port."""
