@@ -10,6 +10,7 @@ releases a record is one where the backend provably never saw the request.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import secrets
@@ -37,6 +38,11 @@ from proxy.upstream import (
 
 logger = logging.getLogger("idempotency_proxy")
 T = TypeVar("T")
+
+# Owner tokens must be unique, not secret (they never leave the proxy and the store):
+# a random per-process prefix and a counter, without a system call per request.
+_TOKEN_PREFIX = secrets.token_hex(8)
+_tokens = (f"{_TOKEN_PREFIX}.{n}" for n in itertools.count(1))
 
 # How long background completion keeps trying after the store failed at the end.
 BACKGROUND_RETRY_SECONDS = 60.0
@@ -154,7 +160,7 @@ class Lifecycle:
         fp: str,
         forward_headers: list[tuple[bytes, bytes]],
     ) -> Reply:
-        token = secrets.token_hex(12)
+        token = next(_tokens)
         lease_ms = max(1, int(route.policy.lease * 1000))
         started = time.perf_counter()
         try:
@@ -165,7 +171,7 @@ class Lifecycle:
             return problem_reply(problems.store_unavailable(), "store_unavailable", self.date())
         store_ms = (time.perf_counter() - started) * 1000
         if claim.kind is ClaimKind.CLAIMED:
-            self.metrics.transitions.labels("CLAIMED").inc()
+            self.metrics.transition("CLAIMED")
             attempt = _Attempt(route, storage_key, token, lease_ms)
             reply = await self._shielded(self._execute(attempt, request, fp, forward_headers))
         else:
@@ -264,9 +270,9 @@ class Lifecycle:
             return problem_reply(problems.store_unavailable(), "store_unavailable", date)
         store_ms = (time.perf_counter() - store_started) * 1000
         if not sent:
-            self.metrics.fenced.labels("mark_sent").inc()
+            self.metrics.fence("mark_sent")
             return problem_reply(problems.in_progress(1), "fenced", date)
-        self.metrics.transitions.labels("SENT").inc()
+        self.metrics.transition("SENT")
 
         self._schedule_renewal(attempt)
         self.metrics.in_flight.inc()
@@ -308,9 +314,7 @@ class Lifecycle:
             return _timed_reply(reply, upstream_started, store_ms)
         finally:
             self.metrics.in_flight.dec()
-            self.metrics.upstream_seconds.labels(route.name).observe(
-                time.perf_counter() - upstream_started
-            )
+            self.metrics.upstream_call(route.name, time.perf_counter() - upstream_started)
         self._stop_renewal(attempt)
         headers = response_headers(response.headers)
 
@@ -356,13 +360,13 @@ class Lifecycle:
 
     async def _timed(self, operation: str, call: Awaitable[T]) -> T:
         started = time.perf_counter()
+        failed = True
         try:
-            return await call
-        except StoreUnavailable:
-            self.metrics.store_errors.labels(operation).inc()
-            raise
+            result = await call
+            failed = False
+            return result
         finally:
-            self.metrics.store_seconds.labels(operation).observe(time.perf_counter() - started)
+            self.metrics.store_call(operation, time.perf_counter() - started, failed)
 
     async def _settle(
         self, operation: str, attempt: _Attempt, call: Callable[[], Awaitable[bool]]
@@ -388,9 +392,9 @@ class Lifecycle:
     def _note(self, operation: str, attempt: _Attempt, ok: bool) -> None:
         if ok:
             to = {"complete": "COMPLETED", "mark_unknown": "UNKNOWN", "release": "released"}
-            self.metrics.transitions.labels(to.get(operation, operation)).inc()
+            self.metrics.transition(to.get(operation, operation))
             return
-        self.metrics.fenced.labels(operation).inc()
+        self.metrics.fence(operation)
         logger.warning(
             "fenced: another owner holds the record, or it left the state this owner expected",
             extra={"operation": operation, "route": attempt.route.name},
@@ -440,7 +444,7 @@ class Lifecycle:
             ok = True  # try again at the next tick; the lease may still hold
         if not ok:
             attempt.fenced = True
-            self.metrics.fenced.labels("renew").inc()
+            self.metrics.fence("renew")
             return
         if not attempt.done:
             self._schedule_renewal(attempt)

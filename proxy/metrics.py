@@ -3,6 +3,8 @@ raw paths or client addresses, which would leak data and explode cardinality."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -83,14 +85,33 @@ class Metrics:
             "Body bytes answered from stored responses.",
             registry=self.registry,
         )
-        self._requests_by_label: dict[tuple[str, str], Counter] = {}
+        # labels() takes a lock and builds a key on every call; the label sets are few
+        # and fixed, so resolve each child once.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def count(self, route: str, outcome: str) -> None:
-        child = self._requests_by_label.get((route, outcome))
-        if child is None:
-            child = self.requests.labels(route, outcome)
-            self._requests_by_label[(route, outcome)] = child
-        child.inc()
+        self._child(self.requests, route, outcome).inc()
+
+    def transition(self, to: str) -> None:
+        self._child(self.transitions, to).inc()
+
+    def fence(self, operation: str) -> None:
+        self._child(self.fenced, operation).inc()
+
+    def store_call(self, operation: str, seconds: float, failed: bool) -> None:
+        self._child(self.store_seconds, operation).observe(seconds)
+        if failed:
+            self._child(self.store_errors, operation).inc()
+
+    def upstream_call(self, route: str, seconds: float) -> None:
+        self._child(self.upstream_seconds, route).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -31,7 +31,9 @@ from harness import HOST, ProxyServer, RedisServer, free_port, wait_for_port
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from proxy.config import Settings, load_settings
 from proxy.problems import TITLES, TYPE_BASE
+from proxy.routes import RouteTable
 
 SENTINEL = "Zq7SentinelBodyMark"
 TENANT_HEADER = "X-Tenant-Id"
@@ -229,17 +231,17 @@ def parse_answer(raw: bytes, method: str) -> Answer:
     body = bytearray()
     try:
         while True:
-            event = conn.next_event()
-            if isinstance(event, h11.InformationalResponse):
+            item = conn.next_event()
+            if isinstance(item, h11.InformationalResponse):
                 continue
-            if isinstance(event, h11.Response):
-                response = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
+            if isinstance(item, h11.Response):
+                response = item
+            elif isinstance(item, h11.Data):
+                body += item.data
+            elif isinstance(item, h11.EndOfMessage):
                 break
             else:
-                raise AssertionError(f"incomplete response ({event!r}): {raw[:300]!r}")
+                raise AssertionError(f"incomplete response ({item!r}): {raw[:300]!r}")
     except h11.RemoteProtocolError as exc:
         raise AssertionError(f"malformed response ({exc}): {raw[:300]!r}") from None
     assert response is not None
@@ -714,19 +716,22 @@ def test_a_trickled_body_is_cut_off_with_408(stack: Stack) -> None:
     ).replace(b"Connection: close\r\n", b"Content-Length: 1000\r\n")
     started = time.monotonic()
     answer: Answer | None = None
+    closed = False
     with socket.create_connection((HOST, stack.routed.port), timeout=5) as sock:
         sock.sendall(head)
         sock.settimeout(0.2)
         for _ in range(150):  # at most ~30 s
             try:
                 sock.sendall(b"a")
-            except OSError:
+            except OSError:  # already closed on us: the answer is in the receive buffer
+                answer, closed = _read_rest(sock, b"", "POST"), True
                 break
             try:
                 first = sock.recv(65536)
             except TimeoutError:
                 continue
             answer = _read_rest(sock, first, "POST")
+            closed = _closed_by_peer(sock)
             break
     elapsed = time.monotonic() - started
     print(f"trickled upload cut off after {elapsed:.2f}s")
@@ -734,6 +739,7 @@ def test_a_trickled_body_is_cut_off_with_408(stack: Stack) -> None:
     assert answer.status == 408
     assert assert_problem(answer, b"loris-1")["type"].endswith("/body-timeout")
     assert answer.header(b"connection") == b"close"
+    assert closed, "the connection stayed open for more trickling"
     assert stack.upstream.count == before
 
 
@@ -828,3 +834,25 @@ def test_a_chunked_flood_is_cut_off_at_the_cap_and_memory_stays_bounded(stack: S
         "POST",
     )
     assert ok.origin == "backend" and ok.status == 201
+
+
+def test_max_body_read_time_is_a_route_policy_with_a_default() -> None:
+    settings = load_settings(
+        flags={"upstream": "http://127.0.0.1:1"},
+        environ={},
+    )
+    assert settings.defaults.max_body_read_time == 30.0
+    table = RouteTable(
+        Settings.model_validate(
+            {
+                "upstream": "http://127.0.0.1:1",
+                "defaults": {"max_body_read_time": "5s"},
+                "routes": [
+                    {"name": "slow", "path": "/a", "max_body_read_time": "250ms"},
+                    {"name": "plain", "path": "/b"},
+                ],
+            }
+        )
+    )
+    policies = {route.name: route.policy.max_body_read_time for route in table.routes}
+    assert policies == {"slow": 0.25, "plain": 5.0}

@@ -18,7 +18,13 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, ClusterDownError, RedisError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -32,6 +38,7 @@ from proxy.records import (
 )
 from proxy.store.base import StoreUnavailable
 from proxy.store.guard import CircuitBreaker, DataLossWatch
+from proxy.store.pool import ConnectionPool
 
 _UNREACHABLE = (
     TimeoutError,
@@ -116,6 +123,14 @@ class RedisStore:
         self.cluster = url.startswith("redis+cluster://")
         self._client = _client(url, timeout, retries, max_connections)
         self._scripts = {name: self._client.register_script(_source(name)) for name in SCRIPTS}
+        # A single node gets the lean hot path; Cluster and Sentinel keep the full client.
+        self._pool = (
+            None
+            if url.startswith(("redis+cluster://", "redis+sentinel://"))
+            else ConnectionPool(
+                url, timeout=timeout, retries=retries, max_connections=max_connections
+            )
+        )
         self._wait_replicas = wait_replicas
         self._wait_timeout_ms = max(1, int(wait_timeout * 1000))
         self.replica_shortfalls = 0
@@ -145,6 +160,8 @@ class RedisStore:
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
+        if self._pool is not None:
+            await self._pool.aclose()
         await self._client.aclose()
 
     async def check_canary(self) -> None:
@@ -166,18 +183,14 @@ class RedisStore:
             await asyncio.sleep(self._canary_interval)
 
     async def _run(self, name: str, key: str, *args: Any, wait: bool = False) -> Any:
-        script = self._scripts[name]
+        """Run one script on one key; with `wait`, also WAIT for replicas on that connection."""
         self.breaker.before()
+        wait = wait and self._wait_replicas > 0 and not self.cluster
         try:
-            if wait and self._wait_replicas and not self.cluster:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    await script(keys=[key], args=args, client=pipe)
-                    pipe.wait(self._wait_replicas, self._wait_timeout_ms)
-                    result, acknowledged = await pipe.execute()
-                if int(acknowledged) < self._wait_replicas:
-                    self.replica_shortfalls += 1
+            if self._pool is not None:
+                result, acknowledged = await self._run_pooled(name, key, args, wait)
             else:
-                result = await script(keys=[key], args=args)
+                result, acknowledged = await self._run_client(name, key, args, wait)
         except (TimeoutError, RedisError, OSError) as exc:
             # Only an unreachable store opens the circuit: one corrupt record (WRONGTYPE)
             # must not take every other key down with it.
@@ -185,7 +198,40 @@ class RedisStore:
                 self.breaker.failure()
             raise StoreUnavailable(type(exc).__name__) from exc
         self.breaker.success()
+        if wait and int(acknowledged) < self._wait_replicas:
+            self.replica_shortfalls += 1
         return result
+
+    async def _run_pooled(
+        self, name: str, key: str, args: tuple[Any, ...], wait: bool
+    ) -> tuple[Any, int]:
+        script = self._scripts[name]
+        commands: list[tuple[Any, ...]] = [("EVALSHA", script.sha, 1, key, *args)]
+        if wait:
+            commands.append(("WAIT", self._wait_replicas, self._wait_timeout_ms))
+        assert self._pool is not None
+        replies = await self._pool.execute(commands)
+        if isinstance(replies[0], NoScriptError):
+            # Redis restarted without its script cache: load it and go once more.
+            script.sha = await self._client.script_load(script.script)
+            commands[0] = ("EVALSHA", script.sha, 1, key, *args)
+            replies = await self._pool.execute(commands)
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies[0], (replies[1] if wait else 0)
+
+    async def _run_client(
+        self, name: str, key: str, args: tuple[Any, ...], wait: bool
+    ) -> tuple[Any, int]:
+        script = self._scripts[name]
+        if not wait:
+            return await script(keys=[key], args=args), 0
+        async with self._client.pipeline(transaction=False) as pipe:
+            await script(keys=[key], args=args, client=pipe)
+            pipe.wait(self._wait_replicas, self._wait_timeout_ms)
+            result, acknowledged = await pipe.execute()
+        return result, int(acknowledged)
 
     async def claim(
         self, key: str, token: str, fingerprint: str, lease_ms: int, retention_ms: int
