@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from proxy import logs
+from proxy import logs, problems
 from proxy.config import Settings
 from proxy.lifecycle import Lifecycle, Reply, forward_unrecorded, problem_reply
 from proxy.metrics import Metrics
@@ -35,17 +35,6 @@ logger = logging.getLogger("idempotency_proxy")
 SHUTDOWN_GRACE_SECONDS = 30.0
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyTimeout(Exception):
-    pass
-
-
-# The client is still sending a body the proxy will not read: close the connection after
-# the answer, or uvicorn keeps parsing (and discarding) whatever else it sends.
-_CLOSE = (b"connection", b"close")
 # Closing while request bytes are still unread makes the kernel reset the connection, and
 # the client, still sending, never reads the 413. So read and drop a refused body first,
 # up to this much and this long; past that the reset is the lesser evil.
@@ -203,22 +192,6 @@ class ProxyApp:
                 reply = await self.lifecycle.handle(request, route, params, forward)
         except Problem as problem:
             reply = problem_reply(problem, problem.name.replace("-", "_"), http_date())
-        except BodyTooLarge:
-            reply = problem_reply(
-                Problem(
-                    "body-too-large", 413, "the request body is larger than this route accepts"
-                ),
-                "body_too_large",
-                http_date(),
-            )
-            reply.headers.append(_CLOSE)
-        except BodyTimeout:
-            reply = problem_reply(
-                Problem("body-timeout", 408, "the request body was not received in time"),
-                "body_timeout",
-                http_date(),
-            )
-            reply.headers.append(_CLOSE)
         await _send_reply(send, reply)
         self.metrics.count(route_name, reply.outcome)
         if logs.access.isEnabledFor(logging.INFO):
@@ -244,8 +217,12 @@ class ProxyApp:
         target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
-        has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
+        framing = [(k, v) for k, v in scope["headers"] if k == b"content-length"]
+        has_body = bool(framing) or any(k == b"transfer-encoding" for k, _ in scope["headers"])
         body: bytes | AsyncIterator[bytes] = _stream_body(receive) if has_body else b""
+        # A streamed body keeps its declared length: some legacy backends refuse chunked
+        # requests, and the client's framing is not the proxy's to change.
+        forward = forward + framing[:1]
         return await forward_unrecorded(
             self.upstream,
             scope["method"],
@@ -272,7 +249,7 @@ async def _read_body(
                 # With Expect: 100-continue nothing was sent yet; reading would ask for it.
                 if declared <= _DRAIN_BYTES and (b"expect", b"100-continue") not in headers:
                     await _drain(receive)
-                raise BodyTooLarge
+                raise problems.body_too_large()
     chunks: list[bytes] = []
     size = 0
     too_large = False
@@ -289,17 +266,18 @@ async def _read_body(
                     size += len(chunk)
                     if size > limit:
                         if not message.get("more_body", False):
-                            raise BodyTooLarge  # all of it arrived: nothing left to drain
+                            # All of it arrived: nothing is left to drain.
+                            raise problems.body_too_large()
                         too_large = True
                         break
                     chunks.append(chunk)
                 if not message.get("more_body", False):
                     break
     except TimeoutError:
-        raise BodyTimeout from None
+        raise problems.body_timeout() from None
     if too_large:
         await _drain(receive)  # outside the read timeout: this is still a 413, not a 408
-        raise BodyTooLarge
+        raise problems.body_too_large()
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

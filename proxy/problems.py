@@ -38,11 +38,15 @@ class Problem(Exception):
         detail: str | None = None,
         *,
         retry_after: int | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(name)
         self.name = name
         self.status = status
         self.detail = detail
+        # The client may still be sending a body the proxy will not read: close the
+        # connection after the answer, or the server keeps parsing whatever else comes.
+        self.close = close
         self.retry_after = retry_after
 
     def body(self) -> bytes:
@@ -63,7 +67,19 @@ class Problem(Exception):
         ]
         if self.retry_after is not None:
             headers.append((b"retry-after", str(self.retry_after).encode()))
+        if self.close:
+            headers.append((b"connection", b"close"))
         return headers
+
+
+def body_too_large() -> Problem:
+    return Problem(
+        "body-too-large", 413, "the request body is larger than this route accepts", close=True
+    )
+
+
+def body_timeout() -> Problem:
+    return Problem("body-timeout", 408, "the request body was not received in time", close=True)
 
 
 def key_missing(where: str) -> Problem:

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_report
+from bench_store import measure_store
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -1002,6 +1003,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             rss = read_rss_kib(proxy_child.pid)
             rss_httpx = read_rss_kib(httpx_child.pid) if httpx_child else None
+            store = None
+            if not args.quick:
+                log("store: round trip and CPU per EVALSHA (redis-py client vs lean pool)")
+                store = measure_store(redis_child.port)
             profile_tables = None
             if args.profile:
                 profile_tables = profile(
@@ -1035,6 +1040,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "comparisons": comparisons(rows, rss),
         "rss_httpx_mb": rss_httpx["VmRSS"] / 1024 if rss_httpx else None,
         "profile": profile_tables,
+        "store": store,
         "targets": TARGETS,
     }
     print_summary(run, log)
