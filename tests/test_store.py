@@ -51,12 +51,14 @@ def _token() -> str:
     return uuid.uuid4().hex
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    """Each behaviour test runs once per store."""
+    """Each behaviour test runs once per store: memory, one Redis node, a Redis Cluster."""
     instance: Store
     if request.param == "memory":
         instance = MemoryStore()
+    elif request.param == "cluster":
+        instance = RedisStore(request.getfixturevalue("redis_cluster").url, timeout=5.0)
     else:
         # A generous command timeout: these tests are about semantics, not latency.
         instance = RedisStore(request.getfixturevalue("redis_url"), timeout=5.0)
