@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 from collections.abc import Generator
+from typing import Any
 
 import uvicorn
 
@@ -45,28 +46,29 @@ class _AdminServer(uvicorn.Server):
         yield
 
 
-def _uvicorn_config(
-    app: object, host: str, port: int, settings: Settings, **extra: object
-) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,  # type: ignore[arg-type]
-        host=host,
-        port=port,
-        log_config=None,
-        log_level=settings.log_level,
-        access_log=False,
-        server_header=False,
+def _uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """What every uvicorn server of the proxy shares."""
+    return {
+        "log_config": None,
+        "log_level": settings.log_level,
+        "access_log": False,
+        "server_header": False,
         # The proxy appends the real peer to X-Forwarded-For itself; uvicorn's rewrite of the
         # client from a trusted X-Forwarded-For would make it append the client twice.
-        proxy_headers=False,
+        "proxy_headers": False,
         # The proxy sets Date itself: the backend's passes through, replays get a fresh one.
-        date_header=False,
-        http="httptools",
-        loop="uvloop",
-        timeout_graceful_shutdown=30,
-        backlog=2048,
-        **extra,  # type: ignore[arg-type]
-    )
+        "date_header": False,
+        "http": "httptools",
+        "loop": "uvloop",
+        "timeout_graceful_shutdown": 30,
+        "backlog": 2048,
+    }
+
+
+def _uvicorn_config(
+    app: Any, host: str, port: int, settings: Settings, **extra: Any
+) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, **_uvicorn_options(settings), **extra)
 
 
 async def serve(settings: Settings) -> None:
@@ -112,15 +114,8 @@ def _run_workers(settings: Settings) -> None:
         host=settings.listen.host,
         port=settings.listen.port,
         workers=settings.workers,
-        log_config=None,
-        log_level=settings.log_level,
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,
-        date_header=False,
-        http="httptools",
-        loop="uvloop",
-        timeout_graceful_shutdown=30,
+        lifespan="on",
+        **_uvicorn_options(settings),
     )
 
 

@@ -122,8 +122,8 @@ class UpstreamClient(Protocol):
         """
 
 
-class AiohttpUpstream:
-    """aiohttp's client: the fastest transport measured here (docs/benchmarks.md)."""
+class _PoolSettings:
+    """The connection pool's settings, which every transport takes alike."""
 
     def __init__(
         self,
@@ -138,6 +138,10 @@ class AiohttpUpstream:
         self._keepalive = keepalive_expiry
         self._connect_timeout = connect_timeout
         self._session: Any = None
+
+
+class AiohttpUpstream(_PoolSettings):
+    """aiohttp's client: the fastest transport measured here (docs/benchmarks.md)."""
 
     async def start(self) -> None:
         import aiohttp
@@ -239,30 +243,17 @@ def _discard(response: Any) -> None:
         response.close()
 
 
-class HttpxUpstream:
+class HttpxUpstream(_PoolSettings):
     """httpx's client, kept behind the same interface for comparison (docs/benchmarks.md)."""
-
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        max_connections: int,
-        keepalive_expiry: float,
-        connect_timeout: float,
-    ) -> None:
-        self.base_url = base_url
-        self._limits = (max_connections, keepalive_expiry)
-        self._connect_timeout = connect_timeout
-        self._client: Any = None
 
     async def start(self) -> None:
         import httpx
 
-        self._client = httpx.AsyncClient(
+        self._session = httpx.AsyncClient(
             limits=httpx.Limits(
-                max_connections=self._limits[0],
-                max_keepalive_connections=self._limits[0],
-                keepalive_expiry=self._limits[1],
+                max_connections=self._max_connections,
+                max_keepalive_connections=self._max_connections,
+                keepalive_expiry=self._keepalive,
             ),
             timeout=httpx.Timeout(None, connect=self._connect_timeout),
             follow_redirects=False,
@@ -270,8 +261,8 @@ class HttpxUpstream:
         )
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        if self._session is not None:
+            await self._session.aclose()
 
     async def send(
         self,
@@ -285,13 +276,13 @@ class HttpxUpstream:
     ) -> UpstreamResponse:
         import httpx
 
-        request = self._client.build_request(
+        request = self._session.build_request(
             method, self.base_url + target, headers=headers, content=body
         )
         response: Any = None
         try:
             async with asyncio.timeout(timeout):
-                response = await self._client.send(request, stream=True)
+                response = await self._session.send(request, stream=True)
                 raw = response.aiter_raw()
                 chunks: list[bytes] = []
                 size = 0
