@@ -138,6 +138,12 @@ class ProxyApp:
             "proxy started",
             extra={
                 "upstream": self.settings.upstream,
+                "listen": f"{self.settings.listen.host}:{self.settings.listen.port}",
+                "admin": (
+                    f"{self.settings.admin.host}:{self.settings.admin.port}"
+                    if self.settings.admin.enabled and self.settings.workers == 1
+                    else None
+                ),
                 "store": self.store.name,
                 "routes": [route.name for route in self.routes.routes],
             },

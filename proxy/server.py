@@ -68,7 +68,7 @@ def _uvicorn_options(settings: Settings) -> dict[str, Any]:
 def _uvicorn_config(
     app: Any, host: str, port: int, settings: Settings, **extra: Any
 ) -> uvicorn.Config:
-    return uvicorn.Config(app, host=host, port=port, **_uvicorn_options(settings), **extra)
+    return uvicorn.Config(app, host=host, port=port, **{**_uvicorn_options(settings), **extra})
 
 
 async def serve(settings: Settings) -> None:
@@ -82,7 +82,11 @@ async def serve(settings: Settings) -> None:
         admin_app = create_admin_app(proxy, lambda: traffic.should_exit)
         admin = _AdminServer(
             _uvicorn_config(
-                admin_app, settings.admin.host, settings.admin.port, settings, lifespan="off"
+                admin_app,
+                settings.admin.host,
+                settings.admin.port,
+                settings,
+                lifespan="off",
             )
         )
         admin_task = asyncio.create_task(admin.serve())
