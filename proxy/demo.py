@@ -107,10 +107,12 @@ def redis_available() -> bool:
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGKILL the child when the demo dies hard (kill -9).
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGKILL the child when its parent dies hard (kill -9).
 
-    Only from the main thread: the signal fires when the forking *thread* exits.
+    Only from the main thread: the signal fires when the forking *thread* exits, which
+    would kill servers started from short-lived worker threads. The test harness
+    starts its processes with this too.
     """
     if not sys.platform.startswith("linux"):
         return None
@@ -127,8 +129,9 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
-def _child_env() -> dict[str, str]:
-    """Our environment, unbuffered, with 127.0.0.1 kept off any HTTP proxy."""
+def child_env() -> dict[str, str]:
+    """Our environment, unbuffered, with 127.0.0.1 kept off any HTTP proxy (the test
+    harness builds its children's environment on this one)."""
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     hosts = [h for h in env.get("NO_PROXY", env.get("no_proxy", "")).split(",") if h]
@@ -168,9 +171,9 @@ class Child:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=_child_env(),
+                env=child_env(),
                 start_new_session=True,
-                preexec_fn=_die_with_parent(),
+                preexec_fn=die_with_parent(),
             )
         _live.add(self)
         return self

@@ -6,24 +6,26 @@ is stopped at teardown, even when the test fails; ``harness`` adds an atexit swe
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator, Generator, Iterator
+from typing import Any, TypeVar
 
+import httpx
 import pytest
 from harness import (
     BackendFactory,
     BackendServer,
-    ManagedProcess,
     ProxyFactory,
-    ProxyServer,
     RedisCluster,
     RedisFactory,
     RedisServer,
+    ServerFactory,
+    print_logs,
     redis_binaries_missing,
 )
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+F = TypeVar("F", bound=ServerFactory[Any])
 
 
 @pytest.hookimpl(wrapper=True)
@@ -41,15 +43,16 @@ def _test_failed(request: pytest.FixtureRequest) -> bool:
     return any(r.failed for r in reports.values())
 
 
-def _dump_logs(request: pytest.FixtureRequest, procs: Sequence[ManagedProcess]) -> None:
-    """Print process logs in teardown of a failed test (pytest shows captured teardown output)."""
-    if not _test_failed(request):
-        return
-    for proc in procs:
-        text = proc.logs()
-        if len(text) > 20000:
-            text = "...\n" + text[-20000:]
-        print(f"\n===== {proc.name} log ({proc.log_path}) =====\n{text}")
+def _owned(request: pytest.FixtureRequest, factory: F) -> Iterator[F]:
+    """Yield `factory`; at teardown print its servers' logs if the test failed (pytest
+    shows captured teardown output), then stop every server it made."""
+    try:
+        yield factory
+    finally:
+        if _test_failed(request):
+            print_logs(factory.created)
+        for server in factory.created:
+            server.stop()
 
 
 def _require_redis(*binaries: str) -> None:
@@ -70,23 +73,14 @@ def _require_redis(*binaries: str) -> None:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One standalone Redis for the session; tests get a clean DB via ``redis_url``."""
     _require_redis("redis-server")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """URL of the session Redis after FLUSHALL (revived if an earlier test broke it)."""
-    if redis_server.paused:
-        redis_server.resume()
-    if not redis_server.running:
-        redis_server.start()
-    with redis_server.client() as client:
-        client.flushall()
+    redis_server.revive().flushall()
     return redis_server.url
 
 
@@ -96,41 +90,15 @@ def redis_factory(
 ) -> Iterator[RedisFactory]:
     """Extra Redis servers with their own options (AOF, maxmemory...), stopped at teardown."""
     _require_redis("redis-server")
-    created: list[RedisServer] = []
-
-    def factory(
-        *,
-        appendonly: bool = False,
-        args: Sequence[str] = (),
-        port: int | None = None,
-        start: bool = True,
-    ) -> RedisServer:
-        server = RedisServer(
-            tmp_path_factory.mktemp("redis-extra"), port=port, appendonly=appendonly, args=args
-        )
-        created.append(server)
-        if start:
-            server.start()
-        return server
-
-    try:
-        yield factory
-    finally:
-        _dump_logs(request, created)
-        for server in created:
-            server.stop()
+    yield from _owned(request, RedisFactory(tmp_path_factory.mktemp))
 
 
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
     """A three-master Redis Cluster, started only if some test of the session asks for it."""
     _require_redis("redis-server", "redis-cli")
-    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
-    cluster.start()
-    try:
+    with RedisCluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 # --------------------------------------------------------------------------- backend
@@ -139,22 +107,14 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
 @pytest.fixture(scope="session")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendServer]:
     """The sample payment backend shared by the session."""
-    server = BackendServer(tmp_path_factory.mktemp("backend"))
-    server.start()
-    try:
+    with BackendServer(tmp_path_factory.mktemp("backend")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def ledger_backend(backend: BackendServer) -> BackendServer:
     """The session backend with an empty ledger (revived if an earlier test broke it)."""
-    if backend.paused:
-        backend.resume()
-    if not backend.running:
-        backend.start()
-    backend.reset()
+    backend.revive().reset()
     return backend
 
 
@@ -163,30 +123,7 @@ def backend_factory(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[BackendFactory]:
     """Private backends with options (e.g. ``args=["--delay", "0.5"]``), stopped at teardown."""
-    created: list[BackendServer] = []
-
-    def factory(
-        *,
-        args: Sequence[str] = (),
-        env: Mapping[str, str] | None = None,
-        port: int | None = None,
-        db: Path | None = None,
-        start: bool = True,
-    ) -> BackendServer:
-        server = BackendServer(
-            tmp_path_factory.mktemp("backend-extra"), port=port, db=db, args=args, env=env
-        )
-        created.append(server)
-        if start:
-            server.start()
-        return server
-
-    try:
-        yield factory
-    finally:
-        _dump_logs(request, created)
-        for server in created:
-            server.stop()
+    yield from _owned(request, BackendFactory(tmp_path_factory.mktemp))
 
 
 # --------------------------------------------------------------------------- proxy
@@ -197,39 +134,18 @@ def proxy_factory(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[ProxyFactory]:
     """Proxy processes (replicas share a redis_url), stopped at teardown; logs shown on failure."""
-    created: list[ProxyServer] = []
+    yield from _owned(request, ProxyFactory(tmp_path_factory.mktemp))
 
-    def factory(
-        upstream: str,
-        redis_url: str | None = None,
-        config: Mapping[str, Any] | None = None,
-        args: Sequence[str] = (),
-        env: Mapping[str, str] | None = None,
-        *,
-        port: int | None = None,
-        admin_port: int | None = None,
-        log_level: str = "info",
-        start: bool = True,
-    ) -> ProxyServer:
-        proxy = ProxyServer(
-            tmp_path_factory.mktemp("proxy"),
-            upstream=upstream,
-            redis_url=redis_url,
-            config=config,
-            args=args,
-            env=env,
-            port=port,
-            admin_port=admin_port,
-            log_level=log_level,
-        )
-        created.append(proxy)
-        if start:
-            proxy.start()
-        return proxy
 
-    try:
-        yield factory
-    finally:
-        _dump_logs(request, created)
-        for proxy in created:
-            proxy.stop()
+# --------------------------------------------------------------------------- clients
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for the servers on 127.0.0.1.
+
+    ``trust_env=False`` keeps a developer's HTTP(S)_PROXY away from 127.0.0.1;
+    ``verify=False`` skips loading a CA bundle per client (plain HTTP only).
+    """
+    async with httpx.AsyncClient(timeout=30.0, trust_env=False, verify=False) as http:
+        yield http

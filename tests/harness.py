@@ -4,13 +4,16 @@ Every test suite drives real processes on 127.0.0.1 so that crashes, pauses and 
 behave as in production. Each child runs in its own session (process group) so that
 stop/kill/pause reach everything it spawned, and every child is registered for an
 ``atexit`` sweep so nothing outlives the test run, even when a test fails mid-way.
+
+The last section holds what several suites send and read back: the `pay` route, its
+bodies, record keys and fingerprints, and what a client saw for each payment.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -19,17 +22,25 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Generic, Self, TypeVar
 
 import httpx
+import orjson
 import redis
 import redis.cluster
 import yaml
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from proxy import keys
+from proxy.demo import child_env, die_with_parent
+from proxy.fingerprint import fingerprint
+from proxy.request import ProxyRequest
 
 HOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,21 +48,42 @@ CLUSTER_BUS_OFFSET = 10000
 
 __all__ = [
     "HOST",
+    "JSON_HEADERS",
+    "PAY_PATH",
+    "REPO_ROOT",
     "BackendFactory",
     "BackendServer",
     "HarnessError",
     "ManagedProcess",
+    "Outcome",
     "ProxyFactory",
     "ProxyServer",
     "RedisCluster",
     "RedisFactory",
     "RedisServer",
+    "ServerFactory",
+    "body_of",
+    "charges_route",
+    "eventually",
+    "fingerprint_of",
     "free_port",
     "free_port_pair",
+    "pay",
+    "pay_config",
+    "pay_route",
+    "pay_until",
+    "print_logs",
+    "problem_name",
+    "proxy_request",
+    "records_cli",
     "redis_binaries_missing",
+    "storage_key",
+    "tally",
     "wait_for_http",
     "wait_for_port",
 ]
+
+T = TypeVar("T")
 
 
 class HarnessError(RuntimeError):
@@ -184,39 +216,11 @@ def _kill_all_live() -> None:
 
 atexit.register(_kill_all_live)
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _make_preexec() -> Any:
-    """Return a preexec_fn asking Linux to SIGKILL the child if pytest itself dies hard.
-
-    Only used from the main thread: PDEATHSIG fires when the *thread* that forked
-    exits, which would kill servers started from short-lived worker threads.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def _preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-    return _preexec
-
 
 def _child_env(extra: Mapping[str, str] | None) -> dict[str, str]:
-    """Inherit the environment, keep Python unbuffered and keep 127.0.0.1 off any proxy."""
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    no_proxy = [p for p in env.get("NO_PROXY", env.get("no_proxy", "")).split(",") if p]
-    for host in (HOST, "localhost"):
-        if host not in no_proxy:
-            no_proxy.append(host)
-    env["NO_PROXY"] = env["no_proxy"] = ",".join(no_proxy)
+    """The demo's child environment (unbuffered, 127.0.0.1 off any proxy), with this
+    checkout first on PYTHONPATH and the caller's extra variables."""
+    env = child_env()
     existing = env.get("PYTHONPATH")
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + existing if existing else "")
     if extra:
@@ -224,7 +228,34 @@ def _child_env(extra: Mapping[str, str] | None) -> dict[str, str]:
     return env
 
 
-class ManagedProcess:
+class _StartStop:
+    """``with server:`` starts it (unless it already runs) and stops it on the way out."""
+
+    @property
+    def running(self) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> object:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ManagedProcess(_StartStop):
     """One child process in its own process group, logging to a file, cleaned up always."""
 
     name = "process"
@@ -264,7 +295,7 @@ class ManagedProcess:
                 cwd=self.workdir,
                 env=self.environment(),
                 start_new_session=True,
-                preexec_fn=_make_preexec(),
+                preexec_fn=die_with_parent(),
             )
         self._paused = False
         with _live_lock:
@@ -278,6 +309,20 @@ class ManagedProcess:
             raise HarnessError(
                 f"{self.name} failed to become ready: {exc}\n{self._log_tail()}"
             ) from exc
+        return self
+
+    def restart(self) -> Self:
+        """Stop (if running) and start again on the same port and dir (Redis reloads any AOF)."""
+        if self.running:
+            self.stop()
+        return self.start()
+
+    def revive(self) -> Self:
+        """Resume if paused, start if stopped: a shared server outlives the tests that break it."""
+        if self.paused:
+            self.resume()
+        if not self.running:
+            self.start()
         return self
 
     @property
@@ -377,18 +422,34 @@ class ManagedProcess:
             text = "...\n" + text[-limit:]
         return f"--- {self.log_path} ---\n{text}"
 
-    def __enter__(self) -> Self:
-        if not self.running:
-            self.start()
-        return self
 
-    def __exit__(
+class _PortServer(ManagedProcess):
+    """A child serving on one 127.0.0.1 port, the same across restart()."""
+
+    def __init__(
         self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        workdir: Path,
+        log_name: str,
+        *,
+        port: int | None,
+        args: Sequence[str],
+        ready_timeout: float,
     ) -> None:
-        self.stop()
+        super().__init__(workdir, log_name)
+        self._port = port if port is not None else free_port()
+        self.args = list(args)
+        self.ready_timeout = ready_timeout
+
+    @property
+    def port(self) -> int:
+        """TCP port; stays the same across restart()."""
+        return self._port
+
+
+def print_logs(procs: Iterable[ManagedProcess], limit: int = 20000) -> None:
+    """Print the end of each process's log: pytest shows what a failed test printed."""
+    for proc in procs:
+        print(f"\n===== {proc.name} log =====\n{proc._log_tail(limit)}")
 
 
 # --------------------------------------------------------------------------- redis
@@ -400,7 +461,7 @@ def redis_binaries_missing(*names: str) -> list[str]:
     return [n for n in wanted if shutil.which(n) is None]
 
 
-class RedisServer(ManagedProcess):
+class RedisServer(_PortServer):
     """A throwaway ``redis-server`` with no RDB snapshots and optional AOF."""
 
     name = "redis-server"
@@ -414,16 +475,8 @@ class RedisServer(ManagedProcess):
         args: Sequence[str] = (),
         ready_timeout: float = 10.0,
     ) -> None:
-        super().__init__(workdir, "redis.log")
-        self._port = port if port is not None else free_port()
+        super().__init__(workdir, "redis.log", port=port, args=args, ready_timeout=ready_timeout)
         self.appendonly = appendonly
-        self.args = list(args)
-        self.ready_timeout = ready_timeout
-
-    @property
-    def port(self) -> int:
-        """TCP port; stays the same across restart()."""
-        return self._port
 
     @property
     def host(self) -> str:
@@ -489,14 +542,13 @@ class RedisServer(ManagedProcess):
                 )
             time.sleep(0.05)
 
-    def restart(self) -> Self:
-        """Stop (if running) and start again on the same port and dir, reloading any AOF."""
-        if self.running:
-            self.stop()
-        return self.start()
+    def flushall(self) -> None:
+        """Delete every key: a clean store for the next test."""
+        with self.client() as client:
+            client.flushall()
 
 
-class RedisCluster:
+class RedisCluster(_StartStop):
     """Three Redis Cluster masters (no replicas) on 127.0.0.1, all 16384 slots assigned."""
 
     def __init__(
@@ -630,24 +682,11 @@ class RedisCluster:
         for node in self.nodes:
             node.kill()
 
-    def __enter__(self) -> Self:
-        if not self.running:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 # --------------------------------------------------------------------------- http servers
 
 
-class _HttpServer(ManagedProcess):
+class _HttpServer(_PortServer):
     """Shared bits of the Python HTTP servers we launch."""
 
     def __init__(
@@ -660,16 +699,8 @@ class _HttpServer(ManagedProcess):
         env: Mapping[str, str] | None,
         ready_timeout: float,
     ) -> None:
-        super().__init__(workdir, log_name)
-        self._port = port if port is not None else free_port()
-        self.args = list(args)
+        super().__init__(workdir, log_name, port=port, args=args, ready_timeout=ready_timeout)
         self.env = dict(env or {})
-        self.ready_timeout = ready_timeout
-
-    @property
-    def port(self) -> int:
-        """Traffic port."""
-        return self._port
 
     @property
     def url(self) -> str:
@@ -683,12 +714,6 @@ class _HttpServer(ManagedProcess):
     def http(self, timeout: float = 10.0) -> httpx.Client:
         """A sync client bound to this server (ignores proxy env vars)."""
         return httpx.Client(verify=False, base_url=self.url, timeout=timeout, trust_env=False)
-
-    def restart(self) -> Self:
-        """Stop (if running) and start again on the same port."""
-        if self.running:
-            self.stop()
-        return self.start()
 
 
 class BackendServer(_HttpServer):
@@ -727,11 +752,8 @@ class BackendServer(_HttpServer):
         ]
 
     def wait_ready(self) -> None:
-        """``GET /healthz`` answers 200."""
-        try:
-            wait_for_http(f"{self.url}/healthz", self.ready_timeout, alive=self)
-        except TimeoutError as exc:
-            raise HarnessError(f"{exc}\n{self._log_tail()}") from exc
+        """``GET /healthz`` answers 200 (start() adds the log to any failure)."""
+        wait_for_http(f"{self.url}/healthz", self.ready_timeout, alive=self)
 
     def ledger(self) -> dict[str, Any]:
         """``GET /v1/ledger``: the ground truth on how many times each order was charged."""
@@ -809,17 +831,31 @@ class ProxyServer(_HttpServer):
 
     def wait_ready(self) -> None:
         """The traffic port accepts TCP connections (fails early if the proxy exits)."""
-        try:
-            wait_for_port(HOST, self._port, self.ready_timeout, alive=self)
-        except TimeoutError as exc:
-            raise HarnessError(f"{exc}\n{self._log_tail()}") from exc
+        wait_for_port(HOST, self._port, self.ready_timeout, alive=self)
 
 
-# --------------------------------------------------------------------------- fixture types
+# --------------------------------------------------------------------------- factories
+
+S = TypeVar("S", bound=ManagedProcess)
 
 
-class RedisFactory(Protocol):
-    """Type of the ``redis_factory`` fixture."""
+class ServerFactory(Generic[S]):
+    """Makes servers of one kind, each in a fresh temporary dir, and remembers them so the
+    fixture can stop them (and show their logs) at teardown."""
+
+    def __init__(self, mktemp: Callable[[str], Path]) -> None:
+        self._mktemp = mktemp
+        self.created: list[S] = []
+
+    def _add(self, server: S, start: bool) -> S:
+        self.created.append(server)
+        if start:
+            server.start()
+        return server
+
+
+class RedisFactory(ServerFactory[RedisServer]):
+    """The ``redis_factory`` fixture: extra Redis servers with their own options."""
 
     def __call__(
         self,
@@ -828,11 +864,15 @@ class RedisFactory(Protocol):
         args: Sequence[str] = (),
         port: int | None = None,
         start: bool = True,
-    ) -> RedisServer: ...
+    ) -> RedisServer:
+        server = RedisServer(
+            self._mktemp("redis-extra"), port=port, appendonly=appendonly, args=args
+        )
+        return self._add(server, start)
 
 
-class BackendFactory(Protocol):
-    """Type of the ``backend_factory`` fixture."""
+class BackendFactory(ServerFactory[BackendServer]):
+    """The ``backend_factory`` fixture: private backends with options."""
 
     def __call__(
         self,
@@ -842,11 +882,13 @@ class BackendFactory(Protocol):
         port: int | None = None,
         db: Path | None = None,
         start: bool = True,
-    ) -> BackendServer: ...
+    ) -> BackendServer:
+        server = BackendServer(self._mktemp("backend-extra"), port=port, db=db, args=args, env=env)
+        return self._add(server, start)
 
 
-class ProxyFactory(Protocol):
-    """Type of the ``proxy_factory`` fixture."""
+class ProxyFactory(ServerFactory[ProxyServer]):
+    """The ``proxy_factory`` fixture: proxy processes (replicas share a redis_url)."""
 
     def __call__(
         self,
@@ -860,10 +902,216 @@ class ProxyFactory(Protocol):
         admin_port: int | None = None,
         log_level: str = "info",
         start: bool = True,
-    ) -> ProxyServer: ...
+    ) -> ProxyServer:
+        proxy = ProxyServer(
+            self._mktemp("proxy"),
+            upstream=upstream,
+            redis_url=redis_url,
+            config=config,
+            args=args,
+            env=env,
+            port=port,
+            admin_port=admin_port,
+            log_level=log_level,
+        )
+        return self._add(proxy, start)
 
 
 def iter_live() -> Iterator[ManagedProcess]:
     """Processes this harness still owns (debugging aid)."""
     with _live_lock:
         yield from list(_live.values())
+
+
+# --------------------------------------------------------------------------- payments
+# The `pay` route and its traffic, as several suites send it.
+
+PAY_PATH = "/v1/orders/pay"
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+def pay_route(**overrides: Any) -> dict[str, Any]:
+    """`POST /v1/orders/pay` keyed by the order id, so that a double click is one payment."""
+    return {
+        "name": "pay",
+        "methods": ["POST"],
+        "path": PAY_PATH,
+        "key": {"from": "json", "field": "order_id"},
+        **overrides,
+    }
+
+
+def charges_route(**overrides: Any) -> dict[str, Any]:
+    """`POST /v1/charges` keyed by the Idempotency-Key header."""
+    return {
+        "name": "charges",
+        "methods": ["POST"],
+        "path": "/v1/charges",
+        "key": {"from": "header", "name": "Idempotency-Key"},
+        **overrides,
+    }
+
+
+def pay_config(**sections: Any) -> dict[str, Any]:
+    """A proxy config with the `pay` route alone (key required) and admin on 127.0.0.1."""
+    return {"admin": {"host": HOST}, **sections, "routes": [pay_route(required=True)]}
+
+
+def body_of(order: str, amount: int = 1250) -> bytes:
+    return orjson.dumps({"order_id": order, "amount": amount, "currency": "EUR"})
+
+
+def storage_key(order: str) -> str:
+    """The Redis key of `order`'s record on the `pay` route (default tenant)."""
+    return keys.scope(keys.DEFAULT_TENANT, "pay", order).storage_key
+
+
+def proxy_request(
+    *,
+    body: bytes = b"",
+    content_type: str | None = None,
+    query: bytes = b"",
+    headers: list[tuple[bytes, bytes]] | None = None,
+    method: str = "POST",
+    path: str = PAY_PATH,
+) -> ProxyRequest:
+    """A request as the proxy parsed it (the content type goes after ``headers``)."""
+    raw_headers = list(headers or [])
+    if content_type is not None:
+        raw_headers.append((b"content-type", content_type.encode("latin-1")))
+    return ProxyRequest(
+        method=method,
+        path=path,
+        raw_path=path.encode(),
+        query_string=query,
+        headers=raw_headers,
+        body=body,
+    )
+
+
+def fingerprint_of(body: bytes) -> str:
+    """The fingerprint the proxy computes for a JSON `body` paid on the `pay` route, to
+    plant or forge a record as another owner would have written it."""
+    return fingerprint(proxy_request(body=body, content_type="application/json"))
+
+
+def problem_name(response: httpx.Response) -> str | None:
+    """`store-unavailable`, `key-reused`...: the proxy's problem type, or None if not one."""
+    if not response.headers.get("content-type", "").startswith("application/problem+json"):
+        return None
+    return str(response.json()["type"]).rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one client saw."""
+
+    order: str
+    status: int | None  # None: the connection broke without a response
+    problem: str | None
+    replayed: bool
+    body: bytes = b""
+
+    @property
+    def label(self) -> str:
+        if self.status is None:
+            return "connection-error"
+        label = str(self.status)
+        if self.problem:
+            label += f" {self.problem}"
+        if self.replayed:
+            label += " (replayed)"
+        return label
+
+    @property
+    def executed_here(self) -> bool:
+        """A fresh backend answer (not a replay, not a proxy problem)."""
+        return self.status is not None and self.problem is None and not self.replayed
+
+
+async def pay(
+    http: httpx.AsyncClient,
+    proxy: ProxyServer,
+    order: str,
+    faults: dict[str, str] | None = None,
+) -> Outcome:
+    """Pay `order` through `proxy` (`faults`: the backend's X-Sample-* headers)."""
+    try:
+        response = await http.post(
+            proxy.url + PAY_PATH, content=body_of(order), headers={**JSON_HEADERS, **(faults or {})}
+        )
+    except httpx.TransportError:
+        return Outcome(order, None, None, False)
+    replayed = response.headers.get("idempotent-replayed") == "true"
+    return Outcome(order, response.status_code, problem_name(response), replayed, response.content)
+
+
+async def pay_until(
+    http: httpx.AsyncClient,
+    proxy: ProxyServer,
+    order: str,
+    *,
+    retry_on: Sequence[str] = ("request-in-progress",),
+    timeout: float = 20.0,
+    interval: float = 0.2,
+) -> list[Outcome]:
+    """Send, and send again while the answer is one of `retry_on` (bounded): every try."""
+    seen: list[Outcome] = []
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / interval) + 1):
+        outcome = await pay(http, proxy, order)
+        seen.append(outcome)
+        if outcome.problem not in retry_on or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(interval)
+    return seen
+
+
+def tally(title: str, outcomes: Iterable[Outcome]) -> Counter[str]:
+    """Print how many clients saw each answer (run with ``-s``) and return the counts."""
+    counts = Counter(outcome.label for outcome in outcomes)
+    print(f"\n[{title}] " + ", ".join(f"{label}: {n}" for label, n in sorted(counts.items())))
+    return counts
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T | None]],
+    what: str,
+    timeout: float = 20.0,
+    interval: float = 0.1,
+) -> T:
+    """Poll until `probe` returns something other than None (bounded in tries and time)."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / interval) + 1):
+        result = await probe()
+        if result is not None:
+            return result
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def records_cli(*args: str, timeout: float = 60.0) -> tuple[int, str, str]:
+    """`idempotency-proxy records ...`, as an operator would run it: (exit code, out, err)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "records",
+        *args,
+        cwd=REPO_ROOT,
+        env=_child_env(None),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

@@ -161,12 +161,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[Stack]:
-    if redis_server.paused:
-        redis_server.resume()
-    if not redis_server.running:
-        redis_server.start()
-    with redis_server.client() as client:
-        client.flushall()
+    redis_server.revive().flushall()
     upstream = CountingUpstream()
     upstream.start()
     proxies: list[ProxyServer] = []
@@ -258,20 +253,26 @@ def parse_answer(raw: bytes, method: str) -> Answer:
 
 def exchange(port: int, request: bytes, method: str, timeout: float = 15.0) -> Answer:
     """Send raw bytes (with `Connection: close` inside) and read the answer to EOF."""
-    deadline = time.monotonic() + timeout
-    chunks: list[bytes] = []
     with socket.create_connection((HOST, port), timeout=timeout) as sock:
         # The proxy may answer (413) and close before it has read everything: not an error.
         with contextlib.suppress(OSError):
             sock.sendall(request)
-        while time.monotonic() < deadline:
-            try:
-                data = sock.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not data:
-                break
-            chunks.append(data)
+        return _read_answer(sock, method, timeout)
+
+
+def _read_answer(sock: socket.socket, method: str, timeout: float, first: bytes = b"") -> Answer:
+    """Read until the peer closes (or `timeout` passes) and parse what came after `first`."""
+    sock.settimeout(timeout)
+    chunks = [first]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not data:
+            break
+        chunks.append(data)
     return parse_answer(b"".join(chunks), method)
 
 
@@ -682,21 +683,6 @@ def test_admin_endpoints_are_not_served_on_the_traffic_port(stack: Stack, path: 
 # --------------------------------------------------------------------------- slow and big
 
 
-def _read_answer(sock: socket.socket, method: str, timeout: float) -> Answer:
-    sock.settimeout(timeout)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            data = sock.recv(65536)
-        except (ConnectionResetError, TimeoutError):
-            break
-        if not data:
-            break
-        chunks.append(data)
-    return parse_answer(b"".join(chunks), method)
-
-
 def _closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
     sock.settimeout(timeout)
     try:
@@ -724,13 +710,13 @@ def test_a_trickled_body_is_cut_off_with_408(stack: Stack) -> None:
             try:
                 sock.sendall(b"a")
             except OSError:  # already closed on us: the answer is in the receive buffer
-                answer, closed = _read_rest(sock, b"", "POST"), True
+                answer, closed = _read_answer(sock, "POST", 5.0), True
                 break
             try:
                 first = sock.recv(65536)
             except TimeoutError:
                 continue
-            answer = _read_rest(sock, first, "POST")
+            answer = _read_answer(sock, "POST", 5.0, first)
             closed = _closed_by_peer(sock)
             break
     elapsed = time.monotonic() - started
@@ -741,20 +727,6 @@ def test_a_trickled_body_is_cut_off_with_408(stack: Stack) -> None:
     assert answer.header(b"connection") == b"close"
     assert closed, "the connection stayed open for more trickling"
     assert stack.upstream.count == before
-
-
-def _read_rest(sock: socket.socket, first: bytes, method: str) -> Answer:
-    chunks = [first]
-    sock.settimeout(5)
-    for _ in range(100):
-        try:
-            data = sock.recv(65536)
-        except (ConnectionResetError, TimeoutError):
-            break
-        if not data:
-            break
-        chunks.append(data)
-    return parse_answer(b"".join(chunks), method)
 
 
 def test_headers_then_silence_is_cut_off_with_408(stack: Stack) -> None:

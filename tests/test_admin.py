@@ -9,32 +9,24 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest
-from harness import REPO_ROOT, BackendServer, ProxyFactory, wait_for_http
+from harness import (
+    REPO_ROOT,
+    BackendServer,
+    ProxyFactory,
+    charges_route,
+    pay_route,
+    wait_for_http,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import Metrics
 
 CONFIG: dict[str, Any] = {
     "tenant": {"header": "X-Tenant-Id"},
-    "routes": [
-        {
-            "name": "pay",
-            "methods": ["POST"],
-            "path": "/v1/orders/pay",
-            "key": {"from": "json", "field": "order_id"},
-        },
-        {
-            "name": "charges",
-            "methods": ["POST"],
-            "path": "/v1/charges",
-            "key": {"from": "header", "name": "Idempotency-Key"},
-        },
-    ],
+    "routes": [pay_route(), charges_route()],
 }
 
 # Values that must never show up in /metrics.
@@ -61,12 +53,6 @@ def _samples(text: str) -> tuple[Samples, set[str]]:
 
 def _value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=15.0, trust_env=False) as http:
-        yield http
 
 
 async def test_health_and_metrics_without_leaking_request_data(

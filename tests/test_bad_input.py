@@ -11,24 +11,19 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
-from harness import REPO_ROOT, BackendServer, ProxyServer
+from harness import REPO_ROOT, BackendServer, ProxyServer, pay_route
 
 PROBLEM_BASE = "https://idempotency-proxy.dev/problems/"
 CONFIG: dict[str, Any] = {
     "routes": [
-        {
-            "name": "pay",
-            "methods": ["POST"],
-            "path": "/v1/orders/pay",
-            "key": {"from": "json", "field": "order_id"},
-        },
+        pay_route(),
         {
             "name": "charges",
             "methods": ["POST"],
@@ -61,17 +56,7 @@ def proxy(
 def _backend_alive(backend: BackendServer) -> None:
     """Revive the backend if an earlier suite broke it (tests compare request counts, so
     the ledger needs no reset)."""
-    if backend.paused:
-        backend.resume()
-    if not backend.running:
-        backend.start()
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    # Plain HTTP to 127.0.0.1 only: verify=False skips loading a CA bundle per client.
-    async with httpx.AsyncClient(timeout=30.0, trust_env=False, verify=False) as http:
-        yield http
+    backend.revive()
 
 
 async def requests_seen(client: httpx.AsyncClient, backend: BackendServer) -> int:

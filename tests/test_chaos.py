@@ -10,68 +10,52 @@ the ground truth: no order may ever be charged twice. The outcomes clients saw a
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
-import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
 import orjson
 import pytest
 from harness import (
-    HOST,
-    REPO_ROOT,
     BackendServer,
+    Outcome,
     ProxyFactory,
     ProxyServer,
     RedisFactory,
+    body_of,
+    eventually,
+    fingerprint_of,
+    pay,
+    pay_config,
+    pay_until,
+    records_cli,
+    storage_key,
+    tally,
 )
 
-from proxy import keys
-from proxy.fingerprint import fingerprint
 from proxy.records import ClaimKind, StoredResponse
-from proxy.request import ProxyRequest
 from proxy.store.redis import RedisStore
 
 pytestmark = pytest.mark.chaos
 
 T = TypeVar("T")
 
-PAY = "/v1/orders/pay"
 REPLICAS = 5
 ORDERS = 30
 CLIENT_TIMEOUT = 30.0
-JSON = {"content-type": "application/json"}
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def pay_config(**defaults: str) -> dict[str, Any]:
-    """One protected route keyed by the order id, so a double click is one payment."""
-    return {
-        "admin": {"host": HOST},
-        "defaults": defaults,
-        "routes": [
-            {
-                "name": "pay",
-                "methods": ["POST"],
-                "path": PAY,
-                "key": {"from": "json", "field": "order_id"},
-                "required": True,
-            }
-        ],
-    }
-
-
 def start_replicas(
-    factory: ProxyFactory, upstream: str, redis_url: str, config: dict[str, Any]
+    factory: ProxyFactory, upstream: str, redis_url: str, **defaults: str
 ) -> list[ProxyServer]:
-    """Five replicas sharing one Redis, started side by side to keep the suite fast."""
+    """Five replicas sharing one Redis, with the `pay` route alone and these route defaults
+    (lease, upstream_timeout), started side by side to keep the suite fast."""
+    config = pay_config(defaults=defaults)
     proxies = [factory(upstream, redis_url, config, start=False) for _ in range(REPLICAS)]
     with ThreadPoolExecutor(max_workers=REPLICAS) as pool:
         for started in [pool.submit(proxy.start) for proxy in proxies]:
@@ -85,115 +69,12 @@ def kill_all(proxies: Iterable[ProxyServer]) -> None:
         proxy.kill()
 
 
-def body_of(order: str) -> bytes:
-    return orjson.dumps({"order_id": order, "amount": 1250, "currency": "EUR"})
-
-
-def storage_key(order: str) -> str:
-    return keys.scope(keys.DEFAULT_TENANT, "pay", order).storage_key
-
-
-def fingerprint_of(order: str) -> str:
-    """The fingerprint the proxy computes for `pay(order)`, to forge another owner's claim."""
-    request = ProxyRequest(
-        method="POST",
-        path=PAY,
-        raw_path=PAY.encode(),
-        query_string=b"",
-        headers=[(b"content-type", b"application/json")],
-        body=body_of(order),
-    )
-    return fingerprint(request)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one client saw."""
-
-    order: str
-    status: int | None  # None: the connection broke without a response
-    problem: str | None
-    replayed: bool
-    body: bytes = b""
-
-    @property
-    def label(self) -> str:
-        if self.status is None:
-            return "connection-error"
-        label = str(self.status)
-        if self.problem:
-            label += f" {self.problem}"
-        if self.replayed:
-            label += " (replayed)"
-        return label
-
-    @property
-    def executed_here(self) -> bool:
-        """A fresh backend answer (not a replay, not a proxy problem)."""
-        return self.status is not None and self.problem is None and not self.replayed
-
-
 def client() -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=CLIENT_TIMEOUT,
         trust_env=False,
         limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
     )
-
-
-async def pay(
-    http: httpx.AsyncClient,
-    proxy: ProxyServer,
-    order: str,
-    faults: dict[str, str] | None = None,
-) -> Outcome:
-    try:
-        response = await http.post(
-            proxy.url + PAY, content=body_of(order), headers={**JSON, **(faults or {})}
-        )
-    except httpx.TransportError:
-        return Outcome(order, None, None, False)
-    problem = None
-    if response.headers.get("content-type", "").startswith("application/problem+json"):
-        problem = str(response.json()["type"]).rsplit("/", 1)[-1]
-    replayed = response.headers.get("idempotent-replayed") == "true"
-    return Outcome(order, response.status_code, problem, replayed, response.content)
-
-
-async def pay_until(
-    http: httpx.AsyncClient,
-    proxy: ProxyServer,
-    order: str,
-    *,
-    retry_on: Sequence[str] = ("request-in-progress",),
-    timeout: float = 20.0,
-    interval: float = 0.2,
-) -> list[Outcome]:
-    """Send, and send again while the answer is one of `retry_on` (bounded): every try."""
-    seen: list[Outcome] = []
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / interval) + 1):
-        outcome = await pay(http, proxy, order)
-        seen.append(outcome)
-        if outcome.problem not in retry_on or time.monotonic() >= deadline:
-            break
-        await asyncio.sleep(interval)
-    return seen
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T | None]], what: str, timeout: float = 20.0
-) -> T:
-    """Poll until `probe` returns something (bounded in tries and time)."""
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / 0.1) + 1):
-        result = await probe()
-        if result is not None:
-            return result
-        if time.monotonic() >= deadline:
-            break
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 async def ledger(http: httpx.AsyncClient, backend: BackendServer) -> dict[str, Any]:
@@ -224,12 +105,6 @@ def assert_never_twice(book: dict[str, Any]) -> None:
     assert all(times <= 1 for times in book["orders"].values()), book["orders"]
 
 
-def tally(title: str, outcomes: Iterable[Outcome]) -> Counter[str]:
-    counts = Counter(outcome.label for outcome in outcomes)
-    print(f"\n[{title}] " + ", ".join(f"{label}: {n}" for label, n in sorted(counts.items())))
-    return counts
-
-
 def flatten(groups: Iterable[list[Outcome]]) -> list[Outcome]:
     return [outcome for group in groups for outcome in group]
 
@@ -251,31 +126,6 @@ async def gather(*tasks: Awaitable[T]) -> list[T]:
     return list(await asyncio.gather(*tasks))
 
 
-async def records_cli(*args: str) -> tuple[int, str, str]:
-    """`idempotency-proxy records ...`, as an operator would run it: (exit code, out, err)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "records",
-        *args,
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(60):
-            out, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 # --------------------------------------------------------------------------- (a) SIGKILL
 
 
@@ -285,7 +135,7 @@ async def test_owner_killed_after_forwarding_is_never_sent_again(
     """The owner dies while the backend holds the charged request: 409, then outcome-unknown."""
     redis = redis_factory(appendonly=True)
     proxies = start_replicas(
-        proxy_factory, ledger_backend.url, redis.url, pay_config(lease="2s", upstream_timeout="30s")
+        proxy_factory, ledger_backend.url, redis.url, lease="2s", upstream_timeout="30s"
     )
     victim = proxies[0]
     orders = [f"kill-sent-{i}" for i in range(ORDERS)]
@@ -335,7 +185,7 @@ async def test_claimed_but_never_sent_is_taken_over_exactly_once(
 ) -> None:
     """A replica claimed and died before sending: after its lease one duplicate takes over."""
     redis = redis_factory(appendonly=True)
-    proxies = start_replicas(proxy_factory, ledger_backend.url, redis.url, pay_config(lease="2s"))
+    proxies = start_replicas(proxy_factory, ledger_backend.url, redis.url, lease="2s")
     orders = [f"kill-claimed-{i}" for i in range(ORDERS)]
     dead = "dead-replica-token"
 
@@ -344,7 +194,9 @@ async def test_claimed_but_never_sent_is_taken_over_exactly_once(
     try:
         # The claim a replica made just before its SIGKILL: CLAIMED, nothing sent.
         for order in orders:
-            claim = await store.claim(storage_key(order), dead, fingerprint_of(order), 1500, 60_000)
+            claim = await store.claim(
+                storage_key(order), dead, fingerprint_of(body_of(order)), 1500, 60_000
+            )
             assert claim.kind is ClaimKind.CLAIMED
         async with client() as http:
             burst = await gather(
@@ -403,7 +255,7 @@ async def test_owner_paused_past_its_lease_is_fenced(
     """A frozen owner loses its record to UNKNOWN; when it thaws it cannot overwrite it."""
     redis = redis_factory(appendonly=True)
     proxies = start_replicas(
-        proxy_factory, ledger_backend.url, redis.url, pay_config(lease="1s", upstream_timeout="30s")
+        proxy_factory, ledger_backend.url, redis.url, lease="1s", upstream_timeout="30s"
     )
     victim = proxies[0]
     orders = [f"pause-{i}" for i in range(ORDERS)]
@@ -472,7 +324,7 @@ async def test_requests_queued_on_a_paused_replica_replay_after_resume(
 ) -> None:
     """Requests stuck in a frozen replica's accept queue find the finished records on thaw."""
     redis = redis_factory(appendonly=True)
-    proxies = start_replicas(proxy_factory, ledger_backend.url, redis.url, pay_config())
+    proxies = start_replicas(proxy_factory, ledger_backend.url, redis.url)
     victim = proxies[0]
     orders = [f"queued-{i}" for i in range(ORDERS)]
 
@@ -512,9 +364,7 @@ async def test_redis_restart_mid_burst_fails_closed_then_every_order_completes_o
     """Store down: 503 and nothing forwarded; in-flight owners still answer; after the
     restart (AOF) every retried order is charged exactly once."""
     redis = redis_factory(appendonly=True)
-    proxies = start_replicas(
-        proxy_factory, ledger_backend.url, redis.url, pay_config(upstream_timeout="30s")
-    )
+    proxies = start_replicas(proxy_factory, ledger_backend.url, redis.url, upstream_timeout="30s")
     done = [f"redis-done-{i}" for i in range(10)]
     flying = [f"redis-flying-{i}" for i in range(10)]
     outage = [f"redis-outage-{i}" for i in range(10)]
@@ -590,10 +440,7 @@ async def test_backend_slower_than_the_lease_and_than_the_upstream_timeout(
     """Renewal keeps a slow owner alive; a timeout becomes UNKNOWN and is never re-sent."""
     redis = redis_factory(appendonly=True)
     proxies = start_replicas(
-        proxy_factory,
-        ledger_backend.url,
-        redis.url,
-        pay_config(lease="1200ms", upstream_timeout="3500ms"),
+        proxy_factory, ledger_backend.url, redis.url, lease="1200ms", upstream_timeout="3500ms"
     )
     slow = [f"slow-{i}" for i in range(15)]  # 2.5 s: twice the lease, under the timeout
     late = [f"late-{i}" for i in range(10)]  # charged, then 4.5 s: past the timeout
@@ -649,8 +496,7 @@ async def test_backend_drops_the_connection_then_an_operator_reconciles(
     """A dropped connection is UNKNOWN whether or not the charge happened; an operator
     checks the ledger and resolves (charged) or releases (not charged) the record."""
     redis = redis_factory(appendonly=True)
-    config = pay_config()
-    proxies = start_replicas(proxy_factory, ledger_backend.url, redis.url, config)
+    proxies = start_replicas(proxy_factory, ledger_backend.url, redis.url)
     after = [f"drop-after-{i}" for i in range(15)]  # charged, then the connection closed
     before = [f"drop-before-{i}" for i in range(15)]  # closed without charging
     orders = after + before

@@ -13,21 +13,23 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import orjson
 import pytest
-from harness import HOST, BackendServer, ProxyFactory, RedisCluster
+from harness import (
+    JSON_HEADERS,
+    PAY_PATH,
+    BackendServer,
+    ProxyFactory,
+    RedisCluster,
+    body_of,
+    pay_config,
+    problem_name,
+    storage_key,
+)
 
-from proxy import keys
 from proxy.records import ClaimKind, StoredResponse
 from proxy.store.redis import RedisStore
 
-PAY = "/v1/orders/pay"
-JSON = {"content-type": "application/json"}
 KEYS = 60  # enough distinct keys to land on every master
-
-
-def storage_key(order: str) -> str:
-    return keys.scope(keys.DEFAULT_TENANT, "pay", order).storage_key
 
 
 def response(tag: str) -> StoredResponse:
@@ -145,32 +147,10 @@ async def test_take_over_unknown_and_release_on_every_master(
     assert (await store.claim(sent[1], "x", "fp", 10_000, 60_000)).kind is ClaimKind.CLAIMED
 
 
-def body_of(order: str, amount: int = 1250) -> bytes:
-    return orjson.dumps({"order_id": order, "amount": amount, "currency": "EUR"})
-
-
-def problem(response: httpx.Response) -> str | None:
-    if not response.headers.get("content-type", "").startswith("application/problem+json"):
-        return None
-    return str(response.json()["type"]).rsplit("/", 1)[-1]
-
-
 async def test_proxy_on_cluster_end_to_end(
     redis_cluster: RedisCluster, ledger_backend: BackendServer, proxy_factory: ProxyFactory
 ) -> None:
-    config = {
-        "admin": {"host": HOST},
-        "routes": [
-            {
-                "name": "pay",
-                "methods": ["POST"],
-                "path": PAY,
-                "key": {"from": "json", "field": "order_id"},
-                "required": True,
-            }
-        ],
-    }
-    proxies = [proxy_factory(ledger_backend.url, redis_cluster.url, config) for _ in range(2)]
+    proxies = [proxy_factory(ledger_backend.url, redis_cluster.url, pay_config()) for _ in range(2)]
     run = secrets.token_hex(4)
     a, b = proxies
 
@@ -180,7 +160,9 @@ async def test_proxy_on_cluster_end_to_end(
             proxy_url: str, order: str, amount: int = 1250, **faults: str
         ) -> httpx.Response:
             return await http.post(
-                proxy_url + PAY, content=body_of(order, amount), headers={**JSON, **faults}
+                proxy_url + PAY_PATH,
+                content=body_of(order, amount),
+                headers={**JSON_HEADERS, **faults},
             )
 
         # First request, then replays on both replicas.
@@ -222,10 +204,10 @@ async def test_proxy_on_cluster_end_to_end(
         assert replay.content == first.content
         assert replay.headers["location"] == first.headers["location"]
         assert "set-cookie" not in replay.headers
-    assert in_flight.status_code == 409 and problem(in_flight) == "request-in-progress"
+    assert in_flight.status_code == 409 and problem_name(in_flight) == "request-in-progress"
     assert int(in_flight.headers["retry-after"]) >= 1
     assert slow_answer.status_code == 201
-    assert reused.status_code == 422 and problem(reused) == "key-reused"
+    assert reused.status_code == 422 and problem_name(reused) == "key-reused"
     assert limited.status_code == 429
     assert retried.status_code == 201 and "idempotent-replayed" not in retried.headers
     statuses = Counter(

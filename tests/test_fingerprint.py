@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 
 import pytest
+from harness import proxy_request
 
 from proxy.fingerprint import fingerprint
-from proxy.request import ProxyRequest
 
 
 def _fp(
@@ -23,16 +23,13 @@ def _fp(
     content_type: str | None = "application/json",
     extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> str:
-    headers = list(extra_headers or [])
-    if content_type is not None:
-        headers.append((b"content-type", content_type.encode("latin-1")))
-    request = ProxyRequest(
+    request = proxy_request(
+        body=body,
+        content_type=content_type,
+        query=query,
+        headers=extra_headers,
         method=method,
         path=path,
-        raw_path=path.encode(),
-        query_string=query,
-        headers=headers,
-        body=body,
     )
     return fingerprint(request)
 

@@ -12,7 +12,7 @@ import gzip
 import json
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -99,18 +99,8 @@ def proxies(
 
 @pytest.fixture
 def proxy(proxies: tuple[ProxyServer, ProxyServer], backend: BackendServer) -> ProxyServer:
-    if backend.paused:  # revive the backend if an earlier suite broke it
-        backend.resume()
-    if not backend.running:
-        backend.start()
+    backend.revive()  # an earlier suite may have broken it
     return proxies[0]
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    # Plain HTTP to 127.0.0.1 only: verify=False skips loading a CA bundle per client.
-    async with httpx.AsyncClient(timeout=30.0, trust_env=False, verify=False) as http:
-        yield http
 
 
 def new_key() -> str:

@@ -11,35 +11,13 @@ import re
 from typing import Any
 
 import pytest
+from harness import proxy_request
 
 from proxy.config import KeySpec
 from proxy.keys import extract, parse_header, scope, validate
 from proxy.problems import Problem
-from proxy.request import ProxyRequest
 
 HEADER_SPEC = KeySpec.model_validate({"from": "header", "name": "Idempotency-Key"})
-
-
-def _request(
-    *,
-    body: bytes = b"",
-    content_type: str | None = None,
-    query: bytes = b"",
-    headers: list[tuple[bytes, bytes]] | None = None,
-    method: str = "POST",
-    path: str = "/v1/orders/pay",
-) -> ProxyRequest:
-    raw_headers = list(headers or [])
-    if content_type is not None:
-        raw_headers.append((b"content-type", content_type.encode("latin-1")))
-    return ProxyRequest(
-        method=method,
-        path=path,
-        raw_path=path.encode(),
-        query_string=query,
-        headers=raw_headers,
-        body=body,
-    )
 
 
 def _spec(source: str, target: str) -> KeySpec:
@@ -55,7 +33,7 @@ def _problem(exc: pytest.ExceptionInfo[Problem], name: str, status: int) -> Prob
 
 def _header_key(*values: bytes) -> str | None:
     headers = [(b"idempotency-key", value) for value in values]
-    return extract(_request(headers=headers), HEADER_SPEC, {}, required=True)
+    return extract(proxy_request(headers=headers), HEADER_SPEC, {}, required=True)
 
 
 # --------------------------------------------------------------------------- header
@@ -137,7 +115,7 @@ def test_parse_header_rejects_several_lines_directly() -> None:
 
 
 def test_header_missing_is_key_missing_or_none() -> None:
-    request = _request(headers=[(b"x-other", b"1")])
+    request = proxy_request(headers=[(b"x-other", b"1")])
     with pytest.raises(Problem) as exc:
         extract(request, HEADER_SPEC, {}, required=True)
     problem = _problem(exc, "key-missing", 400)
@@ -147,7 +125,7 @@ def test_header_missing_is_key_missing_or_none() -> None:
 
 def test_header_name_is_case_insensitive_and_configurable() -> None:
     spec = KeySpec.model_validate({"from": "header", "name": "X-Request-Key"})
-    request = _request(headers=[(b"x-request-key", b"abc")])
+    request = proxy_request(headers=[(b"x-request-key", b"abc")])
     assert extract(request, spec, {}, required=True) == "abc"
 
 
@@ -171,7 +149,7 @@ def test_problem_detail_never_echoes_the_key() -> None:
 
 def _json_key(body: bytes, field: str = "order_id", *, required: bool = True, **kw: Any) -> Any:
     content_type = kw.pop("content_type", "application/json")
-    request = _request(body=body, content_type=content_type)
+    request = proxy_request(body=body, content_type=content_type)
     return extract(request, _spec("json", field), {}, required=required)
 
 
@@ -295,7 +273,7 @@ def _multipart(fields: list[tuple[str, str]], boundary: str = "b0undary") -> tup
 
 
 def test_urlencoded_form_field() -> None:
-    request = _request(
+    request = proxy_request(
         body=b"amount=10&order_id=ord%2D7&currency=EUR",
         content_type="application/x-www-form-urlencoded",
     )
@@ -304,12 +282,12 @@ def test_urlencoded_form_field() -> None:
 
 def test_urlencoded_form_field_missing_or_repeated() -> None:
     spec = _spec("form", "order_id")
-    missing = _request(body=b"amount=10", content_type="application/x-www-form-urlencoded")
+    missing = proxy_request(body=b"amount=10", content_type="application/x-www-form-urlencoded")
     with pytest.raises(Problem) as exc:
         extract(missing, spec, {}, required=True)
     assert "order_id" in (_problem(exc, "key-missing", 400).detail or "")
     assert extract(missing, spec, {}, required=False) is None
-    twice = _request(
+    twice = proxy_request(
         body=b"order_id=a&order_id=b", content_type="application/x-www-form-urlencoded"
     )
     with pytest.raises(Problem) as exc:
@@ -318,7 +296,7 @@ def test_urlencoded_form_field_missing_or_repeated() -> None:
 
 
 def test_urlencoded_form_with_invalid_utf8_is_body_invalid() -> None:
-    request = _request(body=b"order_id=\xff", content_type="application/x-www-form-urlencoded")
+    request = proxy_request(body=b"order_id=\xff", content_type="application/x-www-form-urlencoded")
     with pytest.raises(Problem) as exc:
         extract(request, _spec("form", "order_id"), {}, required=True)
     _problem(exc, "body-invalid", 400)
@@ -326,13 +304,13 @@ def test_urlencoded_form_with_invalid_utf8_is_body_invalid() -> None:
 
 def test_multipart_form_field() -> None:
     body, content_type = _multipart([("amount", "10"), ("order_id", "ord-9")])
-    request = _request(body=body, content_type=content_type)
+    request = proxy_request(body=body, content_type=content_type)
     assert extract(request, _spec("form", "order_id"), {}, required=True) == "ord-9"
 
 
 def test_multipart_form_field_missing() -> None:
     body, content_type = _multipart([("amount", "10")])
-    request = _request(body=body, content_type=content_type)
+    request = proxy_request(body=body, content_type=content_type)
     with pytest.raises(Problem) as exc:
         extract(request, _spec("form", "order_id"), {}, required=True)
     _problem(exc, "key-missing", 400)
@@ -340,7 +318,7 @@ def test_multipart_form_field_missing() -> None:
 
 
 def test_form_route_with_json_body_is_415() -> None:
-    request = _request(body=b'{"order_id": "x"}', content_type="application/json")
+    request = proxy_request(body=b'{"order_id": "x"}', content_type="application/json")
     with pytest.raises(Problem) as exc:
         extract(request, _spec("form", "order_id"), {}, required=True)
     _problem(exc, "unsupported-media-type", 415)
@@ -351,24 +329,24 @@ def test_form_route_with_json_body_is_415() -> None:
 
 def test_query_parameter() -> None:
     spec = _spec("query", "order_id")
-    request = _request(query=b"currency=EUR&order_id=ord%2012")
+    request = proxy_request(query=b"currency=EUR&order_id=ord%2012")
     assert extract(request, spec, {}, required=True) == "ord 12"
-    absent = _request(query=b"currency=EUR")
+    absent = proxy_request(query=b"currency=EUR")
     with pytest.raises(Problem) as exc:
         extract(absent, spec, {}, required=True)
     assert "order_id" in (_problem(exc, "key-missing", 400).detail or "")
     assert extract(absent, spec, {}, required=False) is None
     with pytest.raises(Problem) as exc:
-        extract(_request(query=b"order_id=a&order_id=b"), spec, {}, required=True)
+        extract(proxy_request(query=b"order_id=a&order_id=b"), spec, {}, required=True)
     _problem(exc, "key-invalid", 400)
     with pytest.raises(Problem) as exc:
-        extract(_request(query=b"order_id="), spec, {}, required=True)
+        extract(proxy_request(query=b"order_id="), spec, {}, required=True)
     _problem(exc, "key-invalid", 400)
 
 
 def test_path_parameter() -> None:
     spec = _spec("path", "order_id")
-    request = _request(path="/v1/orders/ord-5/pay")
+    request = proxy_request(path="/v1/orders/ord-5/pay")
     assert extract(request, spec, {"order_id": "ord-5"}, required=True) == "ord-5"
     with pytest.raises(Problem) as exc:
         extract(request, spec, {}, required=True)

@@ -14,12 +14,10 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest
-from harness import BackendServer, ProxyFactory, ProxyServer
+from harness import BackendServer, ProxyFactory, ProxyServer, charges_route, pay_route
 
 CARD = "4111111111111111"
 TOKEN = "tok-SECRET-bearer"
@@ -30,29 +28,11 @@ MARKER = "SECRET"
 CONFIG: dict[str, Any] = {
     "tenant": {"header": "X-Tenant-Id"},
     "routes": [
-        {
-            "name": "pay",
-            "methods": ["POST"],
-            "path": "/v1/orders/pay",
-            "key": {"from": "json", "field": "order_id"},
-            "max_request_body": "1KiB",
-        },
-        {
-            "name": "charges",
-            "methods": ["POST"],
-            "path": "/v1/charges",
-            "key": {"from": "header", "name": "Idempotency-Key"},
-            "upstream_timeout": "500ms",
-        },
+        pay_route(max_request_body="1KiB"),
+        charges_route(upstream_timeout="500ms"),
     ],
 }
 REQUEST_FIELDS = ("route", "outcome", "status", "key_hash", "request_id", "upstream_ms", "store_ms")
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30.0, trust_env=False) as http:
-        yield http
 
 
 class Sender:

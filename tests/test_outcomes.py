@@ -21,7 +21,17 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import BackendServer, ProxyFactory, ProxyServer, RedisFactory, RedisServer, free_port
+from harness import (
+    BackendServer,
+    ProxyFactory,
+    ProxyServer,
+    RedisFactory,
+    RedisServer,
+    charges_route,
+    free_port,
+    pay_route,
+    print_logs,
+)
 
 PROBLEM_BASE = "https://idempotency-proxy.dev/problems/"
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -29,25 +39,17 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 # after the charge shows up in the ledger still finds the first request running.
 IN_FLIGHT_DELAY = "1.5"
 
-PAY = {
-    "name": "pay",
-    "methods": ["POST"],
-    "path": "/v1/orders/pay",
-    "key": {"from": "json", "field": "order_id"},
+PAY = pay_route(
     # Shared with `charges`: the same key sent to the other endpoint is a reuse (422).
-    "namespace": "payments",
-    "max_request_body": "1KiB",
-}
-CHARGES = {
-    "name": "charges",
-    "methods": ["POST"],
-    "path": "/v1/charges",
-    "key": {"from": "header", "name": "Idempotency-Key"},
-    "namespace": "payments",
-    "release_statuses": [402, 408, 425, 429],
+    namespace="payments",
+    max_request_body="1KiB",
+)
+CHARGES = charges_route(
+    namespace="payments",
+    release_statuses=[402, 408, 425, 429],
     # A charge answer is ~130 bytes: every completed charge here is too large to replay.
-    "max_stored_response": 64,
-}
+    max_stored_response=64,
+)
 ECHO = {
     "name": "echo",
     "methods": ["POST"],
@@ -58,21 +60,8 @@ ECHO = {
 MAIN_CONFIG: dict[str, Any] = {"tenant": {"header": "X-Tenant-Id"}, "routes": [PAY, CHARGES, ECHO]}
 ALT_CONFIG: dict[str, Any] = {
     "routes": [
-        {
-            "name": "pay-wait",
-            "methods": ["POST"],
-            "path": "/v1/orders/pay",
-            "key": {"from": "json", "field": "order_id"},
-            "in_flight": "wait",
-            "wait_timeout": "20s",
-        },
-        {
-            "name": "charges-timeout",
-            "methods": ["POST"],
-            "path": "/v1/charges",
-            "key": {"from": "header", "name": "Idempotency-Key"},
-            "upstream_timeout": "300ms",
-        },
+        pay_route(name="pay-wait", in_flight="wait", wait_timeout="20s"),
+        charges_route(name="charges-timeout", upstream_timeout="300ms"),
     ]
 }
 
@@ -109,11 +98,7 @@ def stack(
     redis_url = None
     if request.param == "redis":
         server: RedisServer = request.getfixturevalue("redis_server")
-        if server.paused:
-            server.resume()
-        if not server.running:
-            server.start()
-        redis_url = server.url
+        redis_url = server.revive().url
     elif request.param == "cluster":
         redis_url = request.getfixturevalue("redis_cluster").url
 
@@ -146,22 +131,11 @@ def _backend_alive(request: pytest.FixtureRequest, backend: BackendServer) -> It
     No ledger reset: every test counts the charges of its own fresh order ids, which also
     keeps a late charge from an earlier test out of the count.
     """
-    if backend.paused:
-        backend.resume()
-    if not backend.running:
-        backend.start()
+    backend.revive()
     failed_before = request.session.testsfailed
     yield
     if request.session.testsfailed > failed_before and "stack" in request.fixturenames:
-        for server in request.getfixturevalue("stack").proxies:
-            print(f"\n===== proxy log ({server.log_path}) =====\n{server.logs()[-6000:]}")
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    # Plain HTTP to 127.0.0.1 only: verify=False skips loading a CA bundle per client.
-    async with httpx.AsyncClient(timeout=30.0, trust_env=False, verify=False) as http:
-        yield http
+        print_logs(request.getfixturevalue("stack").proxies, 6000)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -8,29 +8,24 @@ client's retry executes. These tests walk that runbook end to end.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import REPO_ROOT, BackendServer, ProxyFactory, wait_for_http
+from harness import BackendServer, ProxyFactory, pay_route, records_cli, wait_for_http
 
 ROUTE = "pay"
 TENANT = "acme"
 CONFIG: dict[str, Any] = {
     "tenant": {"header": "X-Tenant-Id"},
     "routes": [
-        {
-            "name": ROUTE,
-            "methods": ["POST"],
-            "path": "/v1/orders/pay",
-            "key": {"from": "json", "field": "order_id"},
+        pay_route(
+            name=ROUTE,
             # Shorter than the backend's delay below: the proxy stops waiting after the
             # charge was committed, which is exactly the ambiguous case.
-            "upstream_timeout": "300ms",
-        }
+            upstream_timeout="300ms",
+        )
     ],
 }
 CLI_TIMEOUT = 60.0
@@ -40,11 +35,7 @@ async def _records(
     action: str, redis_url: str, config: Path, key: str, *extra: str
 ) -> tuple[int, str, str]:
     """`python -m proxy records ACTION ...` as an operator would type it."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "records",
+    return await records_cli(
         action,
         "--redis-url",
         redis_url,
@@ -57,19 +48,8 @@ async def _records(
         "--key",
         key,
         *extra,
-        cwd=REPO_ROOT,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        timeout=CLI_TIMEOUT,
     )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def test_resolve_and_release_an_unknown_record(

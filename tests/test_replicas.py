@@ -18,12 +18,20 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import BackendServer, ProxyServer, RedisServer
+from harness import (
+    JSON_HEADERS,
+    PAY_PATH,
+    BackendServer,
+    ProxyServer,
+    RedisServer,
+    charges_route,
+    fingerprint_of,
+    pay_route,
+    print_logs,
+    storage_key,
+)
 
-from proxy.fingerprint import fingerprint
-from proxy.keys import DEFAULT_TENANT, scope
 from proxy.records import ClaimKind, Record
-from proxy.request import ProxyRequest
 from proxy.store.redis import RedisStore
 
 pytestmark = pytest.mark.replicas
@@ -33,26 +41,10 @@ BURST = 60
 # The lease is short so that tests can outlive it, but not so short that a busy
 # two-core machine delays a renewal past it (renewals run every third of a lease).
 LEASE = "1s"
-JSON_HEADERS = {"Content-Type": "application/json"}
-PAY_PATH = "/v1/orders/pay"
 CONFIG: dict[str, Any] = {
     "routes": [
-        {
-            "name": "pay",
-            "methods": ["POST"],
-            "path": PAY_PATH,
-            "key": {"from": "json", "field": "order_id"},
-            "in_flight": "reject",
-            "lease": LEASE,
-        },
-        {
-            "name": "charges",
-            "methods": ["POST"],
-            "path": "/v1/charges",
-            "key": {"from": "header", "name": "Idempotency-Key"},
-            "in_flight": "wait",
-            "wait_timeout": "30s",
-        },
+        pay_route(in_flight="reject", lease=LEASE),
+        charges_route(in_flight="wait", wait_timeout="30s"),
     ]
 }
 
@@ -61,10 +53,7 @@ CONFIG: dict[str, Any] = {
 def replicas(
     tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, backend: BackendServer
 ) -> Iterator[list[ProxyServer]]:
-    if redis_server.paused:
-        redis_server.resume()
-    if not redis_server.running:
-        redis_server.start()
+    redis_server.revive()
     servers = [
         ProxyServer(
             tmp_path_factory.mktemp("replica"),
@@ -90,15 +79,11 @@ def _backend_alive(request: pytest.FixtureRequest, backend: BackendServer) -> It
 
     No ledger reset: each test counts the charges of its own fresh order ids.
     """
-    if backend.paused:
-        backend.resume()
-    if not backend.running:
-        backend.start()
+    backend.revive()
     failed_before = request.session.testsfailed
     yield
     if request.session.testsfailed > failed_before and "replicas" in request.fixturenames:
-        for server in request.getfixturevalue("replicas"):
-            print(f"\n===== replica log ({server.log_path}) =====\n{server.logs()[-6000:]}")
+        print_logs(request.getfixturevalue("replicas"), 6000)
 
 
 @pytest.fixture
@@ -128,24 +113,6 @@ def new_key() -> str:
 
 def pay_body(order_id: str) -> bytes:
     return json.dumps({"order_id": order_id, "amount": 1500, "currency": "EUR"}).encode()
-
-
-def pay_record_key(order_id: str) -> str:
-    """The storage key the proxy uses for `order_id` on the `pay` route."""
-    return scope(DEFAULT_TENANT, "pay", order_id).storage_key
-
-
-def pay_fingerprint(order_id: str) -> str:
-    """The fingerprint the proxy computes for `pay(order_id)` below."""
-    request = ProxyRequest(
-        method="POST",
-        path=PAY_PATH,
-        raw_path=PAY_PATH.encode(),
-        query_string=b"",
-        headers=[(b"content-type", b"application/json")],
-        body=pay_body(order_id),
-    )
-    return fingerprint(request)
 
 
 async def pay(
@@ -292,10 +259,12 @@ async def test_claimed_but_never_sent_record_is_taken_over_after_its_lease(
     client: httpx.AsyncClient,
 ) -> None:
     order = new_key()
-    key = pay_record_key(order)
+    key = storage_key(order)
     async with open_store(redis_server.url) as store:
         # An owner that claimed, then vanished before sending anything.
-        claim = await store.claim(key, "vanished-owner", pay_fingerprint(order), 60_000, 600_000)
+        claim = await store.claim(
+            key, "vanished-owner", fingerprint_of(pay_body(order)), 60_000, 600_000
+        )
         assert claim.kind is ClaimKind.CLAIMED
         alive = await pay(client, replicas[1], order)
         assert alive.status_code == 409  # its lease still holds: it may yet send
@@ -331,7 +300,7 @@ async def test_stale_owner_is_fenced_after_its_sent_lease_expired(
 ) -> None:
     owner, other, third = replicas
     order = new_key()
-    key = pay_record_key(order)
+    key = storage_key(order)
     first_task = asyncio.create_task(pay(client, owner, order, {"X-Sample-Delay": "1"}))
     async with open_store(redis_server.url) as store:
         await wait_for_charge(client, backend, order)  # the record is SENT by now

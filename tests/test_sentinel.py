@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 import redis
 from harness import (
@@ -26,10 +24,16 @@ from harness import (
     BackendServer,
     HarnessError,
     ManagedProcess,
+    Outcome,
     ProxyFactory,
     RedisServer,
     free_port,
+    pay,
+    pay_config,
+    pay_until,
+    print_logs,
     redis_binaries_missing,
+    tally,
     wait_for_port,
 )
 from redis.backoff import NoBackoff
@@ -38,8 +42,8 @@ from redis.retry import Retry
 pytestmark = pytest.mark.chaos
 
 MASTER_NAME = "mymaster"
-PAY = "/v1/orders/pay"
-JSON = {"content-type": "application/json"}
+# After the failover every client retries while the proxy says either of these.
+SETTLING = ("request-in-progress", "store-unavailable")
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -171,8 +175,7 @@ def sentinel_setup(
         yield setup
     finally:
         if request.session.testsfailed > failed_before:
-            for proc in setup.processes():
-                print(f"\n===== {proc.name} log ({proc.log_path}) =====\n{proc.logs()[-6000:]}")
+            print_logs(setup.processes(), 6000)
         for proc in setup.processes():
             proc.stop()
 
@@ -180,87 +183,12 @@ def sentinel_setup(
 # --------------------------------------------------------------------------- traffic
 
 
-def body_of(order: str) -> bytes:
-    return orjson.dumps({"order_id": order, "amount": 1250, "currency": "EUR"})
-
-
-@dataclass(frozen=True, slots=True)
-class Seen:
-    order: str
-    status: int | None
-    problem: str | None
-    replayed: bool
-
-    @property
-    def label(self) -> str:
-        if self.status is None:
-            return "connection-error"
-        return (
-            str(self.status)
-            + (f" {self.problem}" if self.problem else "")
-            + (" (replayed)" if self.replayed else "")
-        )
-
-
-async def pay(
-    http: httpx.AsyncClient, url: str, order: str, faults: dict[str, str] | None = None
-) -> Seen:
-    try:
-        response = await http.post(
-            url + PAY, content=body_of(order), headers={**JSON, **(faults or {})}
-        )
-    except httpx.TransportError:
-        return Seen(order, None, None, False)
-    problem = None
-    if response.headers.get("content-type", "").startswith("application/problem+json"):
-        problem = str(response.json()["type"]).rsplit("/", 1)[-1]
-    return Seen(
-        order, response.status_code, problem, response.headers.get("idempotent-replayed") == "true"
-    )
-
-
-async def pay_until_settled(
-    http: httpx.AsyncClient, url: str, order: str, timeout: float = 30.0
-) -> list[Seen]:
-    """Retry (bounded) while the proxy says: in progress, or store unavailable."""
-    seen: list[Seen] = []
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / 0.2) + 1):
-        outcome = await pay(http, url, order)
-        seen.append(outcome)
-        if outcome.problem not in ("request-in-progress", "store-unavailable"):
-            break
-        if time.monotonic() >= deadline:
-            break
-        await asyncio.sleep(0.2)
-    return seen
-
-
-def tally(title: str, outcomes: list[Seen]) -> Counter[str]:
-    counts = Counter(o.label for o in outcomes)
-    print(f"\n[{title}] " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
-    return counts
-
-
 async def test_failover_under_traffic(
     sentinel_setup: SentinelSetup, ledger_backend: BackendServer, proxy_factory: ProxyFactory
 ) -> None:
     setup = sentinel_setup
-    config = {
-        "admin": {"host": HOST},
-        "defaults": {"upstream_timeout": "30s"},
-        "routes": [
-            {
-                "name": "pay",
-                "methods": ["POST"],
-                "path": PAY,
-                "key": {"from": "json", "field": "order_id"},
-                "required": True,
-            }
-        ],
-    }
+    config = pay_config(defaults={"upstream_timeout": "30s"})
     proxy = proxy_factory(ledger_backend.url, setup.url, config)
-    url = proxy.url
     old_master = (HOST, setup.master.port)
     assert setup.sentinels[0].master_address() == old_master
 
@@ -268,12 +196,12 @@ async def test_failover_under_traffic(
     flying = [f"sentinel-flying-{i}" for i in range(5)]
     async with httpx.AsyncClient(timeout=60.0, trust_env=False) as http:
         # Completed before the failover, and on the replica (WAIT): these must replay after it.
-        first = await asyncio.gather(*(pay(http, url, o) for o in before))
+        first = await asyncio.gather(*(pay(http, proxy, o) for o in before))
         with setup.master.client() as master:
             assert int(master.execute_command("WAIT", 1, 5000)) == 1
         # In flight during the failover: charged, the answer comes 3 s later.
         in_flight = [
-            asyncio.ensure_future(pay(http, url, o, {"X-Sample-Delay": "3"})) for o in flying
+            asyncio.ensure_future(pay(http, proxy, o, {"X-Sample-Delay": "3"})) for o in flying
         ]
         for _ in range(200):  # bounded: until the backend has all of them
             book = (await http.get(ledger_backend.url + "/v1/ledger")).json()
@@ -284,10 +212,10 @@ async def test_failover_under_traffic(
         setup.master.kill()
         killed_at = time.monotonic()
         # New orders every 100 ms until one goes through on the promoted master.
-        during: list[Seen] = []
+        during: list[Outcome] = []
         resumed_after: float | None = None
         for i in range(300):  # bounded: 300 x ~0.1 s
-            outcome = await pay(http, url, f"sentinel-during-{i}")
+            outcome = await pay(http, proxy, f"sentinel-during-{i}")
             during.append(outcome)
             if outcome.status == 201:
                 resumed_after = time.monotonic() - killed_at
@@ -300,10 +228,14 @@ async def test_failover_under_traffic(
 
         # After the failover: every order is retried once more (clients that got a 503
         # or never heard back would do exactly that).
-        retried_before = await asyncio.gather(*(pay_until_settled(http, url, o) for o in before))
-        retried_flying = await asyncio.gather(*(pay_until_settled(http, url, o) for o in flying))
+        retried_before = await asyncio.gather(
+            *(pay_until(http, proxy, o, retry_on=SETTLING, timeout=30.0) for o in before)
+        )
+        retried_flying = await asyncio.gather(
+            *(pay_until(http, proxy, o, retry_on=SETTLING, timeout=30.0) for o in flying)
+        )
         retried_during = await asyncio.gather(
-            *(pay_until_settled(http, url, o.order) for o in during)
+            *(pay_until(http, proxy, o.order, retry_on=SETTLING, timeout=30.0) for o in during)
         )
         book = (await http.get(ledger_backend.url + "/v1/ledger")).json()
 

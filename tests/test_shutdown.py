@@ -11,40 +11,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-from harness import BackendServer, ProxyFactory, wait_for_http
+from harness import BackendServer, ProxyFactory, eventually, pay_route, wait_for_http
 from prometheus_client.parser import text_string_to_metric_families
 
-CONFIG: dict[str, Any] = {
-    "routes": [
-        {
-            "name": "pay",
-            "methods": ["POST"],
-            "path": "/v1/orders/pay",
-            "key": {"from": "json", "field": "order_id"},
-        }
-    ]
-}
+CONFIG: dict[str, Any] = {"routes": [pay_route()]}
 # The pods' terminationGracePeriodSeconds is 60 (k8s/); stay well inside it.
 GRACE_SECONDS = 30.0
 POLL_SECONDS = 0.02
-
-T = TypeVar("T")
-
-
-async def _poll(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 15.0) -> T:
-    """Await `check` until it returns something other than None (bounded in time)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await check()
-        if value is not None:
-            return value
-        await asyncio.sleep(POLL_SECONDS)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_sigterm_drains_a_request_in_flight(
@@ -68,7 +44,9 @@ async def test_sigterm_drains_a_request_in_flight(
             ledger = (await client.get(f"{ledger_backend.url}/v1/ledger")).json()
             return True if ledger["orders"].get(order["order_id"]) == 1 else None
 
-        await _poll(charged, "the backend to commit the charge")
+        await eventually(
+            charged, "the backend to commit the charge", timeout=15.0, interval=POLL_SECONDS
+        )
 
         async def gauge() -> float | None:
             text = (await client.get(f"{draining.admin_url}/metrics")).text
@@ -92,7 +70,7 @@ async def test_sigterm_drains_a_request_in_flight(
                 return "503 draining"
             return None
 
-        await _poll(not_ready, "readiness to drop")
+        await eventually(not_ready, "readiness to drop", timeout=15.0, interval=POLL_SECONDS)
 
         async def refused() -> bool | None:
             try:
@@ -102,7 +80,7 @@ async def test_sigterm_drains_a_request_in_flight(
                 return True
             return None
 
-        await _poll(refused, "the traffic port to close")
+        await eventually(refused, "the traffic port to close", timeout=15.0, interval=POLL_SECONDS)
 
         response = await in_flight
         assert response.status_code == 201

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -33,6 +32,7 @@ from harness import (
     RedisFactory,
     RedisServer,
     free_port,
+    pay_route,
 )
 from redis import exceptions as redis_errors
 
@@ -40,24 +40,13 @@ PROBLEM_BASE = "https://idempotency-proxy.dev/problems/"
 CANARY_KEY = "idem:{canary}"
 SAFE = ("--maxmemory-policy", "noeviction")
 LRU = ("--maxmemory-policy", "allkeys-lru")
-PAY_ROUTE: dict[str, Any] = {
-    "name": "pay",
-    "methods": ["POST"],
-    "path": "/v1/orders/pay",
-    "key": {"from": "json", "field": "order_id"},
-}
+PAY_ROUTE = pay_route()
 # Safe mode lasts lease + upstream timeout: 3 s here instead of 40 s by default.
 SHORT_WINDOW_CONFIG: dict[str, Any] = {
     "store": {"canary_interval": "100ms"},
     "routes": [{**PAY_ROUTE, "lease": "1s", "upstream_timeout": "2s"}],
 }
 PAY_CONFIG: dict[str, Any] = {"routes": [PAY_ROUTE]}
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30.0, trust_env=False) as http:
-        yield http
 
 
 def _order() -> str:

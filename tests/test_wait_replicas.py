@@ -15,43 +15,33 @@ import time
 from typing import Any
 
 import httpx
-import orjson
 import pytest
-from harness import HOST, BackendServer, HarnessError, ProxyFactory, RedisFactory, RedisServer
+from harness import (
+    HOST,
+    JSON_HEADERS,
+    PAY_PATH,
+    BackendServer,
+    HarnessError,
+    ProxyFactory,
+    RedisFactory,
+    RedisServer,
+    body_of,
+    pay_config,
+    storage_key,
+)
 
-from proxy import keys
 from proxy.records import ClaimKind, StoredResponse
 from proxy.store import StoreUnavailable
 from proxy.store.redis import RedisStore
 
-PAY = "/v1/orders/pay"
-JSON = {"content-type": "application/json"}
 # Under the store's command timeout (0.5 s): WAIT must answer before the socket gives up.
 WAIT_TIMEOUT = 0.3
 
 
 def config(wait_replicas: int = 1) -> dict[str, Any]:
-    return {
-        "admin": {"host": HOST},
-        "store": {"wait_replicas": wait_replicas, "wait_timeout": f"{int(WAIT_TIMEOUT * 1000)}ms"},
-        "routes": [
-            {
-                "name": "pay",
-                "methods": ["POST"],
-                "path": PAY,
-                "key": {"from": "json", "field": "order_id"},
-                "required": True,
-            }
-        ],
-    }
-
-
-def storage_key(order: str) -> str:
-    return keys.scope(keys.DEFAULT_TENANT, "pay", order).storage_key
-
-
-def body_of(order: str) -> bytes:
-    return orjson.dumps({"order_id": order, "amount": 1250, "currency": "EUR"})
+    return pay_config(
+        store={"wait_replicas": wait_replicas, "wait_timeout": f"{int(WAIT_TIMEOUT * 1000)}ms"}
+    )
 
 
 def replicated_pair(redis_factory: RedisFactory) -> tuple[RedisServer, RedisServer]:
@@ -85,7 +75,9 @@ async def test_records_are_on_the_replica_when_the_client_has_the_answer(
     states = []
     async with httpx.AsyncClient(timeout=30.0, trust_env=False) as http:
         for order in orders:
-            response = await http.post(proxy.url + PAY, content=body_of(order), headers=JSON)
+            response = await http.post(
+                proxy.url + PAY_PATH, content=body_of(order), headers=JSON_HEADERS
+            )
             assert response.status_code == 201
             # Read the replica directly, right after the answer: WAIT already saw it there.
             states.append(state_on(replica, order))
@@ -128,8 +120,12 @@ async def test_paused_replica_the_proxy_proceeds_and_counts_a_shortfall(
 
         # Through the proxy: the payment goes through and duplicates replay from the master.
         async with httpx.AsyncClient(timeout=30.0, trust_env=False) as http:
-            first = await http.post(proxy.url + PAY, content=body_of(order), headers=JSON)
-            again = await http.post(proxy.url + PAY, content=body_of(order), headers=JSON)
+            first = await http.post(
+                proxy.url + PAY_PATH, content=body_of(order), headers=JSON_HEADERS
+            )
+            again = await http.post(
+                proxy.url + PAY_PATH, content=body_of(order), headers=JSON_HEADERS
+            )
         assert first.status_code == 201
         assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
         assert state_on(master, order) == "COMPLETED"
@@ -177,9 +173,13 @@ async def test_failover_to_a_replica_that_missed_the_write_executes_again(
     proxy = proxy_factory(ledger_backend.url, master.url, config())
     safe, lost = "wait-failover-safe", "wait-failover-lost"
     async with httpx.AsyncClient(timeout=30.0, trust_env=False) as http:
-        first_safe = await http.post(proxy.url + PAY, content=body_of(safe), headers=JSON)
+        first_safe = await http.post(
+            proxy.url + PAY_PATH, content=body_of(safe), headers=JSON_HEADERS
+        )
         replica.stop()
-        first_lost = await http.post(proxy.url + PAY, content=body_of(lost), headers=JSON)
+        first_lost = await http.post(
+            proxy.url + PAY_PATH, content=body_of(lost), headers=JSON_HEADERS
+        )
         master.kill()
         proxy.kill()
         # Failover: the replica comes back (with the data it had) and is promoted.
@@ -187,8 +187,12 @@ async def test_failover_to_a_replica_that_missed_the_write_executes_again(
         with replica.client() as client:
             client.execute_command("REPLICAOF", "NO", "ONE")
         promoted = proxy_factory(ledger_backend.url, replica.url, config(wait_replicas=0))
-        retry_safe = await http.post(promoted.url + PAY, content=body_of(safe), headers=JSON)
-        retry_lost = await http.post(promoted.url + PAY, content=body_of(lost), headers=JSON)
+        retry_safe = await http.post(
+            promoted.url + PAY_PATH, content=body_of(safe), headers=JSON_HEADERS
+        )
+        retry_lost = await http.post(
+            promoted.url + PAY_PATH, content=body_of(lost), headers=JSON_HEADERS
+        )
     book = ledger_backend.ledger()
     print(f"\n[failover to a stale replica] charged: {book['orders']}")
 
