@@ -255,8 +255,8 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
         + (
             "This run was made on a shared, busy machine (see [Noise](#noise)): treat the "
             "absolute numbers as rough and the ratios as the result."
-            if max(run["load_average"]["before"][0], run["load_average"]["after"][0])
-            > 0.5 * m["nproc"]
+            # Judged before the run: the benchmark's own load shows in the "after" numbers.
+            if run["load_average"]["before"][0] > 0.5 * m["nproc"]
             else ""
         )
     )
