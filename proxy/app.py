@@ -325,8 +325,9 @@ async def _send_reply(send: Send, reply: Reply) -> None:
             async for chunk in reply.rest:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-    except OSError:
-        # The client hung up; the outcome is already recorded.
+    except (OSError, TimeoutError):
+        # The client hung up, or the backend went silent mid-body (the upstream read
+        # timeout): the outcome is already recorded; the server closes the connection.
         pass
     finally:
         if reply.close is not None:

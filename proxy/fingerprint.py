@@ -30,15 +30,19 @@ def canonical_json(value: Any) -> bytes:
 def canonical_query(query_string: bytes) -> bytes:
     if not query_string:
         return b""
-    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
-    return urlencode(sorted(pairs)).encode("latin-1")
+    # latin-1 both ways maps each percent-decoded byte to one character and back, so bytes
+    # that are not UTF-8 (%FF, %FE) stay distinct instead of all becoming U+FFFD.
+    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
+    return urlencode(sorted(pairs), encoding="latin-1").encode("latin-1")
 
 
 def canonical_body(request: ProxyRequest, media_type: str) -> bytes:
     if request.body and is_json(media_type):
         try:
             return canonical_json(request.json())
-        except InvalidJSON:
+        except (InvalidJSON, RecursionError):
+            # Too deep to re-encode (orjson stops at 255 levels, json at the stack): the
+            # raw bytes still tell different requests apart.
             pass
     return request.body
 

@@ -15,6 +15,17 @@ from proxy.records import Headers, StoredResponse
 from proxy.upstream import HOP_BY_HOP
 
 REPLAYED = (b"idempotent-replayed", b"true")
+# Never replayed, even when a route lists them: the contract forbids Set-Cookie and the
+# original request id, and the replay sets its own Date, Content-Length and marker.
+_NEVER_REPLAYED = HOP_BY_HOP | {
+    b"set-cookie",
+    b"x-request-id",
+    b"date",
+    b"content-length",
+    REPLAYED[0],
+}
+# RFC 9110 §8.6: no Content-Length in a 204; a 304's would describe the absent body.
+_NO_CONTENT_LENGTH = frozenset({204, 304})
 
 _date_cache: tuple[int, bytes] = (0, b"")
 
@@ -30,12 +41,13 @@ def http_date() -> bytes:
 
 def stored_headers(headers: list[tuple[bytes, bytes]], allowed: frozenset[bytes]) -> Headers:
     """The headers worth replaying: the allow-list, never hop-by-hop ones."""
-    return tuple((k, v) for k, v in headers if k in allowed and k not in HOP_BY_HOP)
+    return tuple((k, v) for k, v in headers if k in allowed and k not in _NEVER_REPLAYED)
 
 
 def replay_headers(response: StoredResponse) -> list[tuple[bytes, bytes]]:
     headers = list(response.headers)
-    headers.append((b"content-length", str(len(response.body)).encode("ascii")))
+    if response.status not in _NO_CONTENT_LENGTH:
+        headers.append((b"content-length", str(len(response.body)).encode("ascii")))
     headers.append((b"date", http_date()))
     headers.append(REPLAYED)
     return headers

@@ -27,9 +27,10 @@ def parse_json(body: bytes) -> Any:
         except orjson.JSONDecodeError:
             pass
     # The standard library keeps every integer exact.
+    # RecursionError: nesting deeper than the interpreter's stack, an abuse, not a 500.
     try:
         return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise InvalidJSON("the body is not valid UTF-8 JSON") from None
 
 

@@ -180,6 +180,7 @@ class AiohttpUpstream(_PoolSettings):
     ) -> UpstreamResponse:
         import aiohttp
         from multidict import CIMultiDict
+        from yarl import URL
 
         send_headers: CIMultiDict[str] = CIMultiDict(
             (k.decode("latin-1"), v.decode("latin-1")) for k, v in headers
@@ -189,10 +190,17 @@ class AiohttpUpstream(_PoolSettings):
             async with asyncio.timeout(timeout):
                 response = await self._session.request(
                     method,
-                    self.base_url + target,
+                    # encoded=True: the client's target as it came (escapes, dot segments),
+                    # not yarl's normalisation of it.
+                    URL(self.base_url + target, encoded=True),
                     headers=send_headers,
                     data=body if body else None,
                     allow_redirects=False,
+                    # sock_read: the rest of a streamed answer outlives the asyncio timeout
+                    # below; a backend that goes silent mid-body must not hold the client.
+                    timeout=aiohttp.ClientTimeout(
+                        total=None, connect=self._connect_timeout, sock_read=timeout
+                    ),
                 )
                 if read_limit is None:
                     data = await response.read()
@@ -276,8 +284,17 @@ class HttpxUpstream(_PoolSettings):
     ) -> UpstreamResponse:
         import httpx
 
+        # httpcore's "target" extension: the request line carries the client's target as it
+        # came (escapes, dot segments) under the base URL's path, not httpx's normalisation.
+        prefix = httpx.URL(self.base_url).raw_path.rstrip(b"/")
         request = self._session.build_request(
-            method, self.base_url + target, headers=headers, content=body
+            method,
+            self.base_url + target,
+            headers=headers,
+            content=body,
+            extensions={"target": prefix + target.encode("latin-1")},
+            # read: also bounds the silence between chunks of a streamed answer.
+            timeout=httpx.Timeout(None, connect=self._connect_timeout, read=timeout),
         )
         response: Any = None
         try:
