@@ -266,7 +266,10 @@ class Lifecycle:
                 "mark_sent", self.store.mark_sent(key, token, attempt.lease_ms)
             )
         except StoreUnavailable:
-            # Not sent. The CLAIMED record's lease runs out and a retry takes it over.
+            # Nothing was sent, but the mark may have been applied before its answer was
+            # lost: release the record (now or in the background) so that a retry executes
+            # instead of waiting for an operator.
+            await self._settle("release", attempt, lambda: self.store.release(key, token))
             return problem_reply(problems.store_unavailable(), "store_unavailable", date)
         store_ms = (time.perf_counter() - store_started) * 1000
         if not sent:
@@ -381,7 +384,7 @@ class Lifecycle:
             ok = bool(await self._timed(operation, call()))
         except StoreUnavailable:
             logger.warning(
-                "store unavailable after forwarding; retrying in the background",
+                "store unavailable; recording the outcome in the background",
                 extra={"operation": operation, "route": attempt.route.name},
             )
             self._track(asyncio.ensure_future(self._retry_later(operation, attempt, call)))
