@@ -167,17 +167,13 @@ class ProxyApp:
         method: str = scope["method"]
         path: str = scope["path"]
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        request_id = _request_id(headers)
         route_name = "-"
         try:
             if sum(len(k) + len(v) for k, v in headers) > self._max_header_bytes:
                 raise Problem("headers-too-large", 431, "the request headers exceed the limit")
             match = self.routes.match(method, path)
-            forward = request_headers(
-                headers, _client(scope), scope.get("scheme", "http"), _host(headers)
-            )
             if match is None:
-                reply = await self.passthrough(scope, receive, forward)
+                reply = await self.passthrough(scope, receive)
             else:
                 route, params = match
                 route_name = route.name
@@ -194,8 +190,10 @@ class ProxyApp:
                     query_string=scope.get("query_string", b""),
                     headers=headers,
                     body=body,
+                    client=_client(scope),
+                    scheme=scope.get("scheme", "http"),
                 )
-                reply = await self.lifecycle.handle(request, route, params, forward)
+                reply = await self.lifecycle.handle(request, route, params)
         except Problem as problem:
             reply = problem_reply(problem, problem.name.replace("-", "_"), http_date())
         await _send_reply(send, reply)
@@ -204,7 +202,7 @@ class ProxyApp:
             logs.access.info(
                 "request",
                 extra={
-                    "request_id": request_id,
+                    "request_id": _request_id(headers),
                     "route": route_name,
                     "method": method,
                     "outcome": reply.outcome,
@@ -216,9 +214,7 @@ class ProxyApp:
                 },
             )
 
-    async def passthrough(
-        self, scope: Scope, receive: Receive, forward: list[tuple[bytes, bytes]]
-    ) -> Reply:
+    async def passthrough(self, scope: Scope, receive: Receive) -> Reply:
         """Traffic no route protects: streamed both ways, no record, no replay header."""
         target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         if scope.get("query_string"):
@@ -228,7 +224,10 @@ class ProxyApp:
         body: bytes | AsyncIterator[bytes] = _stream_body(receive) if has_body else b""
         # A streamed body keeps its declared length: some legacy backends refuse chunked
         # requests, and the client's framing is not the proxy's to change.
-        forward = forward + framing[:1]
+        forward = request_headers(
+            scope["headers"], _client(scope), scope.get("scheme", "http"), _host(scope["headers"])
+        )
+        forward += framing[:1]
         return await forward_unrecorded(
             self.upstream,
             scope["method"],

@@ -33,6 +33,7 @@ from proxy.upstream import (
     OutcomeUnknown,
     UpstreamClient,
     UpstreamResponse,
+    request_headers,
     response_headers,
 )
 
@@ -134,11 +135,10 @@ class Lifecycle:
         request: ProxyRequest,
         route: Route,
         params: dict[str, str],
-        forward_headers: list[tuple[bytes, bytes]],
     ) -> Reply:
         key = keys.extract(request, route.key, params, route.required)
         if key is None:
-            return await self._forward_unrecorded(request, route, forward_headers, "unprotected")
+            return await self._forward_unrecorded(request, route, "unprotected")
         scoped = keys.scope(self._tenant(request), route.namespace, key)
         fp = fingerprint(request)
 
@@ -146,9 +146,7 @@ class Lifecycle:
         if cached is not None:
             reply = self._duplicate_of_completed(cached[0] == fp, cached[1])
         else:
-            reply = await self._claim_and_execute(
-                request, route, scoped.storage_key, fp, forward_headers
-            )
+            reply = await self._claim_and_execute(request, route, scoped.storage_key, fp)
         reply.key_hash = scoped.log_hash
         return reply
 
@@ -158,22 +156,21 @@ class Lifecycle:
         route: Route,
         storage_key: str,
         fp: str,
-        forward_headers: list[tuple[bytes, bytes]],
     ) -> Reply:
         token = next(_tokens)
-        lease_ms = max(1, int(route.policy.lease * 1000))
+        lease_ms = route.lease_ms
         started = time.perf_counter()
         try:
             claim = await self._claim(route, storage_key, token, fp, lease_ms)
         except StoreUnavailable:
             if route.fail_open:
-                return await self._forward_unrecorded(request, route, forward_headers, "fail_open")
+                return await self._forward_unrecorded(request, route, "fail_open")
             return problem_reply(problems.store_unavailable(), "store_unavailable", self.date())
         store_ms = (time.perf_counter() - started) * 1000
         if claim.kind is ClaimKind.CLAIMED:
             self.metrics.transition("CLAIMED")
             attempt = _Attempt(route, storage_key, token, lease_ms)
-            reply = await self._shielded(self._execute(attempt, request, fp, forward_headers))
+            reply = await self._shielded(self._execute(attempt, request, fp))
         else:
             reply = self._duplicate(claim, storage_key, fp)
         reply.store_ms += store_ms
@@ -186,7 +183,7 @@ class Lifecycle:
         the first request finishes or `wait_timeout` passes. A record released meanwhile is
         claimed by the waiter, which then executes as a retry would."""
         policy = route.policy
-        retention_ms = max(1, int(policy.retention * 1000))
+        retention_ms = route.retention_ms
         deadline = time.monotonic() + policy.wait_timeout
         delay = 0.02
         while True:
@@ -255,7 +252,6 @@ class Lifecycle:
         attempt: _Attempt,
         request: ProxyRequest,
         fp: str,
-        forward_headers: list[tuple[bytes, bytes]],
     ) -> Reply:
         route, key, token = attempt.route, attempt.storage_key, attempt.token
         policy = route.policy
@@ -284,7 +280,7 @@ class Lifecycle:
             response = await self.upstream.send(
                 request.method,
                 _target(request),
-                forward_headers,
+                _forward_headers(request),
                 request.body,
                 timeout=policy.upstream_timeout,
                 read_limit=policy.max_stored_response,
@@ -336,7 +332,7 @@ class Lifecycle:
             "complete", attempt, lambda: self.store.complete(key, token, stored)
         )
         if completed and stored.replayable:
-            self.cache.put(key, fp, stored, int(policy.retention * 1000))
+            self.cache.put(key, fp, stored, route.retention_ms)
         reply = _reply_from(response, headers, "forwarded")
         return _timed_reply(reply, upstream_started, store_ms)
 
@@ -344,7 +340,6 @@ class Lifecycle:
         self,
         request: ProxyRequest,
         route: Route,
-        forward_headers: list[tuple[bytes, bytes]],
         outcome: str,
     ) -> Reply:
         """Forward without a record: no key on an optional route, or a fail-open route
@@ -353,7 +348,7 @@ class Lifecycle:
             self.upstream,
             request.method,
             _target(request),
-            forward_headers,
+            _forward_headers(request),
             request.body,
             timeout=route.policy.upstream_timeout,
             outcome=outcome,
@@ -484,6 +479,10 @@ async def forward_unrecorded(
     reply = _reply_from(response, response_headers(response.headers), outcome)
     reply.upstream_ms = (time.perf_counter() - started) * 1000
     return reply
+
+
+def _forward_headers(request: ProxyRequest) -> list[tuple[bytes, bytes]]:
+    return request_headers(request.headers, request.client, request.scheme, request.header(b"host"))
 
 
 def _target(request: ProxyRequest) -> str:

@@ -48,6 +48,9 @@ class ProxyRequest:
     query_string: bytes
     headers: list[tuple[bytes, bytes]]
     body: bytes = b""
+    # Where it came from, for X-Forwarded-For/Proto when (and only when) it is forwarded.
+    client: str | None = None
+    scheme: str = "http"
     _json: Any = field(default=_UNPARSED, repr=False)
 
     def header_values(self, name: bytes) -> list[bytes]:

@@ -27,6 +27,9 @@ class Route:
     key: KeySpec
     required: bool
     policy: Policy
+    # The policy's lease and retention in the store's unit, computed once.
+    lease_ms: int
+    retention_ms: int
     fail_open: bool
     replay_headers: frozenset[bytes]
     _regex: re.Pattern[str] | None
@@ -61,6 +64,10 @@ class RouteTable:
         return None
 
 
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
 def _replay_headers(policy: Policy) -> frozenset[bytes]:
     extra = (h.strip().lower().encode("latin-1") for h in policy.replay_headers)
     return frozenset((*ALWAYS_REPLAYED, *extra))
@@ -80,6 +87,8 @@ def _compile(settings: Settings) -> list[Route]:
                 key=KeySpec.model_validate({"from": "header", "name": "Idempotency-Key"}),
                 required=False,
                 policy=policy,
+                lease_ms=_ms(policy.lease),
+                retention_ms=_ms(policy.retention),
                 fail_open=fail_open,
                 replay_headers=_replay_headers(policy),
                 _regex=None,
@@ -105,6 +114,8 @@ def _compile(settings: Settings) -> list[Route]:
                 key=spec.key,
                 required=spec.required,
                 policy=policy,
+                lease_ms=_ms(policy.lease),
+                retention_ms=_ms(policy.retention),
                 fail_open=fail_open,
                 replay_headers=_replay_headers(policy),
                 _regex=regex,
