@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         action.add_argument(
             "--tenant",
-            default="default",
-            help="tenant, as the trusted header gave it (default: default)",
+            default=None,
+            help="tenant, as the trusted header gave it (default: none, the scope of requests "
+            "sent without the tenant header, or the only one when no tenant header is set)",
         )
         if name != "show":
             action.add_argument(
@@ -256,14 +257,17 @@ async def _records(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--route: no route named {args.route!r} (known: {', '.join(namespaces)})"
         )
-    scoped = keys.scope(args.tenant, namespaces[args.route], keys.validate(args.key))
+    tenant = args.tenant
+    if tenant is None and not settings.tenant.header:
+        tenant = keys.DEFAULT_TENANT
+    scoped = keys.scope(tenant, namespaces[args.route], keys.validate(args.key))
     store: Any = open_store(settings.store.url, timeout=settings.store.timeout, canary_interval=0)
     try:
         await store.start()
         if args.action == "show":
             record = await store.get(scoped.storage_key)
             if record is None:
-                print(f"no record for this key (route {args.route}, tenant {args.tenant})")
+                print(f"no record for this key (route {args.route}, tenant {tenant})")
                 return 1
             print(orjson.dumps(_record_json(record), option=orjson.OPT_INDENT_2).decode())
             return 0

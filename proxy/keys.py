@@ -17,6 +17,8 @@ from proxy.problems import Problem, key_invalid, key_missing
 from proxy.request import InvalidJSON, ProxyRequest, is_json
 
 MAX_KEY_LENGTH = 255
+# The one tenant of a deployment without a tenant header (the record names it had before
+# tenants were configurable stay the same).
 DEFAULT_TENANT = "default"
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -180,8 +182,14 @@ def extract(
     return None if key is None else validate(key)
 
 
-def scope(tenant: str, namespace: str, key: str) -> ScopedKey:
-    """The record's storage key: tenant + namespace + key, hashed, in a hash tag."""
-    material = f"{len(tenant)}:{tenant}|{len(namespace)}:{namespace}|{key}".encode()
+def scope(tenant: str | None, namespace: str, key: str) -> ScopedKey:
+    """The record's storage key: tenant + namespace + key, hashed, in a hash tag.
+
+    `None` is the caller without a tenant (the tenant header is configured but was not
+    sent): its own scope, which no header value can name, since every named tenant is
+    length-prefixed and so starts with a digit.
+    """
+    owner = "-" if tenant is None else f"{len(tenant)}:{tenant}"
+    material = f"{owner}|{len(namespace)}:{namespace}|{key}".encode()
     digest = hashlib.sha256(material).hexdigest()
     return ScopedKey(storage_key=f"idem:{{{digest[:32]}}}", log_hash=digest[:12])

@@ -243,10 +243,22 @@ def test_replay_headers_always_include_the_contract_set() -> None:
 # --------------------------------------------------------------------------- namespace
 
 
-def test_namespace_defaults_to_the_route_name() -> None:
-    table = _table(routes=[PAY, CHARGES])
+def test_header_keys_share_one_namespace_and_natural_keys_stay_per_route() -> None:
+    """A client-generated header key names one request of the tenant, whatever endpoint it
+    is sent to; `order_id` of /pay and of /refund are two operations on one order."""
+    table = _table(
+        routes=[
+            PAY,
+            CHARGES,
+            {"name": "refunds", "path": "/v1/refunds"},
+            {"name": "by-query", "path": "/v1/q", "key": {"from": "query", "field": "k"}},
+        ]
+    )
     assert _route(table, "pay").namespace == "pay"
-    assert _route(table, "charges").namespace == "charges"
+    assert _route(table, "by-query").namespace == "by-query"
+    assert _route(table, "charges").namespace == _route(table, "refunds").namespace
+    # The same namespace the default rule (no routes) uses.
+    assert _route(table, "charges").namespace == _table().routes[0].namespace
 
 
 def test_routes_may_share_a_namespace() -> None:
@@ -259,4 +271,5 @@ def test_routes_may_share_a_namespace() -> None:
     )
     assert _route(table, "pay").namespace == "payments"
     assert _route(table, "charges").namespace == "payments"
-    assert _route(table, "refunds").namespace == "refunds"
+    # No namespace given, keyed by the header: the tenant's one namespace of header keys.
+    assert _route(table, "refunds").namespace == "default"
