@@ -37,7 +37,8 @@ def canonical_query(query_string: bytes) -> bytes:
     pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
     # Sorted by name only (a stable sort): the values of a repeated parameter keep their
     # order, because a last-wins backend reads `amount=100&amount=1` as another amount.
-    return urlencode(sorted(pairs, key=_name), encoding="latin-1").encode("latin-1")
+    ordered = sorted(pairs, key=_name)
+    return urlencode(ordered, encoding="latin-1").encode("latin-1")
 
 
 def _name(pair: tuple[str, str]) -> str:

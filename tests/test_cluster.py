@@ -25,8 +25,10 @@ from harness import (
     problem_name,
     storage_key,
 )
+from redis.crc import key_slot
 
 from proxy.records import ClaimKind, StoredResponse
+from proxy.store.guard import canary_keys
 from proxy.store.redis import RedisStore
 
 KEYS = 60  # enough distinct keys to land on every master
@@ -223,6 +225,44 @@ async def test_proxy_on_cluster_end_to_end(
     assert orders[limited_order] == 1
     assert all(orders[o] == 1 for o in burst_orders)
     assert ledger["requests_seen"] == 4 + len(burst_orders)  # first, slow, 429, retry, burst
+
+
+async def test_one_canary_per_master(
+    redis_cluster: RedisCluster, cluster_store: RedisStore
+) -> None:
+    keys = cluster_store.canaries()
+    assert sorted(masters_of(redis_cluster, keys).values()) == [1, 1, 1], keys
+    assert "idem:{canary}" in keys  # the name a single node and older versions watch
+    await cluster_store.check_canary()
+    with redis_cluster.client() as admin:
+        assert all(admin.get(key) for key in keys)
+    assert not cluster_store.watch.active
+
+
+def test_canaries_follow_the_topology() -> None:
+    """Re-discovered from the slot map: a kept key stays while its slot stays with its
+    master; a master that gains or loses the slot of its canary gets a new one."""
+
+    def slot(key: str) -> int:
+        return key_slot(key.encode())
+
+    three = {s: ("a" if s < 5461 else "b" if s < 10923 else "c") for s in range(16384)}
+    chosen = canary_keys(three, slot)
+    assert sorted(chosen) == ["a", "b", "c"]
+    assert all(three[slot(key)] == master for master, key in chosen.items())
+    assert canary_keys(three, slot, chosen) == chosen
+    # `a`'s canary slot moves to `c` (a resharding): `a` needs another key, `c` keeps its own.
+    moved = dict(three)
+    moved[slot(chosen["a"])] = "c"
+    after = canary_keys(moved, slot, chosen)
+    assert after["c"] == chosen["c"] and after["b"] == chosen["b"]
+    assert after["a"] != chosen["a"] and moved[slot(after["a"])] == "a"
+    # A fourth master with slots of its own gets one; a master that left is dropped.
+    four = {**moved, **{s: "d" for s in range(16000, 16384)}}
+    del_c = {s: ("b" if m == "c" else m) for s, m in four.items()}
+    final = canary_keys(del_c, slot, after)
+    assert sorted(final) == ["a", "b", "d"]
+    assert all(del_c[slot(key)] == master for master, key in final.items())
 
 
 async def test_a_flushed_master_without_the_first_canary_is_a_data_loss(

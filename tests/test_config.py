@@ -352,7 +352,11 @@ def test_path_key_not_in_template_is_one_line() -> None:
         ({"routes": [{**PAY_ROUTE, "retention": "2s", "upstream_timeout": "3s"}]}, "routes['pay']"),
         # Just under twice lease + upstream_timeout is too close.
         (
-            {"routes": [{**PAY_ROUTE, "retention": "39s", "lease": "10s", "upstream_timeout": "10s"}]},
+            {
+                "routes": [
+                    {**PAY_ROUTE, "retention": "39s", "lease": "10s", "upstream_timeout": "10s"}
+                ]
+            },
             "routes['pay']",
         ),
         ({"defaults": {"retention": "1m", "upstream_timeout": "30s"}}, "defaults"),
@@ -371,7 +375,9 @@ def test_retention_must_comfortably_outlast_a_request(tree: dict[str, Any], wher
 
 
 def test_retention_twice_a_request_and_more_is_accepted() -> None:
-    tree = {"routes": [{**PAY_ROUTE, "retention": "41s", "lease": "10s", "upstream_timeout": "10s"}]}
+    tree = {
+        "routes": [{**PAY_ROUTE, "retention": "41s", "lease": "10s", "upstream_timeout": "10s"}]
+    }
     RouteTable(Settings.model_validate({"upstream": "http://127.0.0.1:1", **tree}))
     RouteTable(Settings())  # the defaults: 24 h against 10 s + 30 s
 

@@ -115,8 +115,12 @@ async def test_a_natural_key_stays_per_route(
 ) -> None:
     proxy = proxy_factory(backend.url, config=NATURAL_CONFIG)
     order = new_order()
-    paid = await client.post(f"{proxy.url}/v1/orders/pay", content=body(order), headers=JSON_HEADERS)
-    charged = await client.post(f"{proxy.url}/v1/charges", content=body(order), headers=JSON_HEADERS)
+    paid = await client.post(
+        f"{proxy.url}/v1/orders/pay", content=body(order), headers=JSON_HEADERS
+    )
+    charged = await client.post(
+        f"{proxy.url}/v1/charges", content=body(order), headers=JSON_HEADERS
+    )
     assert paid.status_code == 201 and charged.status_code == 201
     assert "idempotent-replayed" not in charged.headers
     assert await times_charged(client, backend, order) == 2

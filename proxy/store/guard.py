@@ -4,11 +4,12 @@
 letting every request wait out the Redis timeouts, so a black-holed Redis costs
 milliseconds per request, not seconds.
 
-`DataLossWatch`: a canary key that only disappears when the store lost data (a
+`DataLossWatch`: canary keys that only disappear when the store lost data (a
 restart without persistence, a flush, a failover to an empty replica). Records
-may have vanished with it, and with them the claims of requests still in
+may have vanished with them, and with them the claims of requests still in
 flight, so claims fail closed until every such request has finished or timed
-out (lease + upstream timeout).
+out (lease + upstream timeout). A Redis Cluster loses data one master at a
+time, so it gets one canary per master (`canary_keys`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable, Iterable, Mapping
 
 from proxy.store.base import StoreUnavailable
 
@@ -54,40 +56,89 @@ class CircuitBreaker:
             self._open_until = time.monotonic() + self.cooldown
 
 
-class DataLossWatch:
-    """Tracks the canary's value; decides when claims must fail closed."""
+CANARY_KEY = "idem:{canary}"
+# How far to look for a hash tag on each master's slots; with the 16384 slots spread
+# over a few masters a handful of tries finds one, and a master owning one slot alone
+# needs about 16384.
+MAX_CANARY_CANDIDATES = 1 << 20
 
-    KEY = "idem:{canary}"
+
+def canary_key(n: int) -> str:
+    """The n-th candidate canary name. The first is the single node's (and the name older
+    versions watched); each has its own hash tag, so the candidates spread over slots."""
+    return CANARY_KEY if n == 0 else f"idem:{{canary{n}}}"
+
+
+def canary_keys(
+    owners: Mapping[int, str],
+    keyslot: Callable[[str], int],
+    known: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """One canary per master of a cluster: {master name: key on one of its slots}.
+
+    `owners` maps each slot to its master's name. A key chosen earlier (`known`) is kept
+    while its slot still belongs to that master; a master without one gets the first
+    candidate that lands on its slots, so processes that see one topology pick one name.
+    """
+    masters = set(owners.values())
+    chosen = {
+        master: key
+        for master, key in (known or {}).items()
+        if master in masters and owners.get(keyslot(key)) == master
+    }
+    n = 0
+    while len(chosen) < len(masters) and n < MAX_CANARY_CANDIDATES:
+        key = canary_key(n)
+        owner = owners.get(keyslot(key))
+        if owner is not None and owner not in chosen:
+            chosen[owner] = key
+        n += 1
+    return chosen
+
+
+class DataLossWatch:
+    """Tracks the canaries' values; decides when claims must fail closed."""
+
+    KEY = CANARY_KEY
 
     def __init__(self, safe_mode_seconds: float) -> None:
         self.safe_mode_seconds = safe_mode_seconds
-        self.seen: bytes | None = None
+        # The value each watched canary had at its last read.
+        self.seen: dict[str, bytes] = {}
         self.safe_until = 0.0
         self.losses = 0
 
     def new_value(self) -> bytes:
         return secrets.token_hex(16).encode()
 
-    def observe(self, current: bytes | None) -> bool:
-        """Feed the canary as read now. True when the caller must (re)write `self.seen`."""
+    def watch_only(self, keys: Iterable[str]) -> None:
+        """Forget canaries no longer watched (the topology changed): if one is watched
+        again later, its first read is a first sight, not a loss."""
+        wanted = set(keys)
+        for key in [k for k in self.seen if k not in wanted]:
+            del self.seen[key]
+
+    def observe(self, key: str, current: bytes | None) -> bool:
+        """Feed one canary as read now. True when the caller must (re)write `self.seen[key]`."""
+        seen = self.seen.get(key)
         if current is not None:
-            if self.seen is not None and current != self.seen:
+            if seen is not None and current != seen:
                 # Another replica rewrote it after a loss it saw first.
-                self._enter_safe_mode()
-            self.seen = current
+                self._enter_safe_mode(key)
+            self.seen[key] = current
             return False
-        if self.seen is not None:
-            self._enter_safe_mode()
-        self.seen = self.new_value()
+        if seen is not None:
+            self._enter_safe_mode(key)
+        self.seen[key] = self.new_value()
         return True
 
-    def _enter_safe_mode(self) -> None:
+    def _enter_safe_mode(self, key: str) -> None:
         self.losses += 1
         self.safe_until = time.monotonic() + self.safe_mode_seconds
         logger.error(
             "the store lost data (canary gone): refusing new claims until requests in flight "
             "have finished or timed out",
-            extra={"safe_mode_s": self.safe_mode_seconds},
+            extra={"safe_mode_s": self.safe_mode_seconds, "canary": key},
         )
 
     @property
