@@ -202,7 +202,8 @@ class RouteSettings(BaseModel):
     key: KeySpec = KeySpec.model_validate({"from": "header"})
     required: bool = True
     # Routes that share a namespace share their keys: the same key sent to two
-    # of them is a reuse (422), not two executions.
+    # of them is a reuse (422), not two executions. Unset: header keys share one
+    # namespace per tenant, natural keys are per route (routes._namespace).
     namespace: str | None = None
     retention: Duration | None = None
     lease: Duration | None = None
