@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable
 
 from proxy.store.base import StoreUnavailable
 
@@ -69,28 +69,24 @@ def canary_key(n: int) -> str:
     return CANARY_KEY if n == 0 else f"idem:{{canary{n}}}"
 
 
-def canary_keys(
-    owners: Mapping[int, str],
-    keyslot: Callable[[str], int],
-    known: Mapping[str, str] | None = None,
-) -> dict[str, str]:
+def canary_keys(masters: Collection[str], owner_of: Callable[[str], str | None]) -> dict[str, str]:
     """One canary per master of a cluster: {master name: key on one of its slots}.
 
-    `owners` maps each slot to its master's name. A key chosen earlier (`known`) is kept
-    while its slot still belongs to that master; a master without one gets the first
-    candidate that lands on its slots, so processes that see one topology pick one name.
+    `masters` are the masters that own slots; `owner_of` names the master holding a
+    key's slot. Each master gets the first candidate that lands on its slots: a
+    function of the slot map alone, so every process that sees one topology watches the
+    same names, and a master replaced by its replica (a failover, with the same slots)
+    keeps its canary's name, which is what lets an empty replica's missing canary be
+    seen as a loss. Cheap enough to run before every read: it looks at a handful of
+    candidates, not at the 16384 slots.
     """
-    masters = set(owners.values())
-    chosen = {
-        master: key
-        for master, key in (known or {}).items()
-        if master in masters and owners.get(keyslot(key)) == master
-    }
+    wanted = set(masters)
+    chosen: dict[str, str] = {}
     n = 0
-    while len(chosen) < len(masters) and n < MAX_CANARY_CANDIDATES:
+    while len(chosen) < len(wanted) and n < MAX_CANARY_CANDIDATES:
         key = canary_key(n)
-        owner = owners.get(keyslot(key))
-        if owner is not None and owner not in chosen:
+        owner = owner_of(key)
+        if owner in wanted and owner not in chosen:
             chosen[owner] = key
         n += 1
     return chosen

@@ -139,7 +139,9 @@ class RedisStore:
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown)
         self.watch = DataLossWatch(safe_mode_seconds)
         self._canary_interval = canary_interval
-        self._canary_by_master: dict[str, str] = {}
+        # The slot map the canaries' masters were read from, and those masters.
+        self._canary_topology: tuple[int, frozenset[str]] | None = None
+        self._canary_masters: set[str] = set()
         self._watch_task: asyncio.Task[None] | None = None
 
     @property
@@ -173,12 +175,22 @@ class RedisStore:
         that a failover, a new master or a resharding is followed."""
         if not self.cluster:
             return [CANARY_KEY]
-        slots = self._client.nodes_manager.slots_cache
-        owners = {slot: nodes[0].name for slot, nodes in slots.items() if nodes}
-        self._canary_by_master = canary_keys(owners, self._client.keyslot, self._canary_by_master)
-        keys = sorted(self._canary_by_master.values())
-        self.watch.watch_only(keys)
-        return keys
+        manager = self._client.nodes_manager
+        slots = manager.slots_cache
+        # Which masters own slots takes a walk over the 16384 slots: only when the
+        # client reloaded its slot map or the set of masters changed.
+        signature = (id(slots), frozenset(node.name for node in self._client.get_primaries()))
+        if signature != self._canary_topology:
+            self._canary_topology = signature
+            self._canary_masters = {nodes[0].name for nodes in slots.values() if nodes}
+
+        def owner_of(key: str) -> str | None:
+            nodes = slots.get(self._client.keyslot(key))
+            return str(nodes[0].name) if nodes else None
+
+        names = sorted(canary_keys(self._canary_masters, owner_of).values())
+        self.watch.watch_only(names)
+        return names
 
     async def check_canary(self) -> None:
         """Read every canary once; a vanished one puts claims into safe mode. One master
