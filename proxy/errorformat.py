@@ -166,17 +166,20 @@ class TemplateFormat(ErrorFormat):
                 raise ValueError(f"status: {code_value} is not an error status")
         self._status = dict(status or {})
         self._code = dict(code or {})
-        self._headers: dict[str, tuple[tuple[bytes, bytes], ...]] = {}
+        # Extra headers per type, '*' merged under each type's own; values may carry
+        # placeholders too (the request id, say), which are all printable ASCII.
+        compiled: dict[str, dict[bytes, _Text | str]] = {}
         for key, extra in (headers or {}).items():
-            compiled: list[tuple[bytes, bytes]] = []
+            own = compiled.setdefault(key, {})
             for header, value in extra.items():
                 lowered = header.strip().lower()
                 if not _HEADER_NAME.match(lowered) or lowered in _RESERVED:
                     raise ValueError(f"headers: {header!r} cannot be set by a template")
                 if any(not 32 <= ord(c) < 127 for c in value):
                     raise ValueError(f"headers: the value of {header!r} is not printable ASCII")
-                compiled.append((lowered.encode("ascii"), value.encode("ascii")))
-            self._headers[key] = tuple(compiled)
+                own[lowered.encode("ascii")] = _compile_text(value)
+        star = compiled.get("*", {})
+        self._headers = {key: tuple({**star, **own}.items()) for key, own in compiled.items()}
         # A template that cannot render is found now, not on the first 409.
         sample = Problem("request-in-progress", 409, 'a "detail" \\ with\nescapes', retry_after=1)
         self.render(sample, [], b"sample-request-id")
@@ -211,7 +214,9 @@ class TemplateFormat(ErrorFormat):
             # problem set them; the body's own headers are replaced.
             if header in (b"date", b"retry-after", b"connection", _REPLAYED):
                 out.append((header, value))
-        out.extend(self._headers.get(name) or self._headers.get("*") or ())
+        for header, text in self._headers.get(name) or self._headers.get("*") or ():
+            value = _fill(text, values)
+            out.append((header, str(value).encode("ascii", "replace")))
         out.append((b"content-length", str(len(body)).encode("ascii")))
         out.append((REQUEST_ID, request_id))
         return status, out, body
@@ -221,6 +226,8 @@ def _stripe() -> TemplateFormat:
     # Stripe's SDKs read `error.type`: `idempotency_error` on 400 is IdempotencyError,
     # other 400s are InvalidRequestError; a 409 is retried by the SDK, as is any 5xx.
     # `Stripe-Should-Retry: false` stops the retry where it could only get the same answer.
+    # Request-Id is where the SDK reads the id its exceptions report.
+    request_id = {"Request-Id": "{request_id}"}
     no_retry = {"Stripe-Should-Retry": "false"}
     return TemplateFormat(
         "stripe",
@@ -251,7 +258,7 @@ def _stripe() -> TemplateFormat:
             "headers-too-large": "invalid_request_error",
             "*": "api_error",
         },
-        headers={"outcome-unknown": no_retry, "replay-unavailable": no_retry},
+        headers={"*": request_id, "outcome-unknown": no_retry, "replay-unavailable": no_retry},
     )
 
 

@@ -215,6 +215,7 @@ def _check(fmt: str, name: str, own_status: int, response: httpx.Response) -> No
         error = body["error"]
         assert error["code"] == name
         assert error["request_id"] == request_id
+        assert response.headers["request-id"] == request_id  # where the SDK reads it
         assert error["message"]
         if name in STRIPE_IDEMPOTENCY:
             assert error["type"] == "idempotency_error"
