@@ -300,3 +300,31 @@ PRESETS: dict[str, Callable[[], ErrorFormat]] = {
     "stripe": _stripe,
     "gocardless": _gocardless,
 }
+
+
+def problem_name(content_type: str, body: bytes) -> str:
+    """The proxy's problem name in an answer of the problem format or a preset, else ''.
+
+    For clients that must tell the proxy's answers apart (the demo, the load tests)
+    whichever format the proxy was given.
+    """
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if not media_type.endswith("json"):
+        return ""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    if not isinstance(document, dict):
+        return ""
+    if media_type == "application/problem+json":
+        name = str(document.get("type", "")).rsplit("/", 1)[-1]
+    else:
+        error = document.get("error")
+        if not isinstance(error, dict):
+            return ""
+        name = str(error.get("code", ""))  # stripe
+        reasons = error.get("errors")
+        if isinstance(reasons, list) and reasons and isinstance(reasons[0], dict):
+            name = str(reasons[0].get("reason", ""))  # gocardless
+    return name if name in TITLES else ""
