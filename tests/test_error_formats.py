@@ -8,6 +8,7 @@ RFC 9457 problems, the Stripe preset and a legacy `{code, message}` template.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -381,3 +382,17 @@ def test_an_unused_bad_template_still_stops_start_up() -> None:
     config["error_formats"]["bad"] = {"body": {"m": "{nope}"}}
     with pytest.raises(ConfigError, match=r"^error_formats\['bad'\]: unknown placeholder"):
         RouteTable(Settings.model_validate(config))
+
+
+async def test_a_generated_request_id_leads_to_the_one_log_line(
+    backend: BackendServer, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="idempotency_proxy.requests")
+    async with _proxy(_config(backend.url, "stripe")) as (url, _):
+        response = await _key_reused(client, url)
+    assert response.status_code == 400
+    request_id = response.headers["x-request-id"]
+    lines = [r for r in caplog.records if getattr(r, "request_id", None) == request_id]
+    assert len(lines) == 1
+    assert getattr(lines[0], "outcome", None) == "key_reused"
+    assert getattr(lines[0], "status", None) == 400
