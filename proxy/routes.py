@@ -58,9 +58,10 @@ class RouteTable:
 
     def __init__(self, settings: Settings) -> None:
         formats = _Formats(settings)
-        self.routes: tuple[Route, ...] = tuple(_compile(settings, formats))
-        # For answers made before a route matched (431) or on pass-through traffic.
+        # For answers made before a route matched (431) or on pass-through traffic;
+        # checked first, so that a bad default is reported as the default's mistake.
         self.default_error_format = formats.get(settings.defaults.error_format, "defaults")
+        self.routes: tuple[Route, ...] = tuple(_compile(settings, formats))
         formats.check_unused()
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:

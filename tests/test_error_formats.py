@@ -226,6 +226,21 @@ def _check(fmt: str, name: str, own_status: int, response: httpx.Response) -> No
             assert error["type"] == "api_error"
         if name in ("outcome-unknown", "replay-unavailable"):
             assert response.headers["stripe-should-retry"] == "false"
+    elif fmt == "gocardless":
+        status = 409 if name == "key-reused" else own_status
+        assert response.status_code == status
+        assert response.headers["content-type"] == "application/json"
+        error = body["error"]
+        assert error["code"] == status
+        assert error["errors"][0]["reason"] == name
+        assert error["request_id"] == request_id
+        assert error["documentation_url"].endswith("/" + name)
+        if name in ("key-reused", "request-in-progress", "replay-unavailable"):
+            assert error["type"] == "invalid_state"
+        elif name in STRIPE_INVALID_REQUEST:
+            assert error["type"] == "invalid_api_usage"
+        else:
+            assert error["type"] == "gocardless"
     else:
         status = 400 if name == "key-reused" else own_status
         assert response.status_code == status
@@ -239,7 +254,7 @@ def _check(fmt: str, name: str, own_status: int, response: httpx.Response) -> No
         assert isinstance(body["message"], str) and body["message"]
 
 
-@pytest.mark.parametrize("fmt", ["problem", "stripe", "legacy"])
+@pytest.mark.parametrize("fmt", ["problem", "stripe", "gocardless", "legacy"])
 async def test_every_problem_type_in_each_format(
     fmt: str, backend: BackendServer, client: httpx.AsyncClient
 ) -> None:
@@ -375,6 +390,12 @@ def test_a_bad_format_is_one_line_naming_the_route(
     text = str(caught.value)
     assert text.startswith(message), text
     assert "\n" not in text
+
+
+def test_a_bad_default_format_names_the_defaults() -> None:
+    config = _config("http://127.0.0.1:1", "strpe")
+    with pytest.raises(ConfigError, match=r"^defaults\.error_format: unknown format 'strpe'"):
+        RouteTable(Settings.model_validate(config))
 
 
 def test_an_unused_bad_template_still_stops_start_up() -> None:
