@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -118,17 +119,43 @@ def _json_field(request: ProxyRequest, dotted: str, required: bool) -> str | Non
         raise Problem(
             "body-invalid", 400, f"the body is not valid JSON; the key is read from {where}"
         ) from None
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
+    for name, positions in _json_steps(dotted):
+        if not isinstance(node, dict) or name not in node:
             if required:
                 raise key_missing(where)
             return None
-        node = node[part]
+        node = node[name]
+        # A list is only entered at a position the route names (`items[0]`), so a key
+        # never depends on list order by accident.
+        for position in positions:
+            if not isinstance(node, list) or position >= len(node):
+                if required:
+                    raise key_missing(where)
+                return None
+            node = node[position]
     if node is None and not required:
         return None
     if isinstance(node, bool) or not isinstance(node, str | int):
         raise key_invalid(f"{where} must be a string or an integer")
     return str(node)
+
+
+_POSITIONS = re.compile(r"\[(\d+)\]")
+_STEP = re.compile(r"^(.+?)((?:\[\d+\])*)$")
+
+
+@functools.lru_cache(maxsize=256)
+def _json_steps(dotted: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """`payments[1].order_id` -> (("payments", (1,)), ("order_id", ()))."""
+    steps: list[tuple[str, tuple[int, ...]]] = []
+    for part in dotted.split("."):
+        found = _STEP.match(part)
+        if found is None:
+            steps.append((part, ()))
+            continue
+        name, positions = found.groups()
+        steps.append((name, tuple(int(p) for p in _POSITIONS.findall(positions))))
+    return tuple(steps)
 
 
 def _form_field(request: ProxyRequest, name: str, required: bool) -> str | None:

@@ -420,3 +420,31 @@ def test_path_part_not_in_the_template_is_one_line() -> None:
     with pytest.raises(ConfigError) as exc:
         RouteTable(settings)
     assert str(exc.value).startswith("routes['pay'].key[1].name: 'order'")
+
+
+# --------------------------------------------------------------------------- JSON lists
+
+
+def _json_key(body: bytes, field: str, required: bool = True) -> str | None:
+    spec = KeySpec.model_validate({"from": "json", "field": field})
+    return extract(proxy_request(body=body, content_type="application/json"), spec, {}, required)
+
+
+def test_a_json_key_inside_a_list_needs_an_explicit_position() -> None:
+    body = b'{"payments": [{"order_id": "first"}, {"order_id": "second"}]}'
+    assert _json_key(body, "payments[1].order_id") == "second"
+    assert _json_key(body, "payments[0].order_id") == "first"
+    # Without a position the key would depend on list order: refused, as before.
+    with pytest.raises(Problem) as exc:
+        _json_key(body, "payments.order_id")
+    _problem(exc, "key-missing", 400)
+    assert _json_key(body, "payments.order_id", required=False) is None
+    with pytest.raises(Problem) as exc:
+        _json_key(body, "payments[2].order_id")
+    _problem(exc, "key-missing", 400)
+    nested = b'{"batches": [[{"id": "a"}], [{"id": "b"}, {"id": "c"}]]}'
+    assert _json_key(nested, "batches[1][1].id") == "c"
+    # A position on an object is not an index into it.
+    with pytest.raises(Problem) as exc:
+        _json_key(b'{"payments": {"0": {"order_id": "x"}}}', "payments[0].order_id")
+    _problem(exc, "key-missing", 400)
