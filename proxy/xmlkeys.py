@@ -29,6 +29,10 @@ from proxy.request import ProxyRequest
 
 # Deeper than any envelope a payment API sends; a bound on the parser's stacks.
 MAX_DEPTH = 64
+# Elements plus attributes. Each costs Python-level work (tree, canonical writer): a
+# megabyte of `<a/>` would be over a second of CPU; this bound keeps the worst body
+# to tens of milliseconds, far above any payment envelope's few dozen nodes.
+MAX_NODES = 10_000
 
 XML_MEDIA_TYPES = ("text/xml", "application/xml", "application/soap+xml")
 
@@ -121,6 +125,7 @@ class _Tee:
         self.out: list[str] = []
         self.c14n = ET.C14NWriterTarget(self.out.append, strip_text=True, rewrite_prefixes=True)
         self.depth = 0
+        self.nodes = 0
 
     def start_ns(self, prefix: str, uri: str) -> None:
         self.c14n.start_ns(prefix, uri)
@@ -129,6 +134,9 @@ class _Tee:
         self.depth += 1
         if self.depth > MAX_DEPTH:
             raise XmlRefused(f"the XML body is nested deeper than {MAX_DEPTH} levels")
+        self.nodes += 1 + len(attrs)
+        if self.nodes > MAX_NODES:
+            raise XmlRefused(f"the XML body has more than {MAX_NODES} elements and attributes")
         self.tree.start(tag, attrs)
         self.c14n.start(tag, attrs)
 
@@ -154,12 +162,23 @@ class ParsedXml:
     canonical: bytes
 
 
-def parse(body: bytes) -> ParsedXml:
-    """Parse with DTDs, entity declarations and external references forbidden."""
+def parse(body: bytes, charset: str | None = None) -> ParsedXml:
+    """Parse with DTDs, entity declarations and external references forbidden.
+
+    `charset` is the Content-Type's parameter, which overrides the document's own
+    declaration (RFC 7303); without it the declaration, BOM or UTF-8 applies.
+    """
     tee = _Tee()
-    parser = DefusedXMLParser(
-        target=tee, forbid_dtd=True, forbid_entities=True, forbid_external=True
-    )
+    try:
+        parser = DefusedXMLParser(
+            target=tee,
+            encoding=charset,
+            forbid_dtd=True,
+            forbid_entities=True,
+            forbid_external=True,
+        )
+    except (ValueError, LookupError):
+        raise XmlRefused("the Content-Type names an unknown charset") from None
     try:
         parser.feed(body)
         root = parser.close()
@@ -179,7 +198,7 @@ def parsed(request: ProxyRequest) -> ParsedXml:
     cached: Any = request._xml
     if cached is None:
         try:
-            cached = parse(request.body)
+            cached = parse(request.body, _charset(request.header(b"content-type")))
         except XmlRefused as exc:
             cached = exc
         request._xml = cached
@@ -187,6 +206,14 @@ def parsed(request: ProxyRequest) -> ParsedXml:
         raise cached
     result: ParsedXml = cached
     return result
+
+
+_CHARSET = re.compile(rb';\s*charset\s*=\s*"?([A-Za-z0-9._:-]+)"?', re.IGNORECASE)
+
+
+def _charset(content_type: bytes | None) -> str | None:
+    found = _CHARSET.search(content_type or b"")
+    return found.group(1).decode("ascii") if found else None
 
 
 def canonical(request: ProxyRequest) -> bytes | None:

@@ -43,6 +43,9 @@ HOSTILE = {
     "parameter-entity": (b'<!DOCTYPE p [<!ENTITY % x SYSTEM "file:///etc/passwd"> %x;]><p/>'),
     "undeclared-entity": b"<p>&xxe;</p>",
     "too-deep": b"<a>" * (xmlkeys.MAX_DEPTH + 1) + b"</a>" * (xmlkeys.MAX_DEPTH + 1),
+    # A megabyte of tiny elements would cost over a second of CPU to walk in full.
+    "too-many-elements": b"<r>" + b"<a/>" * 250_000 + b"</r>",
+    "too-many-attributes": b"<r " + b" ".join(b"a%d='1'" % i for i in range(20_000)) + b"/>",
     "malformed": b"<soap:Envelope><p:Pay>",
     "two-roots": b"<a/><b/>",
     "unknown-encoding": b'<?xml version="1.0" encoding="x-nope"?><a/>',
@@ -129,13 +132,14 @@ def test_xml_key_needs_an_xml_media_type() -> None:
 def test_hostile_xml_is_a_400_quickly_and_reads_nothing(name: str) -> None:
     started = time.monotonic()
     with pytest.raises(Problem) as exc:
-        extract(_xml(HOSTILE[name]), XML_SPEC, {}, required=True)
+        # No charset parameter: the document's own declaration (x-nope) must be honoured.
+        extract(_xml(HOSTILE[name], "text/xml"), XML_SPEC, {}, required=True)
     assert time.monotonic() - started < 1.0
     problem = _problem(exc, "body-invalid", 400)
     assert "root:" not in (problem.detail or "")
     assert "lol" not in (problem.detail or "")
     # The fingerprint falls back to the raw bytes, as for unusable JSON; it never expands.
-    assert xmlkeys.canonical(_xml(HOSTILE[name])) is None
+    assert xmlkeys.canonical(_xml(HOSTILE[name], "text/xml")) is None
 
 
 # --------------------------------------------------------------------------- XML fingerprint
@@ -201,6 +205,14 @@ def test_attribute_order_and_quotes_are_insignificant() -> None:
 )
 def test_a_changed_xml_payment_is_a_different_request(changed: bytes) -> None:
     assert _fp(changed) != _fp(pay_envelope("ord-9", 1250))
+
+
+def test_the_content_type_charset_overrides_the_default() -> None:
+    # RFC 7303: the charset parameter is authoritative; without one, UTF-8 (or the declaration).
+    latin = pay_envelope("ord-\u00e9", 5).decode().encode("latin-1")
+    utf8 = pay_envelope("ord-\u00e9", 5)
+    assert _fp(latin, "text/xml; charset=ISO-8859-1") == _fp(utf8, "text/xml; charset=utf-8")
+    assert xmlkeys.canonical(_xml(latin, "text/xml")) is None  # not UTF-8: unusable
 
 
 def test_unusable_xml_fingerprints_its_raw_bytes() -> None:
