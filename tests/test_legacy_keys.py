@@ -18,7 +18,14 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from harness import BackendServer, ProxyServer, RedisServer, print_logs, problem_name
+from harness import (
+    BackendServer,
+    ProxyServer,
+    RedisServer,
+    print_logs,
+    problem_name,
+    records_cli,
+)
 
 from sample_backend.soap import PAYMENTS_NS, SOAP11_NS, SOAP12_NS, pay_envelope
 
@@ -346,3 +353,22 @@ async def test_composite_missing_part_is_400_naming_the_part(
     assert named in detail and "part" in detail
     assert b"secret" not in response.content  # the part that was sent is never echoed
     assert _requests_seen(backend) == seen
+
+
+async def test_records_cli_names_a_composite_key_by_its_parts(
+    client: httpx.AsyncClient,
+    backend: BackendServer,
+    replicas: list[ProxyServer],
+    redis_server: RedisServer,
+) -> None:
+    order = _order()
+    assert (await _post_charge(client, replicas[0], "m-7", _charge(order))).status_code == 201
+    config = str(replicas[0].config_path)
+    common = ("--redis-url", redis_server.url, "--config", config, "--route", "merchant-charges")
+    code, out, err = await records_cli("show", *common, "--key", "m-7", "--key", order)
+    assert code == 0, (out, err)
+    assert '"state": "COMPLETED"' in out
+    # One value for a two-part key names no record: a one-line error, not a wrong lookup.
+    code, out, err = await records_cli("show", *common, "--key", order)
+    assert code == 2, (out, err)
+    assert "2 part(s)" in err and len(err.strip().splitlines()) == 1
