@@ -59,10 +59,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import bench_report
-from bench_store import measure_store
-
 REPO = Path(__file__).resolve().parent.parent
+# This checkout's `proxy`, as the processes it starts use, also for the in-process parts.
+if str(REPO) not in sys.path:
+    sys.path.insert(1, str(REPO))
+
+import bench_report  # noqa: E402
+from bench_store import measure_store  # noqa: E402
+
 HOST = "127.0.0.1"
 PATH = "/v1/charges"
 BODY = b'{"amount":100,"currency":"EUR"}'
@@ -186,8 +190,6 @@ def key_cpu_us(iterations: int = 2000) -> dict[str, float]:
     """In this process: microseconds of CPU to read the key and fingerprint one request, for
     a JSON-field route and an XML-element route (the part of the proxy an XML route changes;
     the load scenarios also pay the backend's own parsing)."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     from proxy.config import KeySpec
     from proxy.fingerprint import fingerprint
     from proxy.keys import extract
