@@ -148,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         action = actions.add_parser(name, help=text, description=text)
         _add_store_flags(action)
         action.add_argument(
-            "--key", required=True, help="the idempotency key as the client sent it"
+            "--key",
+            required=True,
+            action="append",
+            help="the idempotency key as the client sent it; for a composite key, once per "
+            "part, in the route's order",
         )
         action.add_argument(
             "--route",
@@ -271,10 +275,19 @@ async def _records(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--route: no route named {args.route!r} (known: {', '.join(namespaces)})"
         )
+    parts = next(r for r in table.routes if r.name == args.route).key.parts
+    wanted = len(parts) if parts is not None else 1
+    if len(args.key) != wanted:
+        raise ConfigError(
+            f"--key: the route {args.route!r} has a key of {wanted} part(s); "
+            f"give --key {wanted} time(s), in the route's order"
+        )
+    given = [keys.validate(key) for key in args.key]
+    key = keys.join_parts(given) if parts is not None else given[0]
     tenant = args.tenant
     if tenant is None and not settings.tenant.header:
         tenant = keys.DEFAULT_TENANT
-    scoped = keys.scope(tenant, namespaces[args.route], keys.validate(args.key))
+    scoped = keys.scope(tenant, namespaces[args.route], key)
     store: Any = open_store(settings.store.url, timeout=settings.store.timeout, canary_interval=0)
     try:
         await store.start()

@@ -3,9 +3,10 @@
 sha256 over method, path, query (sorted by parameter name, repeated parameters in
 their order), media type and body. A JSON body is canonicalised (parsed, keys
 sorted, compact) so whitespace and key order do not make a retry look like a
-different payment; a body the canonical form cannot hold exactly (NaN, Infinity,
-1e400: not finite numbers) is fingerprinted by its raw bytes instead. Only the
-digest is ever stored: request bodies may carry card data.
+different payment; an XML body likewise (C14N 2.0, see proxy.xmlkeys for what is
+and is not made equal). A JSON body the canonical form cannot hold exactly (NaN,
+Infinity, 1e400: not finite numbers) is fingerprinted by its raw bytes instead.
+Only the digest is ever stored: request bodies may carry card data.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
+from proxy import xmlkeys
 from proxy.request import InvalidJSON, ProxyRequest, is_json
+from proxy.xmlkeys import is_xml
 
 
 def canonical_json(value: Any) -> bytes:
@@ -53,6 +56,11 @@ def canonical_body(request: ProxyRequest, media_type: str) -> bytes:
             # Too deep to re-encode (orjson stops at 255 levels, json at the stack): the
             # raw bytes still tell different requests apart.
             pass
+    elif request.body and is_xml(media_type):
+        # Unusable XML (malformed, a DTD) keeps its raw bytes, as unusable JSON does.
+        xml = xmlkeys.canonical(request)
+        if xml is not None:
+            return xml
     return request.body
 
 

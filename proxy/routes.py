@@ -103,9 +103,11 @@ def _check_retention(where: str, policy: Policy) -> None:
 def _namespace(spec: RouteSettings) -> str:
     if spec.namespace:
         return spec.namespace
-    # A natural key (order_id in the body, path or query) names an operation on one
-    # object, and /pay and /refund of one order are two operations: per route.
-    return HEADER_NAMESPACE if spec.key.source == "header" else spec.name
+    # A natural key (order_id in the body, path or query, or any composite key with such
+    # a part) names an operation on one object, and /pay and /refund of one order are
+    # two operations: per route. Keys made of headers alone are the client's own.
+    parts = spec.key.parts if spec.key.parts is not None else (spec.key,)
+    return HEADER_NAMESPACE if all(p.source == "header" for p in parts) else spec.name
 
 
 class _Formats:
@@ -167,11 +169,13 @@ def _compile(settings: Settings, formats: _Formats) -> list[Route]:
         policy = spec.policy(settings.defaults)
         _check_retention(f"routes[{spec.name!r}]", policy)
         regex, _, convertors = compile_path(spec.path)
-        if spec.key.source == "path" and spec.key.target not in convertors:
-            raise ConfigError(
-                f"routes[{spec.name!r}].key.name: {spec.key.target!r} is not a parameter "
-                f"of the path {spec.path!r}"
-            )
+        for index, part in enumerate(spec.key.sources):
+            if part.source == "path" and part.target not in convertors:
+                where = f"[{index}]" if spec.key.parts is not None else ""
+                raise ConfigError(
+                    f"routes[{spec.name!r}].key{where}.name: {part.target!r} is not a parameter "
+                    f"of the path {spec.path!r}"
+                )
         fail_open = (policy.failure_mode == "open") if policy.failure_mode else store_fail_open
         compiled.append(
             Route(

@@ -259,6 +259,25 @@ def test_header_keys_share_one_namespace_and_natural_keys_stay_per_route() -> No
     assert _route(table, "charges").namespace == _route(table, "refunds").namespace
     # The same namespace the default rule (no routes) uses.
     assert _route(table, "charges").namespace == _table().routes[0].namespace
+    composite = _table(
+        routes=[
+            {
+                "name": "headers-only",
+                "path": "/v1/a",
+                "key": [{"from": "header", "name": "X-Merchant-Id"}, {"from": "header"}],
+            },
+            {
+                "name": "merchant-order",
+                "path": "/v1/b",
+                "key": [
+                    {"from": "header", "name": "X-Merchant-Id"},
+                    {"from": "json", "field": "n"},
+                ],
+            },
+        ]
+    )
+    assert _route(composite, "headers-only").namespace == _route(table, "charges").namespace
+    assert _route(composite, "merchant-order").namespace == "merchant-order"
 
 
 def test_routes_may_share_a_namespace() -> None:
