@@ -127,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         "records",
         help="inspect or resolve one record (operators, for UNKNOWN outcomes)",
         description=(
-            "Find a record by tenant, route and key, show it, resolve an UNKNOWN record to a "
-            "response after checking the payment system's ledger, or release it so the "
-            "client's retry executes. Records in other states need --force."
+            "Find a record by tenant, route and key (or by the key_hash of a log line), "
+            "show it, resolve an UNKNOWN record to a response after checking the payment "
+            "system's ledger, or release it so the client's retry executes. Records in "
+            "other states need --force."
         ),
     )
     actions = records.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -140,8 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         action = actions.add_parser(name, help=text, description=text)
         _add_store_flags(action)
-        action.add_argument(
-            "--key", required=True, help="the idempotency key as the client sent it"
+        which = action.add_mutually_exclusive_group(required=True)
+        which.add_argument("--key", help="the idempotency key as the client sent it")
+        which.add_argument(
+            "--hash",
+            metavar="KEY_HASH",
+            help=(
+                "the key_hash from a log line instead of the key (needs the proxy's "
+                f"key_hash_secret: env {ENV_PREFIX}KEY_HASH_SECRET or the config file); "
+                "it names the record, so --route and --tenant are not needed"
+            ),
         )
         action.add_argument(
             "--route",
@@ -250,22 +259,33 @@ async def _records(args: argparse.Namespace) -> int:
     settings = _store_settings(args)
     if settings.store.url.startswith("memory://"):
         raise ConfigError("records: needs --redis-url; the memory store lives inside the proxy")
-    table = RouteTable(settings.model_copy(update={"upstream": "http://unused"}))
-    namespaces = {route.name: route.namespace for route in table.routes}
-    if args.route not in namespaces:
-        raise ConfigError(
-            f"--route: no route named {args.route!r} (known: {', '.join(namespaces)})"
-        )
-    scoped = keys.scope(args.tenant, namespaces[args.route], keys.validate(args.key))
+    hasher = keys.KeyHasher(settings.key_hash_secret)
+    if args.hash is not None:
+        try:
+            storage_key = hasher.storage_key(args.hash.strip().lower())
+        except ValueError as exc:
+            raise ConfigError(f"--hash: {exc}") from None
+        what = "this key_hash (is key_hash_secret the proxy's?)"
+    else:
+        table = RouteTable(settings.model_copy(update={"upstream": "http://unused"}))
+        namespaces = {route.name: route.namespace for route in table.routes}
+        if args.route not in namespaces:
+            raise ConfigError(
+                f"--route: no route named {args.route!r} (known: {', '.join(namespaces)})"
+            )
+        scoped = hasher.scope(args.tenant, namespaces[args.route], keys.validate(args.key))
+        storage_key = scoped.storage_key
+        what = f"this key (route {args.route}, tenant {args.tenant})"
     store: Any = open_store(settings.store.url, timeout=settings.store.timeout, canary_interval=0)
     try:
         await store.start()
         if args.action == "show":
-            record = await store.get(scoped.storage_key)
+            record = await store.get(storage_key)
             if record is None:
-                print(f"no record for this key (route {args.route}, tenant {args.tenant})")
+                print(f"no record for {what}")
                 return 1
-            print(orjson.dumps(_record_json(record), option=orjson.OPT_INDENT_2).decode())
+            document = {"key_hash": hasher.log_hash(storage_key), **_record_json(record)}
+            print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
             return 0
         try:
             if args.action == "resolve":
@@ -274,11 +294,11 @@ async def _records(args: argparse.Namespace) -> int:
                     ((b"content-type", args.content_type.encode("latin-1")),),
                     args.body.encode(),
                 )
-                done = await store.resolve(scoped.storage_key, response, args.force)
+                done = await store.resolve(storage_key, response, args.force)
             else:
-                done = await store.discard(scoped.storage_key, args.force)
+                done = await store.discard(storage_key, args.force)
         except KeyError:
-            print("no record for this key", file=sys.stderr)
+            print(f"no record for {what}", file=sys.stderr)
             return 1
         if not done:
             print(
