@@ -149,7 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         action = actions.add_parser(name, help=text, description=text)
         _add_store_flags(action)
         which = action.add_mutually_exclusive_group(required=True)
-        which.add_argument("--key", help="the idempotency key as the client sent it")
+        which.add_argument(
+            "--key",
+            action="append",
+            help="the idempotency key as the client sent it; for a composite key, once per "
+            "part, in the route's order",
+        )
         which.add_argument(
             "--hash",
             metavar="KEY_HASH",
@@ -287,8 +292,16 @@ async def _records(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--route: no route named {args.route!r} (known: {', '.join(namespaces)})"
             )
-        scoped = hasher.scope(args.tenant, namespaces[args.route], keys.validate(args.key))
-        storage_key = scoped.storage_key
+        parts = next(r for r in table.routes if r.name == args.route).key.parts
+        wanted = len(parts) if parts is not None else 1
+        if len(args.key) != wanted:
+            raise ConfigError(
+                f"--key: the route {args.route!r} has a key of {wanted} part(s); "
+                f"give --key {wanted} time(s), in the route's order"
+            )
+        given = [keys.validate(key) for key in args.key]
+        key = keys.join_parts(given) if parts is not None else given[0]
+        storage_key = hasher.scope(args.tenant, namespaces[args.route], key).storage_key
         what = f"this key (route {args.route}, tenant {args.tenant})"
     store: Any = open_store(settings.store.url, timeout=settings.store.timeout, canary_interval=0)
     try:

@@ -138,11 +138,13 @@ def _compile(settings: Settings, formats: _Formats) -> list[Route]:
     for spec in settings.routes:
         policy = spec.policy(settings.defaults)
         regex, _, convertors = compile_path(spec.path)
-        if spec.key.source == "path" and spec.key.target not in convertors:
-            raise ConfigError(
-                f"routes[{spec.name!r}].key.name: {spec.key.target!r} is not a parameter "
-                f"of the path {spec.path!r}"
-            )
+        for index, part in enumerate(spec.key.sources):
+            if part.source == "path" and part.target not in convertors:
+                where = f"[{index}]" if spec.key.parts is not None else ""
+                raise ConfigError(
+                    f"routes[{spec.name!r}].key{where}.name: {part.target!r} is not a parameter "
+                    f"of the path {spec.path!r}"
+                )
         fail_open = (policy.failure_mode == "open") if policy.failure_mode else store_fail_open
         compiled.append(
             Route(
