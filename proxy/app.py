@@ -88,6 +88,7 @@ class ProxyApp:
             ),
             date=http_date,
         )
+        self.metrics.health.attach(self.store, self.lifecycle.cache)
         self.ready = False
         self.draining = False
         self._max_header_bytes = settings.max_header_bytes
@@ -211,6 +212,7 @@ class ProxyApp:
                     "upstream_ms": _round(reply.upstream_ms),
                     "store_ms": _round(reply.store_ms) if reply.store_ms else None,
                     "total_ms": _round((time.perf_counter() - started) * 1000),
+                    **reply.extra,
                 },
             )
 

@@ -89,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument(
+        "--mode",
+        choices=["enforce", "observe"],
+        type=str.lower,
+        help=_flag_help(
+            "enforce, or observe: forward everything and count what enforcement would have "
+            "blocked or replayed (routes may override it)",
+            "MODE",
+            "enforce",
+        ),
+    )
+    run.add_argument(
         "--log-level",
         metavar="L",
         choices=["debug", "info", "warning", "error", "critical"],
@@ -197,6 +208,7 @@ def _run(args: argparse.Namespace) -> None:
             "redis_url": args.redis_url,
             "workers": args.workers,
             "log_level": args.log_level,
+            "mode": args.mode,
         },
     )
     if not settings.upstream:

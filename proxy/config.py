@@ -162,6 +162,9 @@ class Policy(BaseModel):
     release_statuses: tuple[HttpStatus, ...] = (408, 425, 429)
     failure_mode: Literal["closed", "open"] | None = None
     replay_headers: tuple[str, ...] = ()
+    # observe: forward every request as if the proxy were not there, but claim and record
+    # first requests and count what enforcement would have done with each duplicate.
+    mode: Literal["enforce", "observe"] = "enforce"
 
     @field_validator("lease", "retention")
     @classmethod
@@ -215,6 +218,7 @@ class RouteSettings(BaseModel):
     release_statuses: tuple[HttpStatus, ...] | None = None
     failure_mode: Literal["closed", "open"] | None = None
     replay_headers: tuple[str, ...] | None = None
+    mode: Literal["enforce", "observe"] | None = None
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -291,6 +295,7 @@ FLAG_PATHS: dict[str, tuple[str, ...]] = {
     "redis_url": ("store", "url"),
     "workers": ("workers",),
     "log_level": ("log_level",),
+    "mode": ("defaults", "mode"),
 }
 
 

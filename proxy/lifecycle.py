@@ -45,6 +45,25 @@ T = TypeVar("T")
 _TOKEN_PREFIX = secrets.token_hex(8)
 _tokens = (f"{_TOKEN_PREFIX}.{n}" for n in itertools.count(1))
 
+# What enforcement answers itself, without forwarding: in observe mode each of these is
+# counted and the request forwarded instead.
+_PROXY_ANSWERS = frozenset(
+    {
+        "replayed",
+        "in_flight",
+        "key_reused",
+        "outcome_unknown",
+        "replay_unavailable",
+        "store_unavailable",
+        "fenced",
+        "key_missing",
+        "key_invalid",
+        "tenant_invalid",
+        "body_invalid",
+        "unsupported_media_type",
+    }
+)
+
 # How long background completion keeps trying after the store failed at the end.
 BACKGROUND_RETRY_SECONDS = 60.0
 
@@ -136,6 +155,16 @@ class Lifecycle:
         route: Route,
         params: dict[str, str],
     ) -> Reply:
+        if route.observe:
+            return await self._observe(request, route, params)
+        return await self._enforce(request, route, params)
+
+    async def _enforce(
+        self,
+        request: ProxyRequest,
+        route: Route,
+        params: dict[str, str],
+    ) -> Reply:
         key = keys.extract(request, route.key, params, route.required)
         if key is None:
             return await self._forward_unrecorded(request, route, "unprotected")
@@ -148,6 +177,33 @@ class Lifecycle:
         else:
             reply = await self._claim_and_execute(request, route, scoped.storage_key, fp)
         reply.key_hash = scoped.log_hash
+        return reply
+
+    async def _observe(
+        self,
+        request: ProxyRequest,
+        route: Route,
+        params: dict[str, str],
+    ) -> Reply:
+        """Observe mode: the request's story as enforcement tells it (first requests are
+        claimed, forwarded and recorded), except that every answer enforcement would have
+        made itself instead of forwarding is counted, logged, and replaced by forwarding the
+        request unrecorded, as if the proxy were not there. Nothing is ever blocked here,
+        also not by a store that is down."""
+        try:
+            would = await self._enforce(request, route, params)
+        except Problem as problem:
+            would = problem_reply(problem, problem.name.replace("-", "_"), self.date())
+        # A reply that went upstream carries its upstream time; the proxy's own answers
+        # (replays, 409, 422, 503, 400...) never went upstream and have none.
+        if would.upstream_ms is not None or would.outcome not in _PROXY_ANSWERS:
+            return would
+        self.metrics.observe(route.name, would.outcome)
+        reply = await self._forward_unrecorded(request, route, "observed")
+        reply.key_hash = would.key_hash
+        reply.store_ms = would.store_ms
+        reply.extra["would"] = would.outcome
+        reply.extra["would_status"] = would.status
         return reply
 
     async def _claim_and_execute(
@@ -190,7 +246,7 @@ class Lifecycle:
             claim = await self._timed(
                 "claim", self.store.claim(storage_key, token, fp, lease_ms, retention_ms)
             )
-            if claim.kind is not ClaimKind.IN_FLIGHT or policy.in_flight != "wait":
+            if claim.kind is not ClaimKind.IN_FLIGHT or policy.in_flight != "wait" or route.observe:
                 return claim
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -100,6 +101,14 @@ async def serve(settings: Settings) -> None:
 
 def run(settings: Settings) -> None:
     if settings.workers > 1:
+        if settings.admin.enabled:
+            # Each worker's metrics would be a partial view, and per-process state (breaker,
+            # safe mode, replay cache) cannot be summed honestly: say so instead of serving it.
+            logging.getLogger("idempotency_proxy").warning(
+                "the admin port (/livez, /readyz, /metrics) needs --workers 1; it is not "
+                "served with several workers: scale with replicas of one worker instead",
+                extra={"workers": settings.workers},
+            )
         _run_workers(settings)
         return
     import uvloop
