@@ -24,6 +24,7 @@ from proxy.request import ProxyRequest
 from proxy.routes import RouteTable
 from proxy.safety import check_store
 from proxy.store import Store, StoreUnavailable, open_store
+from proxy.tracing import Tracing
 from proxy.upstream import make_upstream, request_headers
 
 Scope = dict[str, Any]
@@ -45,7 +46,9 @@ _DRAIN_SECONDS = 2.0
 class ProxyApp:
     """The traffic port's ASGI application."""
 
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: Store | None = None, tracing: Tracing | None = None
+    ) -> None:
         if not settings.upstream:
             raise ValueError("an upstream URL is required")
         self.settings = settings
@@ -87,7 +90,9 @@ class ProxyApp:
                 settings.store.replay_cache_ttl,
             ),
             date=http_date,
+            tracing=tracing,
         )
+        self.tracing = tracing
         self.metrics.health.attach(self.store, self.lifecycle.cache)
         self.ready = False
         self.draining = False
@@ -160,6 +165,9 @@ class ProxyApp:
         await self.upstream.close()
         if self._owns_store:
             await self.store.close()
+        if self.tracing is not None:
+            # Flushes the spans still queued; an exporter may block on its network.
+            await asyncio.to_thread(self.tracing.shutdown)
 
     # -- one request -----------------------------------------------------------------
 

@@ -218,6 +218,9 @@ def _run(args: argparse.Namespace) -> None:
     from proxy.routes import RouteTable
 
     RouteTable(settings)  # path templates are checked before anything starts
+    from proxy import tracing
+
+    tracing.check_environment()
     logs.configure(settings.log_level)
     from proxy.server import run
 

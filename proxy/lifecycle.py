@@ -28,6 +28,7 @@ from proxy.replay import REPLAYED, ReplayCache, http_date, replay_headers, store
 from proxy.request import ProxyRequest
 from proxy.routes import Route
 from proxy.store import Store, StoreUnavailable
+from proxy.tracing import Tracing
 from proxy.upstream import (
     NotSent,
     OutcomeUnknown,
@@ -136,10 +137,17 @@ class Lifecycle:
         tenant_header: str | None,
         cache: ReplayCache,
         date: Callable[[], bytes],
+        tracing: Tracing | None = None,
     ) -> None:
         self.store = store
         self.upstream = upstream
         self.metrics = metrics
+        self.tracing = tracing
+        if tracing is not None:
+            # Swapped once here, so that without tracing the hot path is the plain code.
+            self.upstream = tracing.wrap(upstream)
+            self.handle = self._traced_handle  # type: ignore[method-assign]
+            self._timed = self._traced_timed  # type: ignore[method-assign]
         self.tenant_header = tenant_header.lower().encode("latin-1") if tenant_header else None
         self.cache = cache
         self.date = date
@@ -158,6 +166,29 @@ class Lifecycle:
         if route.observe:
             return await self._observe(request, route, params)
         return await self._enforce(request, route, params)
+
+    async def _traced_handle(
+        self,
+        request: ProxyRequest,
+        route: Route,
+        params: dict[str, str],
+    ) -> Reply:
+        """`handle` inside the request's span; its store and upstream calls are children."""
+        tracing = self.tracing
+        assert tracing is not None
+        with tracing.request_span(request.method, route.name, request.headers) as span:
+            try:
+                reply = await Lifecycle.handle(self, request, route, params)
+            except Problem as problem:
+                reply = problem_reply(problem, problem.name.replace("-", "_"), self.date())
+            reply.extra["trace_id"] = tracing.finish(
+                span,
+                outcome=reply.outcome,
+                status=reply.status,
+                replayed=REPLAYED in reply.headers,
+                key_hash=reply.key_hash,
+            )
+        return reply
 
     async def _enforce(
         self,
@@ -421,6 +452,11 @@ class Lifecycle:
             return result
         finally:
             self.metrics.store_call(operation, time.perf_counter() - started, failed)
+
+    async def _traced_timed(self, operation: str, call: Awaitable[T]) -> T:
+        assert self.tracing is not None
+        with self.tracing.store_span(operation):
+            return await Lifecycle._timed(self, operation, call)
 
     async def _settle(
         self, operation: str, attempt: _Attempt, call: Callable[[], Awaitable[bool]]

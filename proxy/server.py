@@ -13,6 +13,7 @@ from typing import Any
 
 import uvicorn
 
+from proxy import tracing
 from proxy.admin import create_admin_app
 from proxy.app import ProxyApp
 from proxy.config import Settings
@@ -73,7 +74,7 @@ def _uvicorn_config(
 
 
 async def serve(settings: Settings) -> None:
-    proxy = ProxyApp(settings)
+    proxy = ProxyApp(settings, tracing=tracing.from_environment())
     traffic = _TrafficServer(
         _uvicorn_config(proxy, settings.listen.host, settings.listen.port, settings, lifespan="on")
     )
@@ -138,4 +139,4 @@ def worker_app() -> ProxyApp:
 
     settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
     logs.configure(settings.log_level)
-    return ProxyApp(settings)
+    return ProxyApp(settings, tracing=tracing.from_environment())
