@@ -207,8 +207,11 @@ class ProxyApp:
             reply = problem_reply(problem, problem.name.replace("-", "_"), http_date())
         await _send_reply(send, reply)
         self.metrics.count(route_name, reply.outcome)
-        if logs.access.isEnabledFor(logging.INFO):
-            logs.access.info(
+        # An answer nobody knows the outcome of needs an operator: warning, not info.
+        level = logging.WARNING if reply.outcome == "outcome_unknown" else logging.INFO
+        if logs.access.isEnabledFor(level):
+            logs.access.log(
+                level,
                 "request",
                 extra={
                     "request_id": _request_id(headers),

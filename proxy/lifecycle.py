@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from proxy import keys, problems
+from proxy import keys, logs, problems
 from proxy.fingerprint import fingerprint
 from proxy.metrics import Metrics
 from proxy.problems import Problem
@@ -469,10 +469,14 @@ class Lifecycle:
         """
         try:
             ok = bool(await self._timed(operation, call()))
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             logger.warning(
                 "store unavailable; recording the outcome in the background",
-                extra={"operation": operation, "route": attempt.route.name},
+                extra={
+                    "operation": operation,
+                    "route": attempt.route.name,
+                    "reason": logs.describe(exc),
+                },
             )
             self._track(asyncio.ensure_future(self._retry_later(operation, attempt, call)))
             return False
@@ -495,18 +499,20 @@ class Lifecycle:
     ) -> None:
         deadline = time.monotonic() + BACKGROUND_RETRY_SECONDS
         delay = 0.1
+        reason = ""
         while time.monotonic() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
             try:
                 ok = bool(await self._timed(operation, call()))
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
+                reason = logs.describe(exc)
                 continue
             self._note(operation, attempt, ok)
             return
         logger.error(
             "gave up recording an outcome; the record will turn UNKNOWN when its lease expires",
-            extra={"operation": operation, "route": attempt.route.name},
+            extra={"operation": operation, "route": attempt.route.name, "reason": reason},
         )
 
     # -- lease renewal ---------------------------------------------------------------
