@@ -117,6 +117,7 @@ class Tracing:
         self.propagator = TraceContextTextMapPropagator()
         self._kind = trace.SpanKind
         self._error = trace.Status(trace.StatusCode.ERROR)
+        self._in_context = trace.set_span_in_context
 
     def request_span(
         self, method: str, route: str, headers: list[tuple[bytes, bytes]]
@@ -146,13 +147,16 @@ class Tracing:
             span.set_status(self._error)
         return f"{span.get_span_context().trace_id:032x}"
 
-    def store_span(self, operation: str) -> AbstractContextManager[Any]:
-        span: AbstractContextManager[Any] = self.tracer.start_as_current_span(
-            f"store {operation}",
-            kind=self._kind.CLIENT,
-            attributes={"idempotency.store.operation": operation},
+    def store_span(self, operation: str) -> _Child:
+        """A store call's span, child of the request's. Leaf spans are never made current:
+        attaching and detaching the context would double their cost."""
+        return _Child(
+            self.tracer.start_span(
+                f"store {operation}",
+                kind=self._kind.CLIENT,
+                attributes={"idempotency.store.operation": operation},
+            )
         )
-        return span
 
     def wrap(self, upstream: UpstreamClient) -> UpstreamClient:
         return TracedUpstream(upstream, self)
@@ -187,11 +191,12 @@ class TracedUpstream:
         read_limit: int | None,
     ) -> UpstreamResponse:
         tracing = self.tracing
-        with tracing.tracer.start_as_current_span(
+        span = tracing.tracer.start_span(
             "upstream", kind=tracing._kind.CLIENT, attributes={"http.request.method": method}
-        ) as span:
+        )
+        with _Child(span):
             carrier: dict[str, str] = {}
-            tracing.propagator.inject(carrier)
+            tracing.propagator.inject(carrier, context=tracing._in_context(span))
             forward = [(k, v) for k, v in headers if k not in _TRACE_HEADERS]
             forward += _encoded(carrier)
             response = await self.inner.send(
@@ -199,6 +204,28 @@ class TracedUpstream:
             )
             span.set_attribute("http.response.status_code", response.status)
             return response
+
+
+class _Child:
+    """Ends a span that was not made current; an exception marks it failed."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: Any) -> None:
+        self.span = span
+
+    def __enter__(self) -> Any:
+        return self.span
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        if exc is not None:
+            from opentelemetry.trace import Status, StatusCode
+
+            self.span.record_exception(exc)
+            self.span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        self.span.end()
 
 
 def _encoded(carrier: Mapping[str, str]) -> Iterator[tuple[bytes, bytes]]:
