@@ -13,7 +13,6 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import random
@@ -38,6 +37,7 @@ import uvicorn
 import yaml
 
 from proxy.config import Settings
+from proxy.errorformat import problem_name
 
 HOST = "127.0.0.1"
 REDIS_HINT = "apt-get install redis-server"
@@ -267,8 +267,10 @@ class Stack:
     Shared by the demo and `loadtests/smoke.py`.
     """
 
-    def __init__(self, workdir: Path | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, *, error_format: str = "problem") -> None:
         self._own_dir = workdir is None
+        # The replicas' format for their own answers; the stories read every preset.
+        self.error_format = error_format
         self.workdir = (
             Path(tempfile.mkdtemp(prefix="idempotency-demo-")) if workdir is None else workdir
         )
@@ -331,9 +333,8 @@ class Stack:
         (in `mode: observe`, the observers, whose admin URLs are kept for their metrics)."""
         observe = mode == "observe"
         config = self.workdir / f"proxy-{mode}.yaml"
-        config.write_text(
-            yaml.safe_dump({"defaults": {"mode": mode}, "routes": ROUTES}, sort_keys=False)
-        )
+        defaults = {"error_format": self.error_format, "mode": mode}
+        config.write_text(yaml.safe_dump({"defaults": defaults, "routes": ROUTES}, sort_keys=False))
         urls: list[str] = []
         for index in range(count):
             port, admin = free_port(), free_port()
@@ -423,7 +424,11 @@ class _DropMemoryStoreWarning(logging.Filter):
 
 @contextlib.asynccontextmanager
 async def memory_replicas(
-    count: int, upstream: str, mode: str = "enforce", apps: list[Any] | None = None
+    count: int,
+    upstream: str,
+    error_format: str = "problem",
+    mode: str = "enforce",
+    apps: list[Any] | None = None,
 ) -> AsyncIterator[list[str]]:
     """`count` uvicorn servers on this loop, each a ProxyApp on one shared MemoryStore
     (`apps`, when given, receives the ProxyApps, e.g. to read their metrics)."""
@@ -445,7 +450,7 @@ async def memory_replicas(
                     "upstream": upstream,
                     "listen": {"host": HOST, "port": port},
                     "admin": {"enabled": False},
-                    "defaults": {"mode": mode},
+                    "defaults": {"error_format": error_format, "mode": mode},
                     "routes": ROUTES,
                     "log_level": "warning",
                 }
@@ -522,9 +527,9 @@ class Phase:
             self.replays += 1
         elif outcome.status == 201:
             self.fresh += 1
-        elif outcome.status == 409:
+        elif _in_progress(outcome):
             self.conflicts += 1
-        elif outcome.status == 422:
+        elif _key_reused(outcome):
             self.mismatches += 1
         else:
             name = f"{outcome.status} {outcome.problem}".rstrip()
@@ -580,7 +585,7 @@ class Player:
                 return Outcome(
                     response.status,
                     response.headers.get("Idempotent-Replayed") == "true",
-                    problem=_problem_name(response.content_type, body_bytes),
+                    problem=problem_name(response.content_type, body_bytes),
                 )
         except TimeoutError:
             return Outcome(None, error="timeout")
@@ -672,7 +677,7 @@ class Player:
         await asyncio.sleep(max(0.0, SLOW_SECONDS + 0.3 - (time.monotonic() - started)))
         for tries in range(40):
             outcome = await attempt(targets[(2 + tries) % len(targets)])
-            if outcome.status != 409:
+            if not _in_progress(outcome):
                 break
             await asyncio.sleep(0.25)
         say(f"  {phase.mode:8} attempts -> {', '.join(_label(o) for o in seen)}")
@@ -728,15 +733,16 @@ def prevented_in(metrics: str) -> int:
     return int(total)
 
 
-def _problem_name(content_type: str, body: bytes) -> str:
-    """The proxy's problem name (`store-unavailable`...) from a problem+json body, or ''."""
-    if content_type != "application/problem+json":
-        return ""
-    try:
-        kind = json.loads(body).get("type", "")
-    except (ValueError, AttributeError):
-        return ""
-    return str(kind).rsplit("/", 1)[-1]
+def _in_progress(outcome: Outcome) -> bool:
+    # By name, whatever status the error format gives it; a bare 409 straight from a
+    # backend counts too.
+    return outcome.problem == "request-in-progress" or (
+        outcome.status == 409 and not outcome.problem
+    )
+
+
+def _key_reused(outcome: Outcome) -> bool:
+    return outcome.problem == "key-reused" or (outcome.status == 422 and not outcome.problem)
 
 
 def _label(outcome: Outcome) -> str:
@@ -744,11 +750,13 @@ def _label(outcome: Outcome) -> str:
         return outcome.error
     if outcome.replayed:
         return f"{outcome.status} replayed"
-    if outcome.problem and outcome.status not in (409, 422):
+    if _in_progress(outcome):
+        return f"{outcome.status} in progress"
+    if _key_reused(outcome):
+        return f"{outcome.status} key reused"
+    if outcome.problem:
         return f"{outcome.status} {outcome.problem}"
-    return {201: "201 charged", 409: "409 in progress", 422: "422 key reused"}.get(
-        outcome.status, str(outcome.status)
-    )
+    return {201: "201 charged"}.get(outcome.status, str(outcome.status))
 
 
 class Progress:
@@ -887,8 +895,10 @@ async def _stories_unguarded(stack: Stack, replicas: int, orders: int, memory: b
             return await _play(player, orders)
         apps: list[Any] = []
         async with (
-            memory_replicas(replicas, stack.backend_url) as urls,
-            memory_replicas(OBSERVERS, stack.backend_url, "observe", apps) as observers,
+            memory_replicas(replicas, stack.backend_url, stack.error_format) as urls,
+            memory_replicas(
+                OBSERVERS, stack.backend_url, stack.error_format, "observe", apps
+            ) as observers,
         ):
             say(f"in-process replicas: {' '.join(urls)}; observing: {' '.join(observers)}")
 
@@ -918,7 +928,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def main(orders: int = 200, replicas: int = 5, memory: bool = False) -> int:
+def main(
+    orders: int = 200, replicas: int = 5, memory: bool = False, error_format: str = "problem"
+) -> int:
     """Run the demo; 0 when no order was charged twice through the proxies."""
     if orders < 1 or replicas < 2:
         print("demo: --orders must be at least 1 and --replicas at least 2", file=sys.stderr)
@@ -936,7 +948,7 @@ def main(orders: int = 200, replicas: int = 5, memory: bool = False) -> int:
         )
     started = time.monotonic()
     with sigterm_as_interrupt():
-        stack = Stack()
+        stack = Stack(error_format=error_format)
         try:
             if memory:
                 stack.start_backend()
