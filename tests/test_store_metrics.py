@@ -47,13 +47,14 @@ async def test_store_health_metrics_follow_the_store(
             "timeout": "100ms",
             "retries": 0,
             "breaker_threshold": 2,
-            "breaker_cooldown": "3s",
+            "breaker_cooldown": "5s",
             "canary_interval": "100ms",
             # No replica is attached, so every WAIT comes back short.
             "wait_replicas": 1,
             "wait_timeout": "5ms",
         },
-        "defaults": {"lease": "1s", "upstream_timeout": "1s"},
+        # Safe mode lasts lease + upstream_timeout: long enough to see, short to wait out.
+        "defaults": {"lease": "2s", "upstream_timeout": "2s"},
         "routes": [pay_route()],
     }
     proxy = proxy_factory(ledger_backend.url, redis.url, config=config)
@@ -100,7 +101,7 @@ async def test_store_health_metrics_follow_the_store(
         now = await _metrics(client, proxy)
         return now if now["idempotency_proxy_store_safe_mode"] == 0 else None
 
-    await eventually(safe_again, "safe mode to end", timeout=10)
+    await eventually(safe_again, "safe mode to end", timeout=15)
 
     # Breaker: a frozen Redis times out; after two failures in a row the circuit opens.
     redis.pause()
@@ -113,7 +114,7 @@ async def test_store_health_metrics_follow_the_store(
         assert opened["idempotency_proxy_store_circuit_opened_total"] == 1
     finally:
         redis.resume()
-    await asyncio.sleep(3.2)  # the cooldown; the next call probes and closes it
+    await asyncio.sleep(5.2)  # the cooldown; the next call probes and closes it
     ok = await client.post(pay, content=body_of("m-4"), headers=JSON_HEADERS)
     assert ok.status_code == 201
     closed = await _metrics(client, proxy)
