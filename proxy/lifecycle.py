@@ -236,7 +236,10 @@ class Lifecycle:
         reply.key_hash = would.key_hash
         reply.store_ms = would.store_ms
         reply.extra["would"] = would.outcome
-        reply.extra["would_status"] = would.status
+        status = would.status
+        if would.problem is not None:  # the status the route's error format would have sent
+            status = route.error_format.render(would.problem, [], request.request_id)[0]
+        reply.extra["would_status"] = status
         return reply
 
     async def _claim_and_execute(

@@ -144,3 +144,29 @@ async def test_observe_forwards_when_the_store_is_down(
     assert ledger_backend.ledger()["orders"] == {"down-0": 1, "down-1": 1, "down-2": 1}
     observed = _observed((await client.get(f"{proxy.admin_url}/metrics")).text)
     assert observed[("pay", "store_unavailable")] == 3
+
+
+async def test_observe_logs_the_status_of_the_routes_error_format(
+    ledger_backend: BackendServer,
+    redis_url: str,
+    proxy_factory: ProxyFactory,
+    client: httpx.AsyncClient,
+) -> None:
+    config = {
+        "error_formats": {
+            "legacy": {
+                "content_type": "application/json",
+                "status": {"key-reused": 400},
+                "body": {"message": "{detail}"},
+            }
+        },
+        "routes": [pay_route(mode="observe", error_format="legacy")],
+    }
+    proxy = proxy_factory(ledger_backend.url, redis_url, config=config)
+    pay = proxy.url + PAY_PATH
+    for amount in (10, 11):
+        answer = await client.post(pay, content=body_of("fmt-1", amount), headers=JSON_HEADERS)
+        assert answer.status_code == 201
+    proxy.stop()
+    would = [line for line in _request_lines(proxy.logs()) if "would" in line]
+    assert [(line["would"], line["would_status"]) for line in would] == [("key_reused", 400)]
