@@ -61,6 +61,8 @@ class ProxyApp:
             breaker_threshold=settings.store.breaker_threshold,
             breaker_cooldown=settings.store.breaker_cooldown,
             canary_interval=settings.store.canary_interval,
+            memory_max_entries=settings.store.memory_max_entries,
+            memory_max_bytes=settings.store.memory_max_bytes,
             # After a data loss, fail closed until every request that may have been
             # in flight has finished or timed out.
             safe_mode_seconds=max(

@@ -120,6 +120,10 @@ class StoreSettings(BaseModel):
     breaker_cooldown: Duration = 1.0
     # How often each process reads the canary that reveals a store which lost data.
     canary_interval: Duration = 1.0
+    # The memory store's caps: when either is reached, new keys get 503 store-unavailable
+    # until records expire (as Redis does with maxmemory-policy noeviction).
+    memory_max_entries: int = Field(default=100_000, ge=1)
+    memory_max_bytes: Size = 64 * 1024 * 1024
 
     @field_validator("url")
     @classmethod
