@@ -19,6 +19,7 @@ from proxy.config import Settings
 from proxy.lifecycle import Lifecycle, Reply, forward_unrecorded, problem_reply
 from proxy.metrics import Metrics
 from proxy.problems import Problem
+from proxy.protocol import HeadLimits
 from proxy.replay import ReplayCache, http_date
 from proxy.request import ProxyRequest
 from proxy.routes import RouteTable
@@ -93,6 +94,12 @@ class ProxyApp:
         self.ready = False
         self.draining = False
         self._max_header_bytes = settings.max_header_bytes
+        # Read by the traffic port's protocol (proxy/protocol.py) for every connection. The
+        # wire also carries the request line and each line's framing, hence the slack.
+        self.head_limits = HeadLimits(
+            max_bytes=2 * settings.max_header_bytes + 8192,
+            timeout=settings.header_read_timeout,
+        )
         self._passthrough_timeout = settings.defaults.upstream_timeout
 
     # -- ASGI ------------------------------------------------------------------------

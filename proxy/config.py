@@ -259,6 +259,11 @@ class Settings(BaseModel):
     workers: int = Field(default=1, ge=1)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     max_header_bytes: Size = 32 * 1024
+    # Connections plus requests in flight on the traffic port before new requests get 503
+    # `overloaded` (uvicorn's limit_concurrency); 0: no cap.
+    max_concurrency: int = Field(default=1000, ge=0)
+    # A request head that takes longer gets 408; a connection that sends nothing is closed.
+    header_read_timeout: Duration = 10.0
 
     @field_validator("upstream")
     @classmethod

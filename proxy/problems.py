@@ -21,6 +21,8 @@ TITLES: dict[str, str] = {
     "body-timeout": "The request body did not arrive in time",
     "unsupported-media-type": "This endpoint reads its idempotency key from another media type",
     "headers-too-large": "The request headers are too large",
+    "header-timeout": "The request headers did not arrive in time",
+    "overloaded": "The proxy is at its concurrency limit; nothing was sent",
     "outcome-unknown": "The backend may or may not have executed this request",
     "upstream-unreachable": "The backend could not be reached; nothing was sent",
     "store-unavailable": "The idempotency store is unavailable; nothing was sent",

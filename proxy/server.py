@@ -58,7 +58,9 @@ def _uvicorn_options(settings: Settings) -> dict[str, Any]:
         "proxy_headers": False,
         # The proxy sets Date itself: the backend's passes through, replays get a fresh one.
         "date_header": False,
-        "http": "httptools",
+        # httptools with the request head bounded in bytes and time (proxy/protocol.py).
+        "http": "proxy.protocol:BoundedHttpToolsProtocol",
+        "limit_concurrency": settings.max_concurrency or None,
         "loop": "uvloop",
         "timeout_graceful_shutdown": 30,
         "backlog": 2048,
