@@ -79,6 +79,15 @@ class ProxyApp:
             keepalive_expiry=pool.keepalive_expiry,
             connect_timeout=pool.connect_timeout,
         )
+        # Pass-through traffic has a pool of its own: slow uploads to unprotected paths
+        # must not take the connections that protected routes need.
+        self.passthrough_upstream = make_upstream(
+            pool.client,
+            settings.upstream,
+            max_connections=pool.passthrough_max_connections,
+            keepalive_expiry=pool.keepalive_expiry,
+            connect_timeout=pool.connect_timeout,
+        )
         self.lifecycle = Lifecycle(
             self.store,
             self.upstream,
@@ -101,6 +110,7 @@ class ProxyApp:
             timeout=settings.header_read_timeout,
         )
         self._passthrough_timeout = settings.defaults.upstream_timeout
+        self._passthrough_read_time = settings.defaults.max_body_read_time
 
     # -- ASGI ------------------------------------------------------------------------
 
@@ -142,6 +152,7 @@ class ProxyApp:
         else:
             await check_store(self.store, self.settings)
         await self.upstream.start()
+        await self.passthrough_upstream.start()
         self.ready = True
         logger.info(
             "proxy started",
@@ -166,6 +177,7 @@ class ProxyApp:
             logger.info("waiting for in-flight requests", extra={"count": len(pending)})
             await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_SECONDS)
         await self.upstream.close()
+        await self.passthrough_upstream.close()
         if self._owns_store:
             await self.store.close()
 
@@ -230,15 +242,16 @@ class ProxyApp:
             target += "?" + scope["query_string"].decode("latin-1")
         framing = [(k, v) for k, v in scope["headers"] if k == b"content-length"]
         has_body = bool(framing) or any(k == b"transfer-encoding" for k, _ in scope["headers"])
-        body: bytes | AsyncIterator[bytes] = _stream_body(receive) if has_body else b""
+        read = _BodyRead(self._passthrough_read_time)
+        body: bytes | AsyncIterator[bytes] = _stream_body(receive, read) if has_body else b""
         # A streamed body keeps its declared length: some legacy backends refuse chunked
         # requests, and the client's framing is not the proxy's to change.
         forward = request_headers(
             scope["headers"], _client(scope), scope.get("scheme", "http"), _host(scope["headers"])
         )
         forward += framing[:1]
-        return await forward_unrecorded(
-            self.upstream,
+        reply = await forward_unrecorded(
+            self.passthrough_upstream,
             scope["method"],
             target,
             forward,
@@ -246,6 +259,12 @@ class ProxyApp:
             timeout=self._passthrough_timeout,
             outcome="passthrough",
         )
+        if read.timed_out:
+            # The backend got part of the body and no end: the upload was aborted.
+            if reply.close is not None:
+                reply.close()
+            raise problems.body_timeout()
+        return reply
 
 
 async def _read_body(
@@ -309,11 +328,34 @@ async def _drain(receive: Receive) -> None:
                     return
 
 
-async def _stream_body(receive: Receive) -> AsyncIterator[bytes]:
+class _BodyAborted(Exception):
+    """Raised into the upstream client so that it aborts the request instead of ending a
+    body the client never finished (a chunked body would otherwise look complete)."""
+
+
+class _BodyRead:
+    """A streamed body's deadline, and whether it passed."""
+
+    __slots__ = ("read_time", "timed_out")
+
+    def __init__(self, read_time: float) -> None:
+        self.read_time = read_time
+        self.timed_out = False
+
+
+async def _stream_body(receive: Receive, read: _BodyRead) -> AsyncIterator[bytes]:
+    """The client's body as it arrives, within `read.read_time` seconds in all (0: no limit):
+    a trickled upload must not hold an upstream connection for as long as it likes."""
+    deadline = asyncio.get_running_loop().time() + read.read_time if read.read_time else None
     while True:
-        message = await receive()
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            read.timed_out = True
+            raise _BodyAborted("body-timeout") from None
         if message["type"] == "http.disconnect":
-            return
+            raise _BodyAborted("disconnect")
         chunk = message.get("body", b"")
         if chunk:
             yield chunk

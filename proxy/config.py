@@ -138,6 +138,9 @@ class UpstreamPool(BaseModel):
     model_config = _FROZEN
     client: Literal["aiohttp", "httpx"] = "aiohttp"
     max_connections: int = Field(default=100, ge=1)
+    # Pass-through (unprotected) traffic has its own pool, so that it cannot take the
+    # connections protected routes need.
+    passthrough_max_connections: int = Field(default=100, ge=1)
     # Below uvicorn's 5 s keep-alive default: a connection the backend closed
     # under us is an ambiguous failure for a POST.
     keepalive_expiry: Duration = 2.0
