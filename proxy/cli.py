@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from proxy.config import ENV_PREFIX, ConfigError, Settings, load_settings
+from proxy.errorformat import PRESETS
 
 PROG = "idempotency-proxy"
 
@@ -112,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the in-process memory store even if redis-server is installed",
     )
+    demo.add_argument(
+        "--error-format",
+        default="problem",
+        choices=sorted(PRESETS),
+        help="the replicas' format for their own answers (default: problem)",
+    )
 
     check = commands.add_parser(
         "check-store",
@@ -174,7 +181,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "demo":
             from proxy.demo import main as demo_main
 
-            sys.exit(demo_main(orders=args.orders, replicas=args.replicas, memory=args.memory))
+            sys.exit(
+                demo_main(
+                    orders=args.orders,
+                    replicas=args.replicas,
+                    memory=args.memory,
+                    error_format=args.error_format,
+                )
+            )
         elif args.command == "check-store":
             sys.exit(asyncio.run(_check_store(args)))
         elif args.command == "records":

@@ -169,6 +169,9 @@ class Policy(BaseModel):
     release_statuses: tuple[HttpStatus, ...] = (408, 425, 429)
     failure_mode: Literal["closed", "open"] | None = None
     replay_headers: tuple[str, ...] = ()
+    # How the proxy's own answers look: "problem" (RFC 9457), a preset, or a template
+    # from `error_formats`; resolved once at start-up (proxy.errorformat).
+    error_format: str = "problem"
 
     @field_validator("lease", "retention")
     @classmethod
@@ -222,6 +225,7 @@ class RouteSettings(BaseModel):
     release_statuses: tuple[HttpStatus, ...] | None = None
     failure_mode: Literal["closed", "open"] | None = None
     replay_headers: tuple[str, ...] | None = None
+    error_format: str | None = None
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -247,6 +251,20 @@ class RouteSettings(BaseModel):
         return defaults.model_copy(update=own)
 
 
+class ErrorTemplate(BaseModel):
+    """A named error format: the proxy's own answers in a backend's dialect."""
+
+    model_config = _FROZEN
+    content_type: str = "application/json"
+    # A JSON object (YAML mapping) or its JSON text; strings carry {placeholders}.
+    body: dict[str, Any] | list[Any] | str
+    # Per problem type ('*': every other type): the HTTP status, the {code} value,
+    # and extra response headers.
+    status: dict[str, HttpStatus] = {}
+    code: dict[str, str] = {}
+    headers: dict[str, dict[str, str]] = {}
+
+
 class Settings(BaseModel):
     """Everything the proxy reads at start-up; frozen, so the hot path never re-parses."""
 
@@ -259,6 +277,7 @@ class Settings(BaseModel):
     tenant: Tenant = Tenant()
     defaults: Policy = Policy()
     routes: tuple[RouteSettings, ...] = ()
+    error_formats: dict[str, ErrorTemplate] = {}
     workers: int = Field(default=1, ge=1)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     max_header_bytes: Size = 32 * 1024

@@ -13,7 +13,6 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import random
@@ -38,6 +37,7 @@ import uvicorn
 import yaml
 
 from proxy.config import Settings
+from proxy.errorformat import problem_name
 
 HOST = "127.0.0.1"
 REDIS_HINT = "apt-get install redis-server"
@@ -262,8 +262,10 @@ class Stack:
     Shared by the demo and `loadtests/smoke.py`.
     """
 
-    def __init__(self, workdir: Path | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, *, error_format: str = "problem") -> None:
         self._own_dir = workdir is None
+        # The replicas' format for their own answers; the stories read every preset.
+        self.error_format = error_format
         self.workdir = (
             Path(tempfile.mkdtemp(prefix="idempotency-demo-")) if workdir is None else workdir
         )
@@ -320,7 +322,8 @@ class Stack:
     def start_proxies(self, count: int, *, upstream: str, redis_url: str) -> list[str]:
         """`count` replicas of `python -m proxy run`, all on one Redis and the demo routes."""
         config = self.workdir / "proxy.yaml"
-        config.write_text(yaml.safe_dump({"routes": ROUTES}, sort_keys=False))
+        document = {"defaults": {"error_format": self.error_format}, "routes": ROUTES}
+        config.write_text(yaml.safe_dump(document, sort_keys=False))
         urls: list[str] = []
         for index in range(count):
             port, admin = free_port(), free_port()
@@ -399,7 +402,9 @@ class _DropMemoryStoreWarning(logging.Filter):
 
 
 @contextlib.asynccontextmanager
-async def memory_replicas(count: int, upstream: str) -> AsyncIterator[list[str]]:
+async def memory_replicas(
+    count: int, upstream: str, error_format: str = "problem"
+) -> AsyncIterator[list[str]]:
     """`count` uvicorn servers on this loop, each a ProxyApp on one shared MemoryStore."""
     from proxy import logs
     from proxy.app import ProxyApp
@@ -419,6 +424,7 @@ async def memory_replicas(count: int, upstream: str) -> AsyncIterator[list[str]]
                     "upstream": upstream,
                     "listen": {"host": HOST, "port": port},
                     "admin": {"enabled": False},
+                    "defaults": {"error_format": error_format},
                     "routes": ROUTES,
                     "log_level": "warning",
                 }
@@ -490,9 +496,9 @@ class Phase:
             self.replays += 1
         elif outcome.status == 201:
             self.fresh += 1
-        elif outcome.status == 409:
+        elif _in_progress(outcome):
             self.conflicts += 1
-        elif outcome.status == 422:
+        elif _key_reused(outcome):
             self.mismatches += 1
         else:
             name = f"{outcome.status} {outcome.problem}".rstrip()
@@ -538,7 +544,7 @@ class Player:
                 return Outcome(
                     response.status,
                     response.headers.get("Idempotent-Replayed") == "true",
-                    problem=_problem_name(response.content_type, body_bytes),
+                    problem=problem_name(response.content_type, body_bytes),
                 )
         except TimeoutError:
             return Outcome(None, error="timeout")
@@ -610,7 +616,7 @@ class Player:
         await asyncio.sleep(max(0.0, SLOW_SECONDS + 0.3 - (time.monotonic() - started)))
         for tries in range(40):
             outcome = await attempt(targets[(2 + tries) % len(targets)])
-            if outcome.status != 409:
+            if not _in_progress(outcome):
                 break
             await asyncio.sleep(0.25)
         say(f"  {phase.mode:8} attempts -> {', '.join(_label(o) for o in seen)}")
@@ -654,15 +660,16 @@ class Player:
         progress.finish()
 
 
-def _problem_name(content_type: str, body: bytes) -> str:
-    """The proxy's problem name (`store-unavailable`...) from a problem+json body, or ''."""
-    if content_type != "application/problem+json":
-        return ""
-    try:
-        kind = json.loads(body).get("type", "")
-    except (ValueError, AttributeError):
-        return ""
-    return str(kind).rsplit("/", 1)[-1]
+def _in_progress(outcome: Outcome) -> bool:
+    # By name, whatever status the error format gives it; a bare 409 straight from a
+    # backend counts too.
+    return outcome.problem == "request-in-progress" or (
+        outcome.status == 409 and not outcome.problem
+    )
+
+
+def _key_reused(outcome: Outcome) -> bool:
+    return outcome.problem == "key-reused" or (outcome.status == 422 and not outcome.problem)
 
 
 def _label(outcome: Outcome) -> str:
@@ -670,11 +677,13 @@ def _label(outcome: Outcome) -> str:
         return outcome.error
     if outcome.replayed:
         return f"{outcome.status} replayed"
-    if outcome.problem and outcome.status not in (409, 422):
+    if _in_progress(outcome):
+        return f"{outcome.status} in progress"
+    if _key_reused(outcome):
+        return f"{outcome.status} key reused"
+    if outcome.problem:
         return f"{outcome.status} {outcome.problem}"
-    return {201: "201 charged", 409: "409 in progress", 422: "422 key reused"}.get(
-        outcome.status, str(outcome.status)
-    )
+    return {201: "201 charged"}.get(outcome.status, str(outcome.status))
 
 
 class Progress:
@@ -807,7 +816,7 @@ async def _stories_unguarded(stack: Stack, replicas: int, orders: int, memory: b
     async with aiohttp.ClientSession(connector=connector) as session:
         if not memory:
             return await _play(Player(session, stack.backend_url, stack.proxy_urls), orders)
-        async with memory_replicas(replicas, stack.backend_url) as urls:
+        async with memory_replicas(replicas, stack.backend_url, stack.error_format) as urls:
             say(f"in-process replicas: {' '.join(urls)}")
             result: list[Phase] = await _play(Player(session, stack.backend_url, urls), orders)
             return result
@@ -831,7 +840,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def main(orders: int = 200, replicas: int = 5, memory: bool = False) -> int:
+def main(
+    orders: int = 200, replicas: int = 5, memory: bool = False, error_format: str = "problem"
+) -> int:
     """Run the demo; 0 when no order was charged twice through the proxies."""
     if orders < 1 or replicas < 2:
         print("demo: --orders must be at least 1 and --replicas at least 2", file=sys.stderr)
@@ -849,7 +860,7 @@ def main(orders: int = 200, replicas: int = 5, memory: bool = False) -> int:
         )
     started = time.monotonic()
     with sigterm_as_interrupt():
-        stack = Stack()
+        stack = Stack(error_format=error_format)
         try:
             if memory:
                 stack.start_backend()

@@ -51,6 +51,8 @@ class ProxyRequest:
     # Where it came from, for X-Forwarded-For/Proto when (and only when) it is forwarded.
     client: str | None = None
     scheme: str = "http"
+    # Validated or generated (proxy.app); forwarded upstream in place of the client's.
+    request_id: bytes = b""
     _json: Any = field(default=_UNPARSED, repr=False)
 
     def header_values(self, name: bytes) -> list[bytes]:

@@ -169,6 +169,18 @@ def test_demo_memory_flag_runs_replicas_in_process(tmp_path: Path) -> None:
     _assert_nothing_left(tmp_path, _ports(output))
 
 
+@pytest.mark.parametrize("error_format", ["stripe", "gocardless"])
+def test_demo_reads_the_proxys_answers_in_a_preset_format(
+    tmp_path: Path, error_format: str
+) -> None:
+    # In progress is 409 in both, a reused key is 400 (Stripe) or 409 (GoCardless): the
+    # demo's client tells them apart by the error body, not by the status.
+    code, output = _run_demo(tmp_path, "--orders", "30", "--memory", "--error-format", error_format)
+    assert code == 0, output
+    _assert_stories(output, 30)
+    _assert_nothing_left(tmp_path, _ports(output))
+
+
 def test_demo_without_redis_server_says_so_once_and_falls_back(tmp_path: Path) -> None:
     # A PATH with no redis-server; the demo's children are started with sys.executable.
     empty = tmp_path / "bin"
