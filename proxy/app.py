@@ -123,6 +123,17 @@ class ProxyApp:
         self._passthrough_timeout = settings.defaults.upstream_timeout
         self._passthrough_read_time = settings.defaults.max_body_read_time
 
+    def render_problem(
+        self, problem: Problem, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """An answer the protocol makes before any route is known (a head over its cap or
+        its deadline, the concurrency cap), in the default error format, with a request id."""
+        reply = problem_reply(problem, "", http_date())
+        status, out, rendered = self.routes.default_error_format.render(
+            problem, reply.headers, _request_id(headers or [])
+        )
+        return status, out, reply.body if rendered is None else rendered
+
     # -- ASGI ------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -12,6 +12,8 @@ get a 503 problem instead of uvicorn's plain-text one.
 from __future__ import annotations
 
 import asyncio
+import http
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +25,9 @@ from uvicorn.server import ServerState
 from proxy.problems import Problem
 from proxy.replay import http_date
 
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+Headers = list[tuple[bytes, bytes]]
+# The application's renderer (`ProxyApp.render_problem`): the answer in its error format.
+Render = Callable[[Problem, Headers | None], tuple[int, Headers, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_cap = limits.max_bytes
         self._head_timeout = limits.timeout
         self._metrics = getattr(self.app, "metrics", None)
+        self._render: Render = getattr(self.app, "render_problem", None) or _render_problem
         self._in_head = True
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
@@ -112,11 +117,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
 
     async def _overloaded(self, scope: Any, receive: Any, send: Any) -> None:
-        problem = overloaded()
-        body = problem.body()
-        headers = problem.headers(http_date())
-        headers.append((b"content-length", str(len(body)).encode("ascii")))
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        status, headers, body = self._render(overloaded(), scope["headers"])
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         self._count("overloaded")
 
@@ -152,12 +154,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         """Answer from the protocol (no application call was made for this head) and close."""
         self._stop_head_timer()
         if not self._busy():
-            body = problem.body()
-            lines = [b"HTTP/1.1 %d %s\r\n" % (problem.status, _REASONS[problem.status])]
-            lines += [
-                name + b": " + value + b"\r\n" for name, value in problem.headers(http_date())
-            ]
-            lines.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+            status, headers, body = self._render(problem, None)
+            lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+            lines += [name + b": " + value + b"\r\n" for name, value in headers]
+            lines.append(b"connection: close\r\n\r\n")
             self.transport.write(b"".join(lines) + body)
         self.transport.close()
         # Closing stops the reads: nothing more of this connection is parsed.
@@ -167,3 +167,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _count(self, outcome: str) -> None:
         if self._metrics is not None:
             self._metrics.count("-", outcome)
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+def _render_problem(problem: Problem, headers: Headers | None) -> tuple[int, Headers, bytes]:
+    """Plain problem+json, for an application without a renderer of its own (admin)."""
+    body = problem.body()
+    out = problem.headers(http_date())
+    out.append((b"content-length", str(len(body)).encode("ascii")))
+    return problem.status, out, body

@@ -90,6 +90,7 @@ def _problem(raw: bytes, status: int, name: str) -> dict[str, str]:
     assert got == status, raw[:300]
     assert headers["content-type"] == "application/problem+json"
     assert headers["cache-control"] == "no-store"
+    assert headers["x-request-id"]
     document: dict[str, Any] = orjson.loads(body)
     assert document["type"].endswith("/" + name) and document["status"] == status
     return headers
@@ -152,6 +153,27 @@ def test_a_header_flood_is_cut_off_while_parsing_and_memory_stays_bounded(
     assert response.status_code == 201
 
 
+def test_answers_made_before_a_route_is_known_follow_the_default_error_format(
+    proxy_factory: ProxyFactory, ledger_backend: BackendServer
+) -> None:
+    """The protocol's own 431 is rendered like every other proxy-made answer: here in the
+    Stripe preset (a 400 with Stripe's error document and Request-Id)."""
+    proxy = proxy_factory(
+        ledger_backend.url, config=pay_config(defaults={"error_format": "stripe"})
+    )
+    with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: proxy\r\n")
+        with contextlib.suppress(OSError):
+            sock.sendall((b"X-Flood: " + b"a" * 4087 + b"\r\n") * 64)
+        raw = _read_until_closed(sock, 10)
+    status, headers, body = _parse(raw)
+    assert status == 400, raw[:300]
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "headers-too-large"
+    assert error["type"] == "invalid_request_error"
+    assert headers["request-id"] == headers["x-request-id"] == error["request_id"]
+
+
 def test_headers_just_under_the_limit_still_pass(plain_proxy: ProxyServer) -> None:
     """The wire cap leaves room for framing: headers the application accepts get through."""
     pad = {f"x-pad-{i}": "b" * 1000 for i in range(30)}  # ~30 KiB, under max_header_bytes
@@ -208,6 +230,7 @@ def test_requests_over_max_concurrency_get_503_overloaded(
         assert response.status_code == 503, response.text
         assert problem_name(response) == "overloaded"
         assert response.headers["retry-after"] == "1"
+        assert response.headers["x-request-id"]
         assert ledger_backend.ledger()["charges"] == 0
     finally:
         for sock in slow:
