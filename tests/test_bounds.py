@@ -494,4 +494,4 @@ async def test_the_memory_store_byte_count_follows_every_transition() -> None:
     assert await store.get("short") is None  # expired and reclaimed
     for key in ("k0", "k1", "k3", "k4", "k5"):
         await store.discard(key, force=True)
-    assert len(store) == 0 and store.bytes == 0
+    assert store.records == 0 and store.bytes == 0
