@@ -148,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         action = actions.add_parser(name, help=text, description=text)
         _add_store_flags(action)
         action.add_argument(
-            "--key", required=True, help="the idempotency key as the client sent it"
+            "--key",
+            required=True,
+            action="append",
+            help="the idempotency key as the client sent it; for a composite key, once per "
+            "part, in the route's order",
         )
         action.add_argument(
             "--route",
@@ -157,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         action.add_argument(
             "--tenant",
-            default="default",
-            help="tenant, as the trusted header gave it (default: default)",
+            default=None,
+            help="tenant, as the trusted header gave it (default: none, the scope of requests "
+            "sent without the tenant header, or the only one when no tenant header is set)",
         )
         if name != "show":
             action.add_argument(
@@ -270,14 +275,26 @@ async def _records(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--route: no route named {args.route!r} (known: {', '.join(namespaces)})"
         )
-    scoped = keys.scope(args.tenant, namespaces[args.route], keys.validate(args.key))
+    parts = next(r for r in table.routes if r.name == args.route).key.parts
+    wanted = len(parts) if parts is not None else 1
+    if len(args.key) != wanted:
+        raise ConfigError(
+            f"--key: the route {args.route!r} has a key of {wanted} part(s); "
+            f"give --key {wanted} time(s), in the route's order"
+        )
+    given = [keys.validate(key) for key in args.key]
+    key = keys.join_parts(given) if parts is not None else given[0]
+    tenant = args.tenant
+    if tenant is None and not settings.tenant.header:
+        tenant = keys.DEFAULT_TENANT
+    scoped = keys.scope(tenant, namespaces[args.route], key)
     store: Any = open_store(settings.store.url, timeout=settings.store.timeout, canary_interval=0)
     try:
         await store.start()
         if args.action == "show":
             record = await store.get(scoped.storage_key)
             if record is None:
-                print(f"no record for this key (route {args.route}, tenant {args.tenant})")
+                print(f"no record for this key (route {args.route}, tenant {tenant})")
                 return 1
             print(orjson.dumps(_record_json(record), option=orjson.OPT_INDENT_2).decode())
             return 0

@@ -1,10 +1,11 @@
 """`idempotency-proxy demo`: the double-charge stories, straight to the backend and proxied.
 
-Starts a private Redis, the sample payment backend and several proxy replicas, plays three
-stories (double click, timeout and retry, burst) first against the backend and then through
-the replicas, and prints one table of what the backend's ledger shows. Everything it starts
-runs in its own process group and is stopped on the way out: normal end, error, Ctrl-C or
-SIGTERM. `Stack` is also what `loadtests/smoke.py` uses to start the same set of processes.
+Starts a private Redis, the sample payment backend and several proxy replicas, plays four
+stories (double click, timeout and retry, legacy SOAP client, burst) first against the backend
+and then through the replicas, and prints one table of what the backend's ledger shows.
+Everything it starts runs in its own process group and is stopped on the way out: normal end,
+error, Ctrl-C or SIGTERM. `Stack` is also what `loadtests/smoke.py` uses to start the same set
+of processes.
 """
 
 from __future__ import annotations
@@ -57,6 +58,24 @@ ROUTES: list[dict[str, Any]] = [
         "methods": ["POST"],
         "path": "/v1/charges",
         "key": {"from": "header", "name": "Idempotency-Key"},
+        "required": True,
+    },
+    # A legacy SOAP gateway: the order id inside the envelope is the key (SOAP 1.1 or 1.2).
+    {
+        "name": "soap-pay",
+        "methods": ["POST"],
+        "path": "/soap/payments",
+        "key": {
+            "from": "xml",
+            "path": "/soap:Envelope/soap:Body/p:Pay/p:OrderId",
+            "namespaces": {
+                "soap": [
+                    "http://schemas.xmlsoap.org/soap/envelope/",
+                    "http://www.w3.org/2003/05/soap-envelope",
+                ],
+                "p": "urn:idempotency-proxy:sample:payments",
+            },
+        },
         "required": True,
     },
 ]
@@ -494,7 +513,7 @@ class Phase:
                 self.other[outcome.error] = self.other.get(outcome.error, 0) + 1
         elif outcome.replayed:
             self.replays += 1
-        elif outcome.status == 201:
+        elif outcome.status in (200, 201):  # 200: the SOAP endpoint's success
             self.fresh += 1
         elif _in_progress(outcome):
             self.conflicts += 1
@@ -539,6 +558,30 @@ class Player:
                 json=body,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as response:
+                body_bytes = await response.read()
+                return Outcome(
+                    response.status,
+                    response.headers.get("Idempotent-Replayed") == "true",
+                    problem=problem_name(response.content_type, body_bytes),
+                )
+        except TimeoutError:
+            return Outcome(None, error="timeout")
+        except aiohttp.ClientError as exc:
+            return Outcome(None, error=type(exc).__name__)
+
+    async def soap_pay(self, base: str, order_id: str, amount: int, *, pretty: bool) -> Outcome:
+        """One SOAP 1.1 Pay envelope, as a legacy client library sends it."""
+        from sample_backend.soap import pay_envelope
+
+        body = pay_envelope(order_id, amount, pretty=pretty)
+        headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '"urn:Pay"'}
+        try:
+            async with self.session.post(
+                f"{base}/soap/payments",
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=30.0),
             ) as response:
                 body_bytes = await response.read()
                 return Outcome(
@@ -621,6 +664,20 @@ class Player:
             await asyncio.sleep(0.25)
         say(f"  {phase.mode:8} attempts -> {', '.join(_label(o) for o in seen)}")
 
+    async def legacy_soap(self, phase: Phase) -> None:
+        """A SOAP client submits one payment, times out in its head and submits it again,
+        re-serialised (pretty-printed) by its library, through another replica."""
+        order = self.order("soap", phase.mode, 1)
+        targets = self.targets(phase.mode)
+        phase.orders = 1
+        seen = [
+            await self.soap_pay(targets[0], order, 3100, pretty=False),
+            await self.soap_pay(targets[1 % len(targets)], order, 3100, pretty=True),
+        ]
+        for outcome in seen:
+            phase.count(outcome)
+        say(f"  {phase.mode:8} two submits -> {', '.join(_label(o) for o in seen)}")
+
     async def burst(self, phase: Phase, orders: int) -> None:
         """Many orders, each sent 1 to 5 times at once across random replicas; ~10% of them
         with one copy whose amount was tampered with."""
@@ -683,7 +740,7 @@ def _label(outcome: Outcome) -> str:
         return f"{outcome.status} key reused"
     if outcome.problem:
         return f"{outcome.status} {outcome.problem}"
-    return {201: "201 charged"}.get(outcome.status, str(outcome.status))
+    return {200: "200 charged", 201: "201 charged"}.get(outcome.status, str(outcome.status))
 
 
 class Progress:
@@ -776,6 +833,11 @@ async def _play(player: Player, orders: int) -> list[Phase]:
             f"backend takes {SLOW_SECONDS}s, caller gives up after {CALLER_TIMEOUT}s and "
             "retries while it runs and after",
             player.timeout_retry,
+        ),
+        (
+            "legacy SOAP",
+            "a SOAP client submits one payment twice, the second re-serialised",
+            player.legacy_soap,
         ),
         (
             "burst",
