@@ -353,7 +353,8 @@ async def test_a_full_memory_store_answers_503_and_frees_up_as_records_expire(
         config={
             "admin": {"host": HOST},
             "store": {"url": "memory://", "memory_max_entries": 3},
-            "routes": [pay_route(retention="2s")],
+            # The shortest retention allowed: 2 x (lease + upstream_timeout).
+            "routes": [pay_route(retention="3s", lease="250ms", upstream_timeout="1250ms")],
         },
     )
     firsts = [await pay(client, proxy, f"cap-{i}") for i in range(3)]
@@ -363,7 +364,7 @@ async def test_a_full_memory_store_answers_503_and_frees_up_as_records_expire(
     replay = await pay(client, proxy, "cap-0")
     assert replay.status == 201 and replay.replayed
     assert ledger_backend.ledger()["charges"] == 3
-    await asyncio.sleep(2.5)
+    await asyncio.sleep(3.5)
     retried = await pay(client, proxy, "cap-3")
     assert (retried.status, retried.problem) == (201, None), retried
     assert ledger_backend.ledger()["charges"] == 4
