@@ -13,7 +13,7 @@ help:
 	@echo "make demo            the double-charge stories, direct and through five proxy replicas"
 	@echo "make test            the test suite (starts its own Redis servers and backends)"
 	@echo "make lint            ruff check + format check"
-	@echo "make typecheck       mypy on proxy/"
+	@echo "make typecheck       mypy on proxy/ and devstack/"
 	@echo "make bench           the benchmark (writes docs/benchmarks.md)"
 	@echo "make bench-tracing   what tracing costs per request (writes docs/benchmarks-tracing.md)"
 	@echo "make loadtest-smoke  a short headless locust run against local replicas"
@@ -40,11 +40,11 @@ test: venv redis
 	$(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check proxy sample_backend tests loadtests scripts
-	$(BIN)/ruff format --check proxy sample_backend tests loadtests scripts
+	$(BIN)/ruff check proxy devstack sample_backend tests loadtests scripts
+	$(BIN)/ruff format --check proxy devstack sample_backend tests loadtests scripts
 
 typecheck: venv
-	$(BIN)/mypy proxy
+	$(BIN)/mypy proxy devstack
 
 bench: venv redis
 	$(BIN)/python scripts/bench.py --write docs/benchmarks.md

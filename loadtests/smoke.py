@@ -1,8 +1,9 @@
 """`make loadtest-smoke`: a short headless locust run against three local proxy replicas.
 
-Starts a private Redis, the sample backend and three replicas (the demo's `Stack`), runs
-loadtests/locustfile.py headless for a bounded time with every user class, prints locust's
-summary and the ledger check, stops everything, and exits with locust's exit code.
+Starts a private Redis, the sample backend and three replicas (`devstack.stack.Stack`, as
+the demo does), runs loadtests/locustfile.py headless for a bounded time with every user
+class, prints locust's summary and the ledger check, stops everything, and exits with
+locust's exit code.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from proxy.demo import REDIS_HINT, Stack, redis_available, sigterm_as_interrupt  # noqa: E402
+from devstack.processes import sigterm_as_interrupt  # noqa: E402
+from devstack.servers import REDIS_HINT, redis_binaries_missing  # noqa: E402
+from devstack.stack import Stack  # noqa: E402
 
 REPLICAS = 3
 
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=12, help="locust users (default: 12)")
     parser.add_argument("--replicas", type=int, default=REPLICAS, help="(default: 3)")
     args = parser.parse_args(argv)
-    if not redis_available():
+    if redis_binaries_missing("redis-server"):
         print(f"loadtest-smoke: redis-server not found on PATH ({REDIS_HINT})", file=sys.stderr)
         return 2
     with sigterm_as_interrupt(), Stack() as stack:

@@ -1,87 +1,41 @@
 """`idempotency-proxy demo`: the double-charge stories, straight to the backend and proxied.
 
-Starts a private Redis, the sample payment backend and several proxy replicas, plays four
-stories (double click, timeout and retry, legacy SOAP client, burst) first against the backend
-and then through the replicas, and prints one table of what the backend's ledger shows.
-Everything it starts runs in its own process group and is stopped on the way out: normal end,
-error, Ctrl-C or SIGTERM. `Stack` is also what `loadtests/smoke.py` uses to start the same set
-of processes.
+Starts a private Redis, the sample payment backend and several proxy replicas (a
+`devstack.stack.Stack`), plays four stories (double click, timeout and retry, legacy SOAP
+client, burst) first against the backend and then through the replicas, and prints one table
+of what the backend's ledger shows. Everything it starts runs in its own process group and is
+stopped on the way out: normal end, error, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
-import ctypes
 import logging
-import os
 import random
 import secrets
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import FrameType, TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
-import httpx
 import uvicorn
-import yaml
 
+from devstack.processes import (
+    HOST,
+    StackError,
+    free_port,
+    sigterm_as_interrupt,
+    terminate_as_interrupt,
+)
+from devstack.servers import REDIS_HINT, redis_binaries_missing
+from devstack.stack import READY_TIMEOUT, ROUTES, STOP_TIMEOUT, Stack
 from proxy.config import Settings
 from proxy.errorformat import problem_name
-
-HOST = "127.0.0.1"
-REDIS_HINT = "apt-get install redis-server"
-
-# The routes every replica protects: the natural key on pay-an-order (what stops a double
-# click: the client's own random keys would be two keys, two charges), the header elsewhere.
-ROUTES: list[dict[str, Any]] = [
-    {
-        "name": "pay",
-        "methods": ["POST"],
-        "path": "/v1/orders/pay",
-        "key": {"from": "json", "field": "order_id"},
-        "required": True,
-    },
-    {
-        "name": "charges",
-        "methods": ["POST"],
-        "path": "/v1/charges",
-        "key": {"from": "header", "name": "Idempotency-Key"},
-        "required": True,
-    },
-    # A legacy SOAP gateway: the order id inside the envelope is the key (SOAP 1.1 or 1.2).
-    {
-        "name": "soap-pay",
-        "methods": ["POST"],
-        "path": "/soap/payments",
-        "key": {
-            "from": "xml",
-            "path": "/soap:Envelope/soap:Body/p:Pay/p:OrderId",
-            "namespaces": {
-                "soap": [
-                    "http://schemas.xmlsoap.org/soap/envelope/",
-                    "http://www.w3.org/2003/05/soap-envelope",
-                ],
-                "p": "urn:idempotency-proxy:sample:payments",
-            },
-        },
-        "required": True,
-    },
-]
-
-READY_TIMEOUT = 60.0
-STOP_TIMEOUT = 5.0
 
 # The timeout-and-retry story: the backend takes SLOW_SECONDS for this order, the caller
 # waits CALLER_TIMEOUT; the double click gets a short delay so both clicks overlap.
@@ -99,328 +53,8 @@ OBSERVERS = 2
 PREVENTED = frozenset({"replayed", "in_flight", "key_reused", "outcome_unknown", "fenced"})
 
 
-class DemoError(RuntimeError):
+class DemoError(StackError):
     """Something the demo depends on did not start or answer; the message says what."""
-
-
-# --------------------------------------------------------------------------- processes
-
-
-_issued_ports: set[int] = set()
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the kernel's choice), never one handed out
-    before in this process: the kernel may offer a just-probed port again, and two of our
-    children would then race for it."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((HOST, 0))
-            port = int(sock.getsockname()[1])
-        if port not in _issued_ports:
-            _issued_ports.add(port)
-            return port
-    raise DemoError("no free TCP port found")
-
-
-def redis_available() -> bool:
-    """Is there a `redis-server` binary on PATH?"""
-    return shutil.which("redis-server") is not None
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGKILL the child when its parent dies hard (kill -9).
-
-    Only from the main thread: the signal fires when the forking *thread* exits, which
-    would kill servers started from short-lived worker threads. The test harness
-    starts its processes with this too.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-    return preexec
-
-
-def child_env() -> dict[str, str]:
-    """Our environment, unbuffered, with 127.0.0.1 kept off any HTTP proxy (the test
-    harness builds its children's environment on this one)."""
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    hosts = [h for h in env.get("NO_PROXY", env.get("no_proxy", "")).split(",") if h]
-    hosts += [h for h in (HOST, "localhost") if h not in hosts]
-    env["NO_PROXY"] = env["no_proxy"] = ",".join(hosts)
-    return env
-
-
-_live: set[Child] = set()
-
-
-def _kill_live() -> None:
-    """Last resort at interpreter exit: nothing we started may outlive us."""
-    for child in list(_live):
-        child.kill()
-
-
-atexit.register(_kill_live)
-
-
-class Child:
-    """One child process in its own process group (its own session), logging to a file."""
-
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, port: int) -> None:
-        self.name = name
-        self.argv = list(argv)
-        self.log_path = log_path
-        self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Self:
-        with self.log_path.open("ab") as log:
-            # A new session keeps the terminal's Ctrl-C away from the children: the demo
-            # stops them itself, in order, instead of racing them.
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=child_env(),
-                start_new_session=True,
-                preexec_fn=die_with_parent(),
-            )
-        _live.add(self)
-        return self
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise DemoError(
-                f"{self.name} exited with code {self.proc.returncode}\n{self.log_tail()}"
-            )
-
-    def signal_group(self, sig: signal.Signals) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, sig)
-
-    def kill(self) -> None:
-        """SIGKILL the whole group and reap the child."""
-        self.signal_group(signal.SIGKILL)
-        if self.proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(STOP_TIMEOUT)
-        _live.discard(self)
-
-    def log_tail(self, limit: int = 4000) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return f"--- {self.name} log ---\n{text[-limit:]}"
-
-
-def stop_all(children: Sequence[Child], timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM every group at once, wait up to `timeout` for all, then SIGKILL what is left.
-
-    Groups get a final SIGKILL even after a clean exit, for any grandchild left behind.
-    """
-    for child in children:
-        if child.running():
-            child.signal_group(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for child in children:
-        if child.proc is None:
-            continue
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.proc.wait(max(0.0, deadline - time.monotonic()))
-    for child in children:
-        child.kill()
-
-
-def _wait_tcp(child: Child, deadline: float) -> None:
-    while True:
-        child.check_alive()
-        try:
-            with socket.create_connection((HOST, child.port), timeout=0.5):
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise DemoError(f"{child.name} did not listen on {child.port}\n{child.log_tail()}")
-        time.sleep(0.05)
-
-
-def _wait_http(child: Child, url: str, deadline: float) -> None:
-    last = "no answer"
-    with httpx.Client(timeout=2.0, trust_env=False) as client:
-        while True:
-            child.check_alive()
-            try:
-                response = client.get(url)
-                if response.status_code == 200:
-                    return
-                last = f"HTTP {response.status_code}"
-            except httpx.HTTPError as exc:
-                last = type(exc).__name__
-            if time.monotonic() > deadline:
-                raise DemoError(f"{child.name}: GET {url}: {last}\n{child.log_tail()}")
-            time.sleep(0.05)
-
-
-class Stack:
-    """Redis, the sample backend and proxy replicas as child processes, stopped by close().
-
-    Shared by the demo and `loadtests/smoke.py`.
-    """
-
-    def __init__(self, workdir: Path | None = None, *, error_format: str = "problem") -> None:
-        self._own_dir = workdir is None
-        # The replicas' format for their own answers; the stories read every preset.
-        self.error_format = error_format
-        self.workdir = (
-            Path(tempfile.mkdtemp(prefix="idempotency-demo-")) if workdir is None else workdir
-        )
-        self.children: list[Child] = []
-        # Started but not yet seen ready: (child, URL that must answer 200, or None for TCP).
-        self._pending: list[tuple[Child, str | None]] = []
-        self.redis_url: str | None = None
-        self.backend_url = ""
-        self.proxy_urls: list[str] = []
-        self.observer_urls: list[str] = []
-        self.observer_admin_urls: list[str] = []
-
-    def _spawn(self, name: str, argv: Sequence[str], port: int) -> Child:
-        child = Child(name, argv, self.workdir / f"{name}.log", port)
-        self.children.append(child)
-        return child.start()
-
-    def start_redis(self) -> str:
-        """A private redis-server: no snapshots, no AOF, data in the work dir."""
-        port = free_port()
-        child = self._spawn(
-            "redis",
-            [
-                "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                HOST,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                "--daemonize",
-                "no",
-                "--loglevel",
-                "warning",
-            ],
-            port,
-        )
-        self._pending.append((child, None))
-        self.redis_url = f"redis://{HOST}:{port}/0"
-        return self.redis_url
-
-    def start_backend(self) -> str:
-        """The sample backend with its own SQLite ledger in the work dir."""
-        port = free_port()
-        argv = [sys.executable, "-m", "sample_backend", "--host", HOST, "--port", str(port)]
-        argv += ["--db", str(self.workdir / "ledger.sqlite3"), "--log-level", "warning"]
-        child = self._spawn("backend", argv, port)
-        self.backend_url = f"http://{HOST}:{port}"
-        self._pending.append((child, f"{self.backend_url}/healthz"))
-        return self.backend_url
-
-    def start_proxies(
-        self, count: int, *, upstream: str, redis_url: str, mode: str = "enforce"
-    ) -> list[str]:
-        """`count` replicas of `python -m proxy run`, all on one Redis and the demo routes
-        (in `mode: observe`, the observers, whose admin URLs are kept for their metrics)."""
-        observe = mode == "observe"
-        config = self.workdir / f"proxy-{mode}.yaml"
-        defaults = {"error_format": self.error_format, "mode": mode}
-        config.write_text(yaml.safe_dump({"defaults": defaults, "routes": ROUTES}, sort_keys=False))
-        urls: list[str] = []
-        for index in range(count):
-            port, admin = free_port(), free_port()
-            argv = [sys.executable, "-m", "proxy", "run", "--upstream", upstream]
-            argv += ["--host", HOST, "--port", str(port), "--admin-port", str(admin)]
-            argv += ["--redis-url", redis_url, "--config", str(config), "--log-level", "warning"]
-            name = f"observe-{index + 1}" if observe else f"proxy-{index + 1}"
-            child = self._spawn(name, argv, port)
-            self._pending.append((child, f"http://{HOST}:{admin}/readyz"))
-            urls.append(f"http://{HOST}:{port}")
-            if observe:
-                self.observer_admin_urls.append(f"http://{HOST}:{admin}")
-        if observe:
-            self.observer_urls += urls
-        else:
-            self.proxy_urls += urls
-        return urls
-
-    def start_replicated(self, replicas: int, observers: int = 0) -> None:
-        """Redis, backend, `replicas` proxies and `observers` observe-mode proxies, ready."""
-        redis_url = self.start_redis()
-        upstream = self.start_backend()
-        # Redis starts in milliseconds; the proxies then find it at their start-up check.
-        self.wait_ready()
-        self.start_proxies(replicas, upstream=upstream, redis_url=redis_url)
-        if observers:
-            self.start_proxies(observers, upstream=upstream, redis_url=redis_url, mode="observe")
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        """Block until everything started so far serves (fails early if a child exits)."""
-        deadline = time.monotonic() + timeout
-        pending, self._pending = self._pending, []
-        for child, url in pending:
-            if url is None:
-                _wait_tcp(child, deadline)
-            else:
-                _wait_http(child, url, deadline)
-
-    def describe(self) -> str:
-        parts = []
-        if self.redis_url:
-            parts.append(f"redis {self.redis_url}")
-        parts.append(f"backend {self.backend_url}")
-        if self.proxy_urls:
-            parts.append(f"replicas {' '.join(self.proxy_urls)}")
-        if self.observer_urls:
-            parts.append(f"observing {' '.join(self.observer_urls)}")
-        return " | ".join(parts)
-
-    def close(self) -> None:
-        try:
-            stop_all(self.children)
-        finally:
-            if self._own_dir:
-                shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # --------------------------------------------------------------------------- in-process replicas
@@ -944,7 +578,7 @@ async def _stories(stack: Stack, replicas: int, orders: int, memory: bool) -> li
     finally:
         if hooked:
             loop.remove_signal_handler(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, _terminate)
+            signal.signal(signal.SIGTERM, terminate_as_interrupt)
 
 
 async def _stories_unguarded(stack: Stack, replicas: int, orders: int, memory: bool) -> list[Phase]:
@@ -972,24 +606,6 @@ async def _stories_unguarded(stack: Stack, replicas: int, orders: int, memory: b
             return result
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM takes the same way out as Ctrl-C, so every finally block runs.
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block SIGTERM raises KeyboardInterrupt, so cleanup runs as for Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(
     orders: int = 200, replicas: int = 5, memory: bool = False, error_format: str = "problem"
 ) -> int:
@@ -1002,7 +618,7 @@ def main(
             f"--memory: running the {replicas} replicas inside this process on one shared "
             f"memory store (leave out --memory to use redis-server; {REDIS_HINT})"
         )
-    elif not redis_available():
+    elif redis_binaries_missing("redis-server"):
         memory = True
         say(
             f"redis-server not found: running the {replicas} replicas inside this process on "
@@ -1022,7 +638,7 @@ def main(
         except (KeyboardInterrupt, asyncio.CancelledError):
             print("\ninterrupted: stopping everything the demo started", file=sys.stderr)
             return 130
-        except DemoError as exc:
+        except StackError as exc:
             print(f"demo: {exc}", file=sys.stderr)
             return 1
         finally:

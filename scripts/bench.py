@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import datetime as dt
 import http.client
 import json
@@ -47,7 +46,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -67,6 +65,9 @@ if str(REPO) not in sys.path:
 import bench_report  # noqa: E402
 from bench_store import measure_store  # noqa: E402
 
+from devstack.processes import ManagedProcess, die_with_parent, stop_all  # noqa: E402
+from devstack.servers import BackendServer, ProxyServer, RedisServer  # noqa: E402
+
 HOST = "127.0.0.1"
 PATH = "/v1/charges"
 BODY = b'{"amount":100,"currency":"EUR"}'
@@ -76,6 +77,7 @@ XML_KEY_PATH = "/soap/payments"
 SOAP11_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 PAYMENTS_NS = "urn:idempotency-proxy:sample:payments"
 PATHS = {"json-key": JSON_KEY_PATH, "xml-key": XML_KEY_PATH}
+READY_TIMEOUT = 60.0
 
 
 def request_for(mode: str, key: str) -> tuple[str, bytes, dict[str, str]]:
@@ -326,115 +328,6 @@ def check(scenario: Scenario, sample: Sample) -> list[str]:
 # --------------------------------------------------------------------------- processes
 
 
-def _preexec(cpus: set[int] | None) -> Callable[[], None]:
-    """Children die with the bench (PR_SET_PDEATHSIG) and optionally run on `cpus` only."""
-    libc: Any = None
-    with contextlib.suppress(OSError):
-        libc = ctypes.CDLL(None, use_errno=True)
-
-    def run() -> None:
-        if libc is not None:
-            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-
-    return run
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    return env
-
-
-class Child:
-    """One server process in its own process group, logging to a file."""
-
-    def __init__(
-        self,
-        name: str,
-        argv: list[str],
-        workdir: Path,
-        cpus: set[int] | None,
-        port: int,
-        ready: Callable[[], bool],
-    ) -> None:
-        self.name = name
-        self.argv = argv
-        self.log_path = workdir / f"{name}.log"
-        self.cpus = cpus
-        self.port = port
-        self.ready = ready
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Child:
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                env=_env(),
-                start_new_session=True,
-                preexec_fn=_preexec(self.cpus),
-            )
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, limit: int = 3000) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return text[-limit:]
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(f"{self.name} exited while starting:\n{self.log_tail()}")
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                if self.ready():
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name} not ready within {timeout:.0f}s:\n{self.log_tail()}")
-
-    def terminate(self) -> None:
-        """SIGTERM this child's own process group (stop() then waits for it)."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-
-    def stop(self) -> None:
-        """SIGTERM this child's own process group, SIGKILL it if it lingers."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def _http(
     method: str,
     port: int,
@@ -451,31 +344,18 @@ def _http(
         conn.close()
 
 
-def _redis_ping(port: int) -> bool:
-    with socket.create_connection((HOST, port), timeout=1) as sock:
-        sock.sendall(b"PING\r\n")
-        return sock.recv(64).startswith(b"+PONG")
+def launch_redis(workdir: Path, cpus: set[int] | None) -> RedisServer:
+    return RedisServer(workdir / "redis", ready_timeout=READY_TIMEOUT, cpus=cpus).launch()
 
 
-def launch_redis(workdir: Path, cpus: set[int] | None) -> Child:
-    port = free_port()
-    argv = [
-        shutil.which("redis-server") or "redis-server",
-        "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
-        "--dir", str(workdir), "--protected-mode", "no", "--maxmemory-policy", "noeviction",
-    ]  # fmt: skip
-    return Child("redis", argv, workdir, cpus, port, lambda: _redis_ping(port)).start()
-
-
-def launch_backend(workdir: Path, cpus: set[int] | None) -> Child:
-    port = free_port()
-    argv = [sys.executable, "-m", "sample_backend", "--host", HOST, "--port", str(port)]
-    argv += ["--db", ":memory:", "--log-level", "warning"]
-
-    def ready() -> bool:
-        return _http("GET", port, "/healthz")[0] == 200
-
-    return Child("backend", argv, workdir, cpus, port, ready).start()
+def launch_backend(workdir: Path, cpus: set[int] | None) -> BackendServer:
+    return BackendServer(
+        workdir / "backend",
+        db=":memory:",
+        args=["--log-level", "warning"],
+        ready_timeout=READY_TIMEOUT,
+        cpus=cpus,
+    ).launch()
 
 
 def launch_proxy(
@@ -485,13 +365,12 @@ def launch_proxy(
     redis_port: int,
     workdir: Path,
     cpus: set[int] | None,
-) -> Child:
-    """The proxy in one worker; the backend need not be up yet (the upstream pool is lazy)."""
-    port, admin_port = free_port(), free_port()
+) -> ProxyServer:
+    """The proxy in one worker; the backend need not be up yet (the upstream pool is lazy).
+
+    Ready once both its admin /readyz and its traffic port answer."""
     config = {
-        "upstream": f"http://{HOST}:{backend_port}",
-        "listen": {"host": HOST, "port": port},
-        "admin": {"host": HOST, "port": admin_port},
+        "admin": {"host": HOST},
         "upstream_pool": {"client": client},
         "routes": [
             {
@@ -521,19 +400,17 @@ def launch_proxy(
             },
         ],
     }
-    config_path = workdir / f"{name}.yaml"
-    config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-    argv = [sys.executable, "-m", "proxy", "run", "--log-level", "warning"]
-    argv += ["--redis-url", f"redis://{HOST}:{redis_port}/0", "--config", str(config_path)]
-
-    def ready() -> bool:
-        # The admin port can answer before the traffic port is bound: wait for both.
-        if _http("GET", admin_port, "/readyz")[0] != 200:
-            return False
-        socket.create_connection((HOST, port), timeout=1).close()
-        return True
-
-    return Child(name, argv, workdir, cpus, port, ready).start()
+    return ProxyServer(
+        workdir / name,
+        upstream=f"http://{HOST}:{backend_port}",
+        redis_url=f"redis://{HOST}:{redis_port}/0",
+        config=config,
+        log_level="warning",
+        ready_timeout=READY_TIMEOUT,
+        wait_readyz=True,
+        name=name,
+        cpus=cpus,
+    ).launch()
 
 
 def read_rss_kib(pid: int) -> dict[str, int]:
@@ -599,7 +476,7 @@ def _run_wrk(
         capture_output=True,
         text=True,
         timeout=duration + CLIENT_TIMEOUT_S + 30,
-        preexec_fn=_preexec(load.cpus),
+        preexec_fn=die_with_parent(load.cpus),
         check=False,
     )
     for line in done.stdout.splitlines():
@@ -684,8 +561,8 @@ def _percentile(ordered: Sequence[float], pct: float) -> float:
 class Servers:
     backend: int
     ports: dict[str, int]  # target -> port
-    proxy: Child
-    proxy_httpx: Child | None
+    proxy: ProxyServer
+    proxy_httpx: ProxyServer | None
     replay_prefix: str  # the keys the replay rounds repeat, COMPLETED before any round
 
 
@@ -1143,7 +1020,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"x {args.rounds} round(s) x {args.duration} s, interleaved; "
         + ("pinned" if pinned else "not pinned")
     )
-    children: list[Child] = []
+    children: list[ManagedProcess] = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
             workdir = Path(tmp)
@@ -1152,7 +1029,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             load = Load(generator, wrk, lua, args.threads, other_cpus)
             redis_child = launch_redis(workdir, other_cpus)
             children.append(redis_child)
-            redis_child.wait_ready()
+            redis_child.ready()
             # The rest start side by side: the proxies need Redis at start-up, not the backend.
             backend_child = launch_backend(workdir, other_cpus)
             children.append(backend_child)
@@ -1168,13 +1045,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )  # fmt: skip
                 children.append(httpx_child)
             for child in children:
-                child.wait_ready()
-            ports = {child.name: child.port for child in children[1:]}  # target -> port
+                child.ready()
+            ports = {"backend": backend_child.port, "proxy": proxy_child.port}  # target -> port
+            if httpx_child is not None:
+                ports["proxy-httpx"] = httpx_child.port
             replay_prefix = f"replay-{nonce}"
             servers = Servers(backend_child.port, ports, proxy_child, httpx_child, replay_prefix)
             log(
                 "servers up: "
-                + ", ".join(f"{child.name} :{child.port}" for child in children)
+                + ", ".join(
+                    f"{name} :{port}"
+                    for name, port in [("redis", redis_child.port), *ports.items()]
+                )
                 + (" (pinned: proxy on CPU 1, the rest on CPU 0)" if pinned else " (not pinned)")
             )
             proxy_port = proxy_child.port
@@ -1202,13 +1084,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     servers, load, Path(args.profile), args.profile_seconds, log
                 )
             for child in children:
-                if not child.alive():
+                if not child.running:
                     raise RuntimeError(f"{child.name} died during the run:\n{child.log_tail()}")
     finally:
-        for child in reversed(children):  # all at once: each drains for a moment
-            child.terminate()
-        for child in reversed(children):
-            child.stop()
+        stop_all(children[::-1])  # all at once: each drains for a moment
     rows = summarize(results)
     run: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),

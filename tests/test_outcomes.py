@@ -15,7 +15,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +30,7 @@ from harness import (
     free_port,
     pay_route,
     print_logs,
+    stop_all,
 )
 
 PROBLEM_BASE = "https://idempotency-proxy.dev/problems/"
@@ -81,14 +81,6 @@ class Stack:
         return [self.main, self.alt, self.refused]
 
 
-def _together(servers: list[ProxyServer], action: str) -> None:
-    """Start or stop processes in parallel: both are mostly waiting on the children."""
-    with ThreadPoolExecutor(len(servers)) as pool:
-        futures = [pool.submit(getattr(server, action)) for server in servers]
-        for future in futures:
-            future.result()
-
-
 @pytest.fixture(scope="module", params=["memory", "redis", "cluster"])
 def stack(
     request: pytest.FixtureRequest,
@@ -118,10 +110,14 @@ def stack(
         refused=proxy(MAIN_CONFIG, f"http://127.0.0.1:{free_port()}"),
     )
     try:
-        _together(built.proxies, "start")
+        # Side by side: starting is mostly waiting on the children.
+        for server in built.proxies:
+            server.launch()
+        for server in built.proxies:
+            server.ready()
         yield built
     finally:
-        _together(built.proxies, "stop")
+        stop_all(built.proxies)
 
 
 @pytest.fixture(autouse=True)

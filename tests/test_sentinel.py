@@ -13,7 +13,6 @@ import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,17 +26,14 @@ from harness import (
     Outcome,
     ProxyFactory,
     RedisServer,
-    free_port,
+    SentinelServer,
     pay,
     pay_config,
     pay_until,
     print_logs,
     redis_binaries_missing,
     tally,
-    wait_for_port,
 )
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 pytestmark = pytest.mark.chaos
 
@@ -47,60 +43,6 @@ SETTLING = ("request-in-progress", "store-unavailable")
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-class SentinelServer(ManagedProcess):
-    """`redis-server sentinel.conf --sentinel`, with its own writable config file."""
-
-    name = "redis-sentinel"
-
-    def __init__(self, workdir: Path, master_port: int) -> None:
-        super().__init__(workdir, "sentinel.log")
-        self.port = free_port()
-        self.conf = self.workdir / "sentinel.conf"
-        # Sentinel rewrites this file as it learns the topology, so each needs its own.
-        self.conf.write_text(
-            "\n".join(
-                [
-                    f"port {self.port}",
-                    f"bind {HOST}",
-                    "daemonize no",
-                    f'dir "{self.workdir}"',
-                    'logfile ""',
-                    "sentinel resolve-hostnames no",
-                    f"sentinel monitor {MASTER_NAME} {HOST} {master_port} 2",
-                    f"sentinel down-after-milliseconds {MASTER_NAME} 1000",
-                    f"sentinel failover-timeout {MASTER_NAME} 3000",
-                    f"sentinel parallel-syncs {MASTER_NAME} 1",
-                    "",
-                ]
-            )
-        )
-
-    def command(self) -> list[str]:
-        return ["redis-server", str(self.conf), "--sentinel"]
-
-    def wait_ready(self) -> None:
-        wait_for_port(HOST, self.port, 10.0, alive=self)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(
-            host=HOST,
-            port=self.port,
-            socket_timeout=2.0,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
-        )
-
-    def master_state(self) -> dict[str, Any]:
-        with self.client() as client:
-            state: dict[str, Any] = client.sentinel_master(MASTER_NAME)
-            return state
-
-    def master_address(self) -> tuple[str, int] | None:
-        with self.client() as client:
-            address = client.sentinel_get_master_addr_by_name(MASTER_NAME)
-        return (str(address[0]), int(address[1])) if address else None
 
 
 @dataclass
@@ -146,7 +88,7 @@ def sentinel_setup(
     replica = RedisServer(
         root / "replica", appendonly=True, args=["--replicaof", HOST, str(master.port)]
     )
-    sentinels = [SentinelServer(root / f"sentinel-{i}", master.port) for i in range(3)]
+    sentinels = [SentinelServer(root / f"sentinel-{i}", master.port, MASTER_NAME) for i in range(3)]
     setup = SentinelSetup(master, replica, sentinels)
     failed_before = request.session.testsfailed
     try:

@@ -29,7 +29,7 @@ from harness import (
     BackendServer,
     ProxyFactory,
     ProxyServer,
-    _child_env,
+    child_env,
     free_port,
     wait_for_port,
 )
@@ -235,7 +235,7 @@ def _refused_start(upstream: str, env: dict[str, str]) -> subprocess.CompletedPr
     """`proxy run` that must stop at start-up (bounded: it would otherwise serve)."""
     refused = subprocess.run(
         [sys.executable, "-m", "proxy", "run", "--upstream", upstream, "--port", "0"],
-        env=_child_env(env),
+        env=child_env(env),
         capture_output=True,
         text=True,
         timeout=30,
