@@ -460,3 +460,55 @@ def test_a_json_key_inside_a_list_needs_an_explicit_position() -> None:
     with pytest.raises(Problem) as exc:
         _json_key(b'{"payments": {"0": {"order_id": "x"}}}', "payments[0].order_id")
     _problem(exc, "key-missing", 400)
+
+
+# --------------------------------------------------------------------------- review: namespaces
+
+
+def _many_namespaces(count: int) -> bytes:
+    # One element, each attribute in a namespace of its own: the canonical writer looks
+    # every name up among the namespaces in scope, so its cost grows with their square.
+    attrs = " ".join(f'xmlns:p{i}="urn:u{i}" p{i}:x="1"' for i in range(count))
+    return f"<r {attrs}><k>ord-1</k></r>".encode()
+
+
+def test_many_namespaces_in_scope_are_a_400_quickly() -> None:
+    body = _many_namespaces(9_000)  # 320 kB, under the default body cap
+    started = time.monotonic()
+    with pytest.raises(Problem) as exc:
+        extract(
+            _xml(body, "text/xml"),
+            KeySpec.model_validate({"from": "xml", "path": "/r/k"}),
+            {},
+            required=True,
+        )
+    assert time.monotonic() - started < 1.0
+    _problem(exc, "body-invalid", 400)
+    started = time.monotonic()
+    assert xmlkeys.canonical(_xml(body, "text/xml")) is None
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_namespace_redeclared_on_every_sibling_is_fine() -> None:
+    # Some serialisers repeat xmlns on every element: only what is in scope at once counts.
+    items = "".join(f'<i xmlns="urn:items{n}">{n}</i>' for n in range(2_000))
+    body = f"<r><k>ord-1</k>{items}</r>".encode()
+    spec = KeySpec.model_validate({"from": "xml", "path": "/r/k"})
+    assert extract(_xml(body, "text/xml"), spec, {}, required=True) == "ord-1"
+    assert xmlkeys.canonical(_xml(body, "text/xml")) is not None
+
+
+XSI = "http://www.w3.org/2001/XMLSchema-instance"
+
+
+def _typed(prefix: str, uri: str) -> bytes:
+    return (
+        f'<r xmlns:xsi="{XSI}" xmlns:{prefix}="{uri}"><m xsi:type="{prefix}:Card">1</m></r>'
+    ).encode()
+
+
+def test_an_xsi_type_keeps_the_namespace_its_prefix_names() -> None:
+    # The same text, `p:Card`, names two different types: two different requests.
+    assert _fp(_typed("p", "urn:cards")) != _fp(_typed("p", "urn:banks"))
+    # Another spelling of the same type is the same request, as for element names.
+    assert _fp(_typed("p", "urn:cards")) == _fp(_typed("q", "urn:cards"))
