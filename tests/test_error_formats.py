@@ -377,6 +377,21 @@ async def test_a_replay_carries_the_current_request_id_never_the_original(
             "routes['charges'].error_format",
         ),
         ({"body": {"m": "x"}}, "nope", "routes['charges'].error_format: unknown format 'nope'"),
+        (
+            {"body": {"m": 2**64}},
+            "bad",
+            "routes['charges'].error_format: error_formats['bad']: integers",
+        ),
+        (
+            {"body": {"m": "x"}, "status": {"key-missing": 204}},
+            "bad",
+            "routes['charges'].error_format: error_formats['bad']: status: 204",
+        ),
+        (
+            {"body": {"m": "x"}, "status": {"*": 304}},
+            "bad",
+            "routes['charges'].error_format: error_formats['bad']: status: 304",
+        ),
     ],
 )
 def test_a_bad_format_is_one_line_naming_the_route(
@@ -390,6 +405,26 @@ def test_a_bad_format_is_one_line_naming_the_route(
     text = str(caught.value)
     assert text.startswith(message), text
     assert "\n" not in text
+
+
+async def test_template_header_values_never_carry_control_bytes_or_none(
+    backend: BackendServer, client: httpx.AsyncClient
+) -> None:
+    # A careless `code` (a pasted CR LF) must not split the header nor drop the answer,
+    # and a placeholder without a value is an empty header, not Python's "None".
+    config = _config(backend.url, "bad")
+    config["error_formats"]["bad"] = {
+        "body": {"c": "{code}"},
+        "code": {"*": "E1\r\nSet-Cookie: s=1"},
+        "headers": {"*": {"X-Code": "{code}", "X-Retry": "{retry_after}"}},
+    }
+    async with _proxy(config) as (url, _):
+        answer = await client.post(url + "/v1/charges", content=_charge(), headers=JSON)
+    assert answer.status_code == 400
+    assert "set-cookie" not in answer.headers
+    assert answer.headers["x-code"] == "E1??Set-Cookie: s=1"
+    assert answer.headers["x-retry"] == ""
+    assert answer.json() == {"c": "E1\r\nSet-Cookie: s=1"}
 
 
 def test_a_bad_default_format_names_the_defaults() -> None:
