@@ -271,7 +271,8 @@ def _select(root: ET.Element, steps: Sequence[Step]) -> list[ET.Element]:
 
 
 def key_at(request: ProxyRequest, path: XmlPath, required: bool) -> str | None:
-    """The text (or attribute) at `path`, stripped; None when optional and absent.
+    """The text (or attribute) at `path`, without surrounding XML whitespace; None when
+    optional and absent.
 
     Raises `Problem`: 415 when the body is not XML, 400 body-invalid when it cannot be
     parsed safely, 400 key-missing / key-invalid.
@@ -305,4 +306,5 @@ def key_at(request: ProxyRequest, path: XmlPath, required: bool) -> str | None:
     if len(values) > 1:
         # Like a key from a JSON list: the first of several would depend on element order.
         raise key_invalid(f"{where} occurs more than once; name one with a position, [1]")
-    return values[0].strip()
+    # XML's whitespace only: a no-break space is part of the value the backend reads.
+    return values[0].strip(" \t\r\n")

@@ -512,3 +512,14 @@ def test_an_xsi_type_keeps_the_namespace_its_prefix_names() -> None:
     assert _fp(_typed("p", "urn:cards")) != _fp(_typed("p", "urn:banks"))
     # Another spelling of the same type is the same request, as for element names.
     assert _fp(_typed("p", "urn:cards")) == _fp(_typed("q", "urn:cards"))
+
+
+def test_an_xml_key_loses_only_xml_whitespace() -> None:
+    # XML's whitespace is space, tab, CR and LF. A no-break space (or U+2028) is part of
+    # the value a backend reads, so `\u00a0ord-1` is not `ord-1`: it is not a valid key.
+    for padding in ("\u00a0", "\u2028", "\u3000"):
+        body = pay_envelope(f"{padding}ord-1", 10)
+        with pytest.raises(Problem) as exc:
+            extract(_xml(body), XML_SPEC, {}, required=True)
+        _problem(exc, "key-invalid", 400)
+    assert extract(_xml(pay_envelope(" \t\r\nord-1\n", 10)), XML_SPEC, {}, True) == "ord-1"
