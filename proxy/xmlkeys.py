@@ -234,12 +234,27 @@ def parsed(request: ProxyRequest) -> ParsedXml:
     return result
 
 
-_CHARSET = re.compile(rb';\s*charset\s*=\s*"?([A-Za-z0-9._:-]+)"?', re.IGNORECASE)
+# One `; name=value` parameter, the value a token or a quoted string (which may itself
+# hold `;charset=`: SOAP 1.2's `action="..."` is one).
+_PARAMETER = re.compile(rb'\s*;\s*([^\s;=]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+_CHARSET_NAME = re.compile(rb"[A-Za-z0-9._:-]+")
 
 
 def _charset(content_type: bytes | None) -> str | None:
-    found = _CHARSET.search(content_type or b"")
-    return found.group(1).decode("ascii") if found else None
+    """The Content-Type's charset parameter, read parameter by parameter from the left."""
+    value = content_type or b""
+    position = value.find(b";")
+    while position >= 0:
+        found = _PARAMETER.match(value, position)
+        if found is None:  # a stray `;` or a bare word: skip to the next parameter
+            position = value.find(b";", position + 1)
+            continue
+        name, raw = found.groups()
+        if name.lower() == b"charset":
+            charset = raw.strip().strip(b'"')
+            return charset.decode("ascii") if _CHARSET_NAME.fullmatch(charset) else None
+        position = found.end()
+    return None
 
 
 def canonical(request: ProxyRequest) -> bytes | None:

@@ -523,3 +523,13 @@ def test_an_xml_key_loses_only_xml_whitespace() -> None:
             extract(_xml(body), XML_SPEC, {}, required=True)
         _problem(exc, "key-invalid", 400)
     assert extract(_xml(pay_envelope(" \t\r\nord-1\n", 10)), XML_SPEC, {}, True) == "ord-1"
+
+
+def test_a_charset_inside_another_quoted_parameter_is_not_the_charset() -> None:
+    # SOAP 1.2 carries the action as a quoted parameter; its text is not a charset.
+    envelope = pay_envelope("ord-1", 10, soap12=True)
+    content_type = 'application/soap+xml; action="urn:Pay;charset=utf-16"; charset=utf-8'
+    assert extract(_xml(envelope, content_type), XML_SPEC, {}, required=True) == "ord-1"
+    assert _fp(envelope, content_type) == _fp(envelope, "application/soap+xml; charset=utf-8")
+    assert xmlkeys._charset(b'text/xml; a="x;charset=utf-16"') is None
+    assert xmlkeys._charset(b'text/xml;CharSet="ISO-8859-1"') == "ISO-8859-1"
