@@ -57,10 +57,11 @@ def canonical_body(request: ProxyRequest, media_type: str) -> bytes:
             # raw bytes still tell different requests apart.
             pass
     elif request.body and is_xml(media_type):
-        # Unusable XML (malformed, a DTD) keeps its raw bytes, as unusable JSON does.
+        # Unusable XML (malformed, a DTD) keeps its raw bytes, as unusable JSON does. Each
+        # form is tagged: the canonical form is not itself well-formed XML (`xmlns:n0=""`),
+        # so a body made of another body's canonical bytes would otherwise share its print.
         xml = xmlkeys.canonical(request)
-        if xml is not None:
-            return xml
+        return b"c" + xml if xml is not None else b"r" + request.body
     return request.body
 
 

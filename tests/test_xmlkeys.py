@@ -533,3 +533,14 @@ def test_a_charset_inside_another_quoted_parameter_is_not_the_charset() -> None:
     assert _fp(envelope, content_type) == _fp(envelope, "application/soap+xml; charset=utf-8")
     assert xmlkeys._charset(b'text/xml; a="x;charset=utf-16"') is None
     assert xmlkeys._charset(b'text/xml;CharSet="ISO-8859-1"') == "ISO-8859-1"
+
+
+def test_raw_bytes_never_pass_for_another_bodys_canonical_form() -> None:
+    # The canonical form binds no-namespace names to `xmlns:n0=""`, which is not itself
+    # well-formed XML: sent as a body, those exact bytes fall back to the raw fingerprint
+    # and must not equal that of the document they are the canonical form of.
+    document = b"<r><amount> 10 </amount></r>"
+    canonical = xmlkeys.canonical(_xml(document, "text/xml"))
+    assert canonical is not None
+    assert xmlkeys.canonical(_xml(canonical, "text/xml")) is None
+    assert _fp(canonical) != _fp(document)
