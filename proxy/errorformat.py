@@ -266,6 +266,7 @@ def _stripe() -> TemplateFormat:
             "body-timeout": "invalid_request_error",
             "unsupported-media-type": "invalid_request_error",
             "headers-too-large": "invalid_request_error",
+            "target-invalid": "invalid_request_error",
             "*": "api_error",
         },
         headers={"*": request_id, "outcome-unknown": no_retry, "replay-unavailable": no_retry},
@@ -300,6 +301,7 @@ def _gocardless() -> TemplateFormat:
             "body-timeout": "invalid_api_usage",
             "unsupported-media-type": "invalid_api_usage",
             "headers-too-large": "invalid_api_usage",
+            "target-invalid": "invalid_api_usage",
             "*": "gocardless",
         },
     )

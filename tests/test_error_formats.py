@@ -164,6 +164,19 @@ async def _upstream_failed(http: httpx.AsyncClient, url: str) -> httpx.Response:
     return await http.put(url + "/v1/echo", content=b"x", headers={"x-sample-drop": "before"})
 
 
+async def _target_invalid(http: httpx.AsyncClient, url: str) -> httpx.Response:
+    # Asterisk-form on POST: only a raw socket sends it as written.
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST * HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = [tuple(line.split(": ", 1)) for line in lines]
+    return httpx.Response(int(status_line.split()[1]), headers=headers, content=body)
+
+
 # name -> (scenario, the problem's own status)
 BACKEND_SCENARIOS: dict[str, tuple[Scenario, int]] = {
     "key-missing": (_key_missing, 400),
@@ -178,6 +191,7 @@ BACKEND_SCENARIOS: dict[str, tuple[Scenario, int]] = {
     "outcome-unknown": (_outcome_unknown, 502),
     "replay-unavailable": (_replay_unavailable, 409),
     "upstream-failed": (_upstream_failed, 502),
+    "target-invalid": (_target_invalid, 400),
 }
 RETRY_AFTER = {"request-in-progress", "store-unavailable"}
 STRIPE_400 = {"key-reused", "body-too-large", "headers-too-large", "unsupported-media-type"}
@@ -191,6 +205,7 @@ STRIPE_INVALID_REQUEST = {
     "body-timeout",
     "unsupported-media-type",
     "headers-too-large",
+    "target-invalid",
 }
 
 
