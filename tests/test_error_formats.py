@@ -165,10 +165,14 @@ async def _upstream_failed(http: httpx.AsyncClient, url: str) -> httpx.Response:
 
 
 async def _target_invalid(http: httpx.AsyncClient, url: str) -> httpx.Response:
-    # Asterisk-form on POST: only a raw socket sends it as written.
+    return await _raw(url, b"POST * HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n")
+
+
+async def _raw(url: str, head: bytes) -> httpx.Response:
+    # Asterisk-form: only a raw socket sends it as written.
     host, port = url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"POST * HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    writer.write(head + b"Connection: close\r\n\r\n")
     raw = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
@@ -350,6 +354,17 @@ async def test_request_id_is_kept_when_valid_replaced_when_not_and_forwarded(
             passed = await client.get(url + "/v1/echo?headers=1", headers=headers[:-1])
             received = passed.json()["x-request-id"]
             assert received == expected if expected else received not in ("", "bad\tid")
+
+
+async def test_the_answer_to_options_asterisk_carries_the_request_id(
+    backend: BackendServer,
+) -> None:
+    async with _proxy(_config(backend.url, "problem")) as (url, _):
+        mine = await _raw(url, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nX-Request-Id: r-9\r\n")
+        generated = await _raw(url, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n")
+    assert mine.status_code == generated.status_code == 204
+    assert mine.headers.get_list("x-request-id") == ["r-9"]
+    assert generated.headers["x-request-id"]
 
 
 async def test_a_replay_carries_the_current_request_id_never_the_original(
