@@ -379,6 +379,11 @@ async def test_records_cli_names_a_composite_key_by_its_parts(
     code, out, err = await records_cli("show", *common, "--key", order)
     assert code == 2, (out, err)
     assert "2 part(s)" in err and len(err.strip().splitlines()) == 1
+    # A part no key can be (empty, a tab, non-ASCII) is a one-line error, not a traceback.
+    for bad in ("", "m\t7", "m-\u00e9"):
+        code, out, err = await records_cli("show", *common, "--key", bad, "--key", order)
+        assert code == 2, (out, err)
+        assert "--key" in err and len(err.strip().splitlines()) == 1, err
 
 
 # --------------------------------------------------------------------------- odd bytes
