@@ -57,7 +57,8 @@ def validate(key: str) -> str:
 
 
 def parse_header(values: list[bytes]) -> str:
-    """One key from the key header's lines (`Idempotency-Key` or a route's own): an sf-string (`"abc"`) or bare (`abc`).
+    """One key from the key header's lines (`Idempotency-Key` or a route's own header):
+    an sf-string (`"abc"`) or bare (`abc`).
 
     Both forms name the same key; parameters after `;` are ignored; two header
     lines or a comma list are several keys and rejected.
