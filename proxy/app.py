@@ -270,8 +270,9 @@ class ProxyApp:
             )
             if rendered is not None:
                 reply.body = rendered
-        elif reply.outcome == "replayed":
-            # The current request's id; the original's was never stored.
+        elif reply.outcome in ("replayed", "options"):
+            # The current request's id (a replay's original was never stored); `OPTIONS *`
+            # is the proxy's own answer too.
             reply.headers.append((REQUEST_ID, request_id))
         await _send_reply(send, reply)
         self.metrics.count(route_name, reply.outcome)

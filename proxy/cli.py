@@ -287,6 +287,7 @@ async def _check_store(args: argparse.Namespace) -> int:
 
 async def _records(args: argparse.Namespace) -> int:
     from proxy import keys
+    from proxy.problems import Problem
     from proxy.records import StoredResponse
     from proxy.routes import RouteTable
     from proxy.store import StoreUnavailable, open_store
@@ -315,7 +316,10 @@ async def _records(args: argparse.Namespace) -> int:
                 f"--key: the route {args.route!r} has a key of {wanted} part(s); "
                 f"give --key {wanted} time(s), in the route's order"
             )
-        given = [keys.validate(key) for key in args.key]
+        try:
+            given = [keys.validate(key) for key in args.key]
+        except Problem as problem:  # the reason only: the key is on the operator's screen
+            raise ConfigError(f"--key: {problem.detail}") from None
         key = keys.join_parts(given) if parts is not None else given[0]
         tenant = args.tenant
         if tenant is None and not settings.tenant.header:

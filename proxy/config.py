@@ -182,8 +182,8 @@ class StoreSettings(BaseModel):
     canary_interval: Duration = 1.0
     # The memory store's caps: when either is reached, new keys get 503 store-unavailable
     # until records expire (as Redis does with maxmemory-policy noeviction).
-    memory_max_entries: int = Field(default=100_000, ge=1)
-    memory_max_bytes: Size = 64 * 1024 * 1024
+    memory_max_entries: int = Field(default=1_000_000, ge=1)
+    memory_max_bytes: Size = 256 * 1024 * 1024
 
     @field_validator("url")
     @classmethod
