@@ -205,8 +205,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "run":
             _run(args)
         elif args.command == "demo":
-            from proxy.demo import main as demo_main
-
+            try:
+                from devstack.demo import main as demo_main
+            except ModuleNotFoundError as exc:
+                if exc.name not in ("devstack", "devstack.demo"):
+                    raise
+                print(
+                    f"{PROG}: demo: the development stack (devstack/) is not installed; "
+                    "run it from a checkout: make demo",
+                    file=sys.stderr,
+                )
+                sys.exit(2)
             sys.exit(
                 demo_main(
                     orders=args.orders,

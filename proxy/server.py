@@ -69,16 +69,17 @@ def _uvicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _uvicorn_config(
+def uvicorn_config(
     app: Any, host: str, port: int, settings: Settings, **extra: Any
 ) -> uvicorn.Config:
+    """A server of the proxy's (also the demo's in-process replicas); `extra` overrides."""
     return uvicorn.Config(app, host=host, port=port, **{**_uvicorn_options(settings), **extra})
 
 
 async def serve(settings: Settings) -> None:
     proxy = ProxyApp(settings, tracing=tracing.from_environment())
     traffic = _TrafficServer(
-        _uvicorn_config(
+        uvicorn_config(
             proxy,
             settings.listen.host,
             settings.listen.port,
@@ -91,7 +92,7 @@ async def serve(settings: Settings) -> None:
     if settings.admin.enabled:
         admin_app = create_admin_app(proxy, lambda: traffic.should_exit)
         admin = _AdminServer(
-            _uvicorn_config(
+            uvicorn_config(
                 admin_app,
                 settings.admin.host,
                 settings.admin.port,

@@ -254,3 +254,24 @@ def test_demo_interrupted_stops_everything_it_started(tmp_path: Path, sig: signa
     assert "interrupted" in output and "story " not in output, output
     started = next(line for line in seen if line.startswith("started:"))
     _assert_nothing_left(tmp_path, _ports(started))
+
+
+def test_demo_without_the_development_stack_says_so_in_one_line(tmp_path: Path) -> None:
+    # An installation without devstack/ (e.g. the production image): one line, exit 2.
+    script = (
+        "import sys; sys.modules['devstack'] = None; "
+        "from proxy.cli import main; main(['demo', '--orders', '1'])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO_ROOT,
+        env=_demo_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "devstack" in lines[0] and "make demo" in lines[0], proc.stderr

@@ -36,6 +36,7 @@ from devstack.servers import REDIS_HINT, redis_binaries_missing
 from devstack.stack import READY_TIMEOUT, ROUTES, STOP_TIMEOUT, Stack
 from proxy.config import Settings
 from proxy.errorformat import problem_name
+from sample_backend.soap import pay_envelope
 
 # The timeout-and-retry story: the backend takes SLOW_SECONDS for this order, the caller
 # waits CALLER_TIMEOUT; the double click gets a short delay so both clicks overlap.
@@ -87,6 +88,7 @@ async def memory_replicas(
     (`apps`, when given, receives the ProxyApps, e.g. to read their metrics)."""
     from proxy import logs
     from proxy.app import ProxyApp
+    from proxy.server import uvicorn_config
     from proxy.store.memory import MemoryStore
 
     logs.configure("warning")
@@ -111,16 +113,14 @@ async def memory_replicas(
             app = ProxyApp(settings, store=store)
             if apps is not None:
                 apps.append(app)
-            config = uvicorn.Config(
+            # The production server's options (protocol, head bounds, headers), with the
+            # demo's shorter drain.
+            config = uvicorn_config(
                 app,
-                host=HOST,
-                port=port,
+                HOST,
+                port,
+                settings,
                 lifespan="on",
-                log_config=None,
-                log_level="warning",
-                access_log=False,
-                server_header=False,
-                date_header=False,
                 timeout_graceful_shutdown=int(STOP_TIMEOUT),
             )
             server = _QuietServer(config)
@@ -247,8 +247,6 @@ class Player:
 
     async def soap_pay(self, base: str, order_id: str, amount: int, *, pretty: bool) -> Outcome:
         """One SOAP 1.1 Pay envelope, as a legacy client library sends it."""
-        from sample_backend.soap import pay_envelope
-
         body = pay_envelope(order_id, amount, pretty=pretty)
         headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '"urn:Pay"'}
         try:
