@@ -68,17 +68,7 @@ class ProxyApp:
         self.routes = RouteTable(settings)
         self.metrics = Metrics()
         self.store: Store = store or open_store(
-            settings.store.url,
-            timeout=settings.store.timeout,
-            retries=settings.store.retries,
-            max_connections=settings.store.max_connections,
-            wait_replicas=settings.store.wait_replicas,
-            wait_timeout=settings.store.wait_timeout,
-            breaker_threshold=settings.store.breaker_threshold,
-            breaker_cooldown=settings.store.breaker_cooldown,
-            canary_interval=settings.store.canary_interval,
-            memory_max_entries=settings.store.memory_max_entries,
-            memory_max_bytes=settings.store.memory_max_bytes,
+            settings.store,
             # After a data loss, fail closed until every request that may have been
             # in flight has finished or timed out.
             safe_mode_seconds=max(
@@ -86,22 +76,11 @@ class ProxyApp:
             ),
         )
         self._owns_store = store is None
-        pool = settings.upstream_pool
-        self.upstream = make_upstream(
-            pool.client,
-            settings.upstream,
-            max_connections=pool.max_connections,
-            keepalive_expiry=pool.keepalive_expiry,
-            connect_timeout=pool.connect_timeout,
-        )
+        self.upstream = make_upstream(settings.upstream, settings.upstream_pool)
         # Pass-through traffic has a pool of its own: slow uploads to unprotected paths
         # must not take the connections that protected routes need.
         self.passthrough_upstream = make_upstream(
-            pool.client,
-            settings.upstream,
-            max_connections=pool.passthrough_max_connections,
-            keepalive_expiry=pool.keepalive_expiry,
-            connect_timeout=pool.connect_timeout,
+            settings.upstream, settings.upstream_pool, passthrough=True
         )
         self.lifecycle = Lifecycle(
             self.store,

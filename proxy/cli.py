@@ -7,12 +7,16 @@ import asyncio
 import base64
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from proxy.config import ENV_PREFIX, ConfigError, Settings, load_settings
 from proxy.errorformat import PRESETS
+
+if TYPE_CHECKING:  # the store's client libraries load only for the commands that use them
+    from proxy.records import Record
+    from proxy.store.redis import RedisStore
 
 PROG = "idempotency-proxy"
 
@@ -270,15 +274,23 @@ def _store_settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def _tool_store(settings: Settings) -> RedisStore:
+    """The proxy's Redis store, as its settings configure it, without the canary watch
+    (a one-off command reads no canary)."""
+    from proxy.store.redis import RedisStore
+
+    return RedisStore(settings.store.model_copy(update={"canary_interval": 0.0}))
+
+
 async def _check_store(args: argparse.Namespace) -> int:
     from proxy.safety import assess
-    from proxy.store import StoreUnavailable, open_store
+    from proxy.store import StoreUnavailable
 
     settings = _store_settings(args)
     if settings.store.url.startswith("memory://"):
         print("memory store: nothing to check (records live in one process only)")
         return 0
-    store: Any = open_store(settings.store.url, timeout=settings.store.timeout, canary_interval=0)
+    store = _tool_store(settings)
     try:
         await store.start()
         findings = assess(await store.server_info())
@@ -299,7 +311,7 @@ async def _records(args: argparse.Namespace) -> int:
     from proxy.problems import Problem
     from proxy.records import StoredResponse
     from proxy.routes import RouteTable
-    from proxy.store import StoreUnavailable, open_store
+    from proxy.store import StoreUnavailable
 
     settings = _store_settings(args)
     if settings.store.url.startswith("memory://"):
@@ -335,7 +347,7 @@ async def _records(args: argparse.Namespace) -> int:
             tenant = keys.DEFAULT_TENANT
         storage_key = hasher.scope(tenant, namespaces[args.route], key).storage_key
         what = f"this key (route {args.route}, tenant {tenant})"
-    store: Any = open_store(settings.store.url, timeout=settings.store.timeout, canary_interval=0)
+    store = _tool_store(settings)
     try:
         await store.start()
         if args.action == "show":
@@ -374,7 +386,7 @@ async def _records(args: argparse.Namespace) -> int:
         await store.close()
 
 
-def _record_json(record: Any) -> dict[str, Any]:
+def _record_json(record: Record) -> dict[str, Any]:
     document: dict[str, Any] = {
         "state": record.state,
         "fence": record.fence,

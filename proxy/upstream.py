@@ -13,7 +13,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxy.config import parse_upstream
+from proxy.config import UpstreamPool, parse_upstream
 
 HOP_BY_HOP = frozenset(
     {
@@ -146,18 +146,13 @@ class UpstreamClient(Protocol):
 class _PoolSettings:
     """The connection pool's settings, which every transport takes alike."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        max_connections: int,
-        keepalive_expiry: float,
-        connect_timeout: float,
-    ) -> None:
+    def __init__(self, base_url: str, pool: UpstreamPool, *, passthrough: bool = False) -> None:
         self.upstream = parse_upstream(base_url)
-        self._max_connections = max_connections
-        self._keepalive = keepalive_expiry
-        self._connect_timeout = connect_timeout
+        self._max_connections = (
+            pool.passthrough_max_connections if passthrough else pool.max_connections
+        )
+        self._keepalive = pool.keepalive_expiry
+        self._connect_timeout = pool.connect_timeout
         self._session: Any = None
         self._url: Any = None
 
@@ -383,20 +378,11 @@ async def _aclose(response: Any) -> None:
 
 
 def make_upstream(
-    kind: str,
-    base_url: str,
-    *,
-    max_connections: int,
-    keepalive_expiry: float,
-    connect_timeout: float,
+    base_url: str, pool: UpstreamPool, *, passthrough: bool = False
 ) -> UpstreamClient:
-    cls = HttpxUpstream if kind == "httpx" else AiohttpUpstream
-    return cls(
-        base_url,
-        max_connections=max_connections,
-        keepalive_expiry=keepalive_expiry,
-        connect_timeout=connect_timeout,
-    )
+    """The client `pool.client` names; `passthrough`: the pool for unprotected traffic."""
+    cls = HttpxUpstream if pool.client == "httpx" else AiohttpUpstream
+    return cls(base_url, pool, passthrough=passthrough)
 
 
 def _lower(raw_headers: Any) -> Headers:

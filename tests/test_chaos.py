@@ -35,6 +35,7 @@ from harness import (
     tally,
 )
 
+from proxy.config import StoreSettings
 from proxy.records import ClaimKind, StoredResponse
 from proxy.store.redis import RedisStore
 
@@ -189,7 +190,7 @@ async def test_claimed_but_never_sent_is_taken_over_exactly_once(
     orders = [f"kill-claimed-{i}" for i in range(ORDERS)]
     dead = "dead-replica-token"
 
-    store = RedisStore(redis.url)
+    store = RedisStore(StoreSettings(url=redis.url))
     await store.start()
     try:
         # The claim a replica made just before its SIGKILL: CLAIMED, nothing sent.
@@ -288,7 +289,7 @@ async def test_owner_paused_past_its_lease_is_fenced(
             victim, "idempotency_proxy_fenced_total", operation="complete"
         )
         fenced_renew = await metric(victim, "idempotency_proxy_fenced_total", operation="renew")
-    store = RedisStore(redis.url)
+    store = RedisStore(StoreSettings(url=redis.url))
     await store.start()
     try:
         records = {o: await store.get(storage_key(o)) for o in lost}

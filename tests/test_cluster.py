@@ -27,6 +27,7 @@ from harness import (
 )
 from redis.crc import key_slot
 
+from proxy.config import StoreSettings
 from proxy.records import ClaimKind, StoredResponse
 from proxy.store.guard import canary_keys
 from proxy.store.redis import RedisStore
@@ -42,7 +43,7 @@ def response(tag: str) -> StoredResponse:
 
 @pytest.fixture
 async def cluster_store(redis_cluster: RedisCluster) -> AsyncIterator[RedisStore]:
-    store = RedisStore(redis_cluster.url)
+    store = RedisStore(StoreSettings(url=redis_cluster.url))
     await store.start()
     try:
         yield store

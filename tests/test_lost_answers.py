@@ -17,7 +17,7 @@ import uvicorn
 from harness import BackendServer, body_of, free_port, pay_config, problem_name
 
 from proxy.app import ProxyApp
-from proxy.config import Settings
+from proxy.config import Settings, StoreSettings
 from proxy.store import Store, StoreUnavailable
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
@@ -50,7 +50,7 @@ def make_store(request: pytest.FixtureRequest) -> Callable[[], Store]:
     if request.param == "memory":
         return MemoryStore
     url = request.getfixturevalue("redis_url")
-    return lambda: RedisStore(url, timeout=5.0, canary_interval=0)
+    return lambda: RedisStore(StoreSettings(url=url, timeout=5.0, canary_interval=0))
 
 
 async def _serve(app: ProxyApp) -> AsyncIterator[str]:

@@ -31,6 +31,7 @@ from harness import (
     storage_key,
 )
 
+from proxy.config import StoreSettings
 from proxy.records import ClaimKind, Record
 from proxy.store.redis import RedisStore
 
@@ -99,7 +100,7 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 @asynccontextmanager
 async def open_store(url: str) -> AsyncIterator[RedisStore]:
     """The proxy's own Redis store, used by the test to read and plant records."""
-    store = RedisStore(url)
+    store = RedisStore(StoreSettings(url=url))
     await store.start()
     try:
         yield store

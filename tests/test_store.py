@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from proxy.config import StoreSettings
 from proxy.keys import scope
 from proxy.records import ClaimKind, ClaimResult, StoredResponse
 from proxy.store.base import Store, StoreUnavailable
@@ -58,10 +59,12 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     if request.param == "memory":
         instance = MemoryStore()
     elif request.param == "cluster":
-        instance = RedisStore(request.getfixturevalue("redis_cluster").url, timeout=5.0)
+        instance = RedisStore(
+            StoreSettings(url=request.getfixturevalue("redis_cluster").url, timeout=5.0)
+        )
     else:
         # A generous command timeout: these tests are about semantics, not latency.
-        instance = RedisStore(request.getfixturevalue("redis_url"), timeout=5.0)
+        instance = RedisStore(StoreSettings(url=request.getfixturevalue("redis_url"), timeout=5.0))
     await instance.start()
     try:
         yield instance
@@ -71,7 +74,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
 
 @pytest.fixture
 async def redis_store(redis_url: str) -> AsyncIterator[RedisStore]:
-    instance = RedisStore(redis_url, timeout=5.0)
+    instance = RedisStore(StoreSettings(url=redis_url, timeout=5.0))
     await instance.start()
     try:
         yield instance

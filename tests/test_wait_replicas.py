@@ -30,6 +30,7 @@ from harness import (
     storage_key,
 )
 
+from proxy.config import StoreSettings
 from proxy.records import ClaimKind, StoredResponse
 from proxy.store import StoreUnavailable
 from proxy.store.redis import RedisStore
@@ -85,7 +86,7 @@ async def test_records_are_on_the_replica_when_the_client_has_the_answer(
     assert all(ledger_backend.ledger()["orders"][o] == 1 for o in orders)
 
     # In process: no shortfall while the replica keeps up.
-    store = RedisStore(master.url, wait_replicas=1, wait_timeout=WAIT_TIMEOUT)
+    store = RedisStore(StoreSettings(url=master.url, wait_replicas=1, wait_timeout=WAIT_TIMEOUT))
     await store.start()
     try:
         key = storage_key("wait-ok-store")
@@ -103,7 +104,7 @@ async def test_paused_replica_the_proxy_proceeds_and_counts_a_shortfall(
 ) -> None:
     master, replica = replicated_pair(redis_factory)
     proxy = proxy_factory(ledger_backend.url, master.url, config())
-    store = RedisStore(master.url, wait_replicas=1, wait_timeout=WAIT_TIMEOUT)
+    store = RedisStore(StoreSettings(url=master.url, wait_replicas=1, wait_timeout=WAIT_TIMEOUT))
     await store.start()
     order = "wait-paused"
     replica.pause()
@@ -147,7 +148,9 @@ async def test_wait_longer_than_the_command_timeout_fails_closed(
 ) -> None:
     """A WAIT that outlasts the socket timeout is a store error: 503, never a send."""
     master, replica = replicated_pair(redis_factory)
-    store = RedisStore(master.url, timeout=0.2, retries=0, wait_replicas=1, wait_timeout=1.0)
+    store = RedisStore(
+        StoreSettings(url=master.url, timeout=0.2, retries=0, wait_replicas=1, wait_timeout=1.0)
+    )
     await store.start()
     replica.pause()
     try:

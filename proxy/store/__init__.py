@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
+from proxy.config import StoreSettings
 from proxy.store.base import Store, StoreUnavailable
 
 
-def open_store(url: str, **options: object) -> Store:
-    """The store named by `url` (`memory://`, `redis://`, `rediss://`, `redis+sentinel://`, `redis+cluster://`)."""
-    memory_max_entries = options.pop("memory_max_entries", None)
-    memory_max_bytes = options.pop("memory_max_bytes", None)
-    if url.startswith("memory://"):
-        from proxy.store import memory
+def open_store(settings: StoreSettings, *, safe_mode_seconds: float | None = None) -> Store:
+    """The store `settings.url` names (`memory://`, `redis://`, `rediss://`,
+    `redis+sentinel://`, `redis+cluster://`); `safe_mode_seconds`: see `RedisStore`."""
+    if settings.url.startswith("memory://"):
+        from proxy.store.memory import MemoryStore
 
-        return memory.MemoryStore(
-            int(memory_max_entries or memory.DEFAULT_MAX_ENTRIES),  # type: ignore[call-overload]
-            int(memory_max_bytes or memory.DEFAULT_MAX_BYTES),  # type: ignore[call-overload]
-        )
+        return MemoryStore(settings.memory_max_entries, settings.memory_max_bytes)
     from proxy.store.redis import RedisStore
 
-    return RedisStore(url, **options)  # type: ignore[arg-type]
+    return RedisStore(settings, safe_mode_seconds=safe_mode_seconds)
 
 
 __all__ = ["Store", "StoreUnavailable", "open_store"]

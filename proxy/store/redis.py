@@ -28,6 +28,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from proxy.config import StoreSettings
 from proxy.records import (
     ClaimKind,
     ClaimResult,
@@ -61,6 +62,11 @@ SCRIPTS = (
     "resolve",
     "discard",
 )
+
+
+# Without routes to derive it from (a store opened by a tool): the default lease plus the
+# default upstream timeout.
+DEFAULT_SAFE_MODE_SECONDS = 40.0
 
 
 def _source(name: str) -> str:
@@ -107,20 +113,12 @@ class RedisStore:
 
     name = "redis"
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout: float = 0.5,
-        retries: int = 2,
-        max_connections: int = 64,
-        wait_replicas: int = 0,
-        wait_timeout: float = 0.1,
-        breaker_threshold: int = 5,
-        breaker_cooldown: float = 1.0,
-        safe_mode_seconds: float = 40.0,
-        canary_interval: float = 1.0,
-    ) -> None:
+    def __init__(self, settings: StoreSettings, *, safe_mode_seconds: float | None = None) -> None:
+        """`safe_mode_seconds`: how long claims fail closed after a data loss; the proxy
+        passes the longest lease plus upstream timeout of its routes."""
+        url = settings.url
+        timeout, retries = settings.timeout, settings.retries
+        max_connections = settings.max_connections
         self.url = url
         self.cluster = url.startswith("redis+cluster://")
         self._client = _client(url, timeout, retries, max_connections)
@@ -133,12 +131,14 @@ class RedisStore:
                 url, timeout=timeout, retries=retries, max_connections=max_connections
             )
         )
-        self._wait_replicas = wait_replicas
-        self._wait_timeout_ms = max(1, int(wait_timeout * 1000))
+        self._wait_replicas = settings.wait_replicas
+        self._wait_timeout_ms = max(1, int(settings.wait_timeout * 1000))
         self.replica_shortfalls = 0
-        self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown)
-        self.watch = DataLossWatch(safe_mode_seconds)
-        self._canary_interval = canary_interval
+        self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown)
+        self.watch = DataLossWatch(
+            DEFAULT_SAFE_MODE_SECONDS if safe_mode_seconds is None else safe_mode_seconds
+        )
+        self._canary_interval = settings.canary_interval
         # The slot map the canaries' masters were read from, and those masters.
         self._canary_topology: tuple[int, frozenset[str]] | None = None
         self._canary_masters: set[str] = set()
