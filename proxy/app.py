@@ -61,6 +61,8 @@ class ProxyApp:
             breaker_threshold=settings.store.breaker_threshold,
             breaker_cooldown=settings.store.breaker_cooldown,
             canary_interval=settings.store.canary_interval,
+            connection=settings.store.connection_options(),
+            sentinel_connection=settings.store.sentinel_options(),
             # After a data loss, fail closed until every request that may have been
             # in flight has finished or timed out.
             safe_mode_seconds=max(

@@ -3,6 +3,7 @@ raw paths or client addresses, which would leak data and explode cardinality."""
 
 from __future__ import annotations
 
+import platform
 from typing import Any
 
 from prometheus_client import (
@@ -13,6 +14,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+
+from proxy import __version__
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -37,6 +40,13 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
+        # Which build is running, for dashboards and alerts across a rollout.
+        Gauge(
+            "idempotency_proxy_build_info",
+            "The running version (always 1).",
+            ["version", "python"],
+            registry=self.registry,
+        ).labels(__version__, platform.python_version()).set(1)
         self.requests = Counter(
             "idempotency_proxy_requests_total",
             "Requests answered, by route and outcome.",
