@@ -259,3 +259,18 @@ async def test_tls_sentinel_with_sentinel_password_and_acl_user(
         failed = _cli("check-store", config={"store": no_auth}, tmp=tmp_path)
         assert failed.returncode == 2, (failed.stdout, failed.stderr)
         assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+
+
+async def test_proxy_starts_and_fails_closed_when_the_cluster_is_down(
+    proxy_factory: ProxyFactory, ledger_backend: BackendServer, client: httpx.AsyncClient
+) -> None:
+    """No node reachable at start-up: the proxy serves 503 store-unavailable (nothing is
+    forwarded) and logs one line, rather than crash-looping on a traceback."""
+    dead = f"redis+cluster://127.0.0.1:{free_port()}"
+    proxy = proxy_factory(ledger_backend.url, dead, pay_config())
+    outcome = await pay(client, proxy, "cluster-down-1")
+    assert (outcome.status, outcome.problem) == (503, "store-unavailable"), outcome
+    assert ledger_backend.ledger()["orders"].get("cluster-down-1") is None
+    proxy.stop()
+    assert "Traceback" not in proxy.logs()
+    assert "store unavailable at start-up" in proxy.logs()

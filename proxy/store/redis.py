@@ -49,6 +49,8 @@ _UNREACHABLE = (
     RedisTimeoutError,
     BusyLoadingError,
     ClusterDownError,
+    # No node of the cluster reachable (not a RedisError subclass).
+    RedisClusterException,
 )
 
 SCRIPTS = (
@@ -226,7 +228,7 @@ class RedisStore:
     async def _watch_canary(self) -> None:
         while True:
             # An outage is answered per request; only a loss matters here.
-            with contextlib.suppress(TimeoutError, RedisError, OSError):
+            with contextlib.suppress(TimeoutError, RedisError, RedisClusterException, OSError):
                 await self.check_canary()
             await asyncio.sleep(self._canary_interval)
 
@@ -239,7 +241,7 @@ class RedisStore:
                 result, acknowledged = await self._run_pooled(name, key, args, wait)
             else:
                 result, acknowledged = await self._run_client(name, key, args, wait)
-        except (TimeoutError, RedisError, OSError) as exc:
+        except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
             # Only an unreachable store opens the circuit: one corrupt record (WRONGTYPE)
             # must not take every other key down with it.
             if isinstance(exc, _UNREACHABLE):
@@ -320,7 +322,7 @@ class RedisStore:
         try:
             fields, ttl = await asyncio.gather(self._client.hgetall(key), self._client.pttl(key))
             timing = await self._client.time()
-        except (TimeoutError, RedisError, OSError) as exc:
+        except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
         if not fields:
             return None
@@ -352,7 +354,7 @@ class RedisStore:
             policy = await self._client.config_get("maxmemory-policy")
             persistence = await self._client.info("persistence")
             replication = await self._client.info("replication")
-        except (TimeoutError, RedisError, OSError) as exc:
+        except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
         return {"config": policy, "persistence": persistence, "replication": replication}
 
