@@ -131,6 +131,14 @@ def test_check_store_reports_tls_auth_and_a_sufficient_acl(
     assert "cannot read config" in out
     assert PASSWORD not in out + result.stderr
     assert result.returncode == 0, (out, result.stderr)
+    # tls.enabled on a redis:// URL is the same as rediss://, and the CA alone will do.
+    plain_scheme = {
+        **_store(tls_redis.url.replace("rediss://", "redis://"), tls, password_file),
+        "tls": {"enabled": True, **tls.store_settings(client_cert=False)},
+    }
+    again = _cli("check-store", config={"store": plain_scheme}, tmp=tmp_path)
+    assert again.returncode == 0, (again.stdout, again.stderr)
+    assert "TLS on" in again.stdout and "client certificate" not in again.stdout
 
 
 def test_check_store_names_the_command_a_short_acl_lacks(
