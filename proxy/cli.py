@@ -16,6 +16,7 @@ import orjson
 
 from proxy import __version__
 from proxy.config import ENV_PREFIX, ConfigError, Settings, load_settings, masked
+from proxy.errorformat import PRESETS
 
 PROG = "idempotency-proxy"
 
@@ -117,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the in-process memory store even if redis-server is installed",
     )
+    demo.add_argument(
+        "--error-format",
+        default="problem",
+        choices=sorted(PRESETS),
+        help="the replicas' format for their own answers (default: problem)",
+    )
 
     check_config = commands.add_parser(
         "check-config",
@@ -166,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
         action = actions.add_parser(name, help=text, description=text)
         _add_store_flags(action)
         action.add_argument(
-            "--key", required=True, help="the idempotency key as the client sent it"
+            "--key",
+            required=True,
+            action="append",
+            help="the idempotency key as the client sent it; for a composite key, once per "
+            "part, in the route's order",
         )
         action.add_argument(
             "--route",
@@ -214,7 +225,14 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "demo":
         from proxy.demo import main as demo_main
 
-        sys.exit(demo_main(orders=args.orders, replicas=args.replicas, memory=args.memory))
+        sys.exit(
+            demo_main(
+                orders=args.orders,
+                replicas=args.replicas,
+                memory=args.memory,
+                error_format=args.error_format,
+            )
+        )
     elif args.command == "check-store":
         sys.exit(asyncio.run(_check_store(args)))
     elif args.command == "records":
@@ -327,10 +345,18 @@ async def _records(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--route: no route named {args.route!r} (known: {', '.join(namespaces)})"
         )
+    parts = next(r for r in table.routes if r.name == args.route).key.parts
+    wanted = len(parts) if parts is not None else 1
+    if len(args.key) != wanted:
+        raise ConfigError(
+            f"--key: the route {args.route!r} has a key of {wanted} part(s); "
+            f"give --key {wanted} time(s), in the route's order"
+        )
     try:
-        key = keys.validate(args.key)
+        given = [keys.validate(key) for key in args.key]
     except problems.Problem as exc:
         raise ConfigError(f"--key: {exc.detail}") from None
+    key = keys.join_parts(given) if parts is not None else given[0]
     scoped = keys.scope(args.tenant, namespaces[args.route], key)
     store = _open_store(settings)
     try:
