@@ -139,6 +139,10 @@ def test_check_store_reports_tls_auth_and_a_sufficient_acl(
     again = _cli("check-store", config={"store": plain_scheme}, tmp=tmp_path)
     assert again.returncode == 0, (again.stdout, again.stderr)
     assert "TLS on" in again.stdout and "client certificate" not in again.stdout
+    # The password file beats a (stale) password in the URL.
+    stale = _store(tls_redis.url.replace("://", "://proxy:stale@"), tls, password_file)
+    third = _cli("check-store", config={"store": stale}, tmp=tmp_path)
+    assert third.returncode == 0, (third.stdout, third.stderr)
 
 
 def test_check_store_names_the_command_a_short_acl_lacks(
@@ -212,7 +216,9 @@ async def test_tls_cluster_with_acl_user(
     proxy = proxy_factory(ledger_backend.url, config=pay_config(store=store))
     for order in ("tls-c-1", "tls-c-2", "tls-c-3"):
         await _paid_once(client, proxy, ledger_backend, order)
-    result = _cli("check-store", config={"store": store}, tmp=tmp_path)
+    # The password file beats a (stale) password in the URL on Cluster too.
+    stale = {**store, "url": store["url"].replace("://", "://proxy:stale@")}
+    result = _cli("check-store", config={"store": stale}, tmp=tmp_path)
     assert "ACL: every command the proxy uses is allowed" in result.stdout, result
     # The fixture's nodes run without AOF: the only warning.
     warnings = [line for line in result.stdout.splitlines() if line.startswith("WARNING")]

@@ -90,11 +90,12 @@ def _client(
     scheme, _, rest = url.partition("://")
     if scheme in ("redis+cluster", "rediss+cluster"):
         # The cluster client speaks TLS to every node it discovers when ssl is set.
-        node_scheme = "rediss" if common.get("ssl") or scheme == "rediss+cluster" else "redis"
-        common.pop("ssl", None)
-        return RedisCluster.from_url(
-            f"{node_scheme}://{rest}", max_connections=max_connections, **common
-        )
+        # The settings' credentials beat the URL's (`from_url` would do the opposite).
+        options = {**parse_url(f"redis://{rest}"), **common}
+        options.pop("connection_class", None)
+        if scheme == "rediss+cluster":
+            options["ssl"] = True
+        return RedisCluster(max_connections=max_connections, **options)
     if scheme in ("redis+sentinel", "rediss+sentinel"):
         parts = urlsplit(url)
         hosts = []
