@@ -178,6 +178,9 @@ class StoreSettings(BaseModel):
         if not value.startswith(STORE_SCHEMES):
             shown = _mask_url(value)
             raise ValueError(f"{shown!r} must start with one of {', '.join(STORE_SCHEMES)}")
+        scheme, _, rest = value.partition("://")
+        if scheme.endswith("+sentinel") and not rest.partition("/")[2].strip("/"):
+            raise ValueError(f"{scheme}:// needs the master's name: {scheme}://h:p[,h:p]/mymaster")
         return value
 
     @property

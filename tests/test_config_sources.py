@@ -129,6 +129,7 @@ def test_secrets_from_files_anywhere_in_the_tree(tmp_path: Path) -> None:
         ({"tls": {"ca_file": "/nonexistent/ca"}}, "ca_file: /nonexistent/ca is not a readable"),
         ({"tls": {"verify": False}}, "check_hostname needs verify: true"),
         ({"url": "redis+clusterr://h:1"}, "store.url: .* must start with one of"),
+        ({"url": "rediss+sentinel://h:26379"}, "store.url: rediss\\+sentinel:// needs the master"),
     ],
 )
 def test_store_secret_and_tls_mistakes_are_one_line(
