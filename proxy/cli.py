@@ -186,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         action.add_argument(
             "--tenant",
-            default="default",
-            help="tenant, as the trusted header gave it (default: default)",
+            default=None,
+            help="tenant, as the trusted header gave it (default: none, the scope of requests "
+            "sent without the tenant header, or the only one when no tenant header is set)",
         )
         if name != "show":
             action.add_argument(
@@ -357,14 +358,17 @@ async def _records(args: argparse.Namespace) -> int:
     except problems.Problem as exc:
         raise ConfigError(f"--key: {exc.detail}") from None
     key = keys.join_parts(given) if parts is not None else given[0]
-    scoped = keys.scope(args.tenant, namespaces[args.route], key)
+    tenant = args.tenant
+    if tenant is None and not settings.tenant.header:
+        tenant = keys.DEFAULT_TENANT
+    scoped = keys.scope(tenant, namespaces[args.route], key)
     store = _open_store(settings)
     try:
         await store.start()
         if args.action == "show":
             record = await store.get(scoped.storage_key)
             if record is None:
-                print(f"no record for this key (route {args.route}, tenant {args.tenant})")
+                print(f"no record for this key (route {args.route}, tenant {tenant})")
                 return 1
             print(orjson.dumps(_record_json(record), option=orjson.OPT_INDENT_2).decode())
             return 0

@@ -347,7 +347,8 @@ class RouteSettings(BaseModel):
     )
     required: bool = True
     # Routes that share a namespace share their keys: the same key sent to two
-    # of them is a reuse (422), not two executions.
+    # of them is a reuse (422), not two executions. Unset: header keys share one
+    # namespace per tenant, natural keys are per route (routes._namespace).
     namespace: str | None = None
     retention: Duration | None = None
     lease: Duration | None = None

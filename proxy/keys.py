@@ -20,6 +20,8 @@ from proxy.problems import Problem, key_invalid, key_missing
 from proxy.request import InvalidJSON, ProxyRequest, is_json
 
 MAX_KEY_LENGTH = 255
+# The one tenant of a deployment without a tenant header (the record names it had before
+# tenants were configurable stay the same).
 DEFAULT_TENANT = "default"
 
 # Leads every composite key; validate() refuses control characters in a single key.
@@ -267,8 +269,14 @@ def _xml_path(spec: KeySpec) -> xmlkeys.XmlPath:
     return path
 
 
-def scope(tenant: str, namespace: str, key: str) -> ScopedKey:
-    """The record's storage key: tenant + namespace + key, hashed, in a hash tag."""
-    material = f"{len(tenant)}:{tenant}|{len(namespace)}:{namespace}|{key}".encode()
+def scope(tenant: str | None, namespace: str, key: str) -> ScopedKey:
+    """The record's storage key: tenant + namespace + key, hashed, in a hash tag.
+
+    `None` is the caller without a tenant (the tenant header is configured but was not
+    sent): its own scope, which no header value can name, since every named tenant is
+    length-prefixed and so starts with a digit.
+    """
+    owner = "-" if tenant is None else f"{len(tenant)}:{tenant}"
+    material = f"{owner}|{len(namespace)}:{namespace}|{key}".encode()
     digest = hashlib.sha256(material).hexdigest()
     return ScopedKey(storage_key=f"idem:{{{digest[:32]}}}", log_hash=digest[:12])

@@ -201,15 +201,23 @@ class Lifecycle:
             await asyncio.sleep(min(delay, remaining, max(claim.retry_after_ms, 1) / 1000))
             delay = min(delay * 2, 0.25)
 
-    def _tenant(self, request: ProxyRequest) -> str:
+    def _tenant(self, request: ProxyRequest) -> str | None:
+        """The request's tenant; None for a request without the tenant header, which is a
+        scope of its own (never `default`, never the one of an empty value)."""
         if self.tenant_header is None:
             return keys.DEFAULT_TENANT
         values = request.header_values(self.tenant_header)
+        if not values:
+            return None
         if len(values) > 1:
             # A client's line plus the auth layer's appended one: using either could let a
             # client pick whose records it sees, so refuse instead of choosing.
             raise Problem("tenant-invalid", 400, "the tenant header was sent more than once")
-        return values[0].decode("latin-1") if values and values[0] else keys.DEFAULT_TENANT
+        if not values[0].strip(b" \t"):
+            # An auth layer that sets the header always gives it a value; an empty one is a
+            # broken layer or a client probing for the anonymous scope.
+            raise Problem("tenant-invalid", 400, "the tenant header is empty")
+        return values[0].decode("latin-1")
 
     # -- duplicates ------------------------------------------------------------------
 

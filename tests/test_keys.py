@@ -394,3 +394,10 @@ def test_scope_separates_tenants_namespaces_and_keys() -> None:
         scope("a", "b", "k").storage_key,
     }
     assert len(scoped) == 9
+
+
+def test_an_absent_tenant_is_a_scope_no_tenant_value_can_name() -> None:
+    anonymous = scope(None, "default", "k").storage_key
+    for value in ("default", "", "-", "None", "0:", "-|"):
+        assert scope(value, "default", "k").storage_key != anonymous, value
+    assert scope(None, "default", "k") == scope(None, "default", "k")
