@@ -60,7 +60,8 @@ class Reply:
     close: Callable[[], None] | None = None
     # For the request's log line and metrics; never sent.
     outcome: str = ""
-    key_hash: str = ""
+    # The record's scoped key, whose keyed hash the log line shows.
+    scoped: keys.ScopedKey | None = None
     upstream_ms: float | None = None
     store_ms: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
@@ -119,8 +120,10 @@ class Lifecycle:
         tenant_header: str | None,
         cache: ReplayCache,
         date: Callable[[], bytes],
+        hasher: keys.KeyHasher | None = None,
     ) -> None:
         self.store = store
+        self.hasher = hasher or keys.KeyHasher()
         self.upstream = upstream
         self.metrics = metrics
         self.tenant_header = tenant_header.lower().encode("latin-1") if tenant_header else None
@@ -141,7 +144,7 @@ class Lifecycle:
         key = keys.extract(request, route.key, params, route.required)
         if key is None:
             return await self._forward_unrecorded(request, route, "unprotected")
-        scoped = keys.scope(self._tenant(request), route.namespace, key)
+        scoped = self.hasher.scope(self._tenant(request), route.namespace, key)
         fp = fingerprint(request)
 
         cached = self.cache.get(scoped.storage_key)
@@ -149,7 +152,7 @@ class Lifecycle:
             reply = self._duplicate_of_completed(cached[0] == fp, cached[1])
         else:
             reply = await self._claim_and_execute(request, route, scoped.storage_key, fp)
-        reply.key_hash = scoped.log_hash
+        reply.scoped = scoped
         return reply
 
     async def _claim_and_execute(
