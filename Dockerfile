@@ -34,6 +34,8 @@ COPY pyproject.toml README.md LICENSE ./
 COPY proxy ./proxy
 COPY sample_backend ./sample_backend
 
+# The `tracing` extra (OpenTelemetry) is in the image and in the lock; it stays off unless
+# OTEL_* asks for traces.
 RUN /opt/venv/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && /opt/venv/bin/pip install --no-cache-dir --no-deps /wheels/*.whl
 

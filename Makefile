@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Runtime dependencies, pinned with hashes (`make lock` refreshes it).
 LOCK := requirements.lock
 
-.PHONY: help venv redis demo test lint typecheck bench loadtest-smoke k8s-validate lock clean
+.PHONY: help venv redis demo test lint typecheck bench bench-tracing loadtest-smoke k8s-validate lock clean
 
 help:
 	@echo "make demo            the double-charge stories, direct and through five proxy replicas"
@@ -17,6 +17,7 @@ help:
 	@echo "make lint            ruff check + format check"
 	@echo "make typecheck       mypy on proxy/"
 	@echo "make bench           the benchmark (writes docs/benchmarks.md)"
+	@echo "make bench-tracing   what tracing costs per request (writes docs/benchmarks-tracing.md)"
 	@echo "make loadtest-smoke  a short headless locust run against local replicas"
 	@echo "make lock            re-resolve requirements.lock (UPGRADE=1: newest allowed versions)"
 
@@ -56,6 +57,9 @@ typecheck: venv
 bench: venv redis
 	$(BIN)/python scripts/bench.py --write docs/benchmarks.md
 
+bench-tracing: venv
+	PYTHONPATH=. $(BIN)/python scripts/bench_tracing.py --write docs/benchmarks-tracing.md
+
 k8s-validate: venv
 	./scripts/validate-k8s.sh
 
@@ -63,9 +67,10 @@ loadtest-smoke: venv redis
 	$(BIN)/python loadtests/smoke.py
 
 # uv resolves for every platform and Python >= 3.11 at once and records each file's hash.
+# The lock holds what the image installs: the dependencies and the `tracing` extra.
 lock: venv
 	$(BIN)/pip install --quiet 'uv>=0.4'
-	$(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
+	$(BIN)/uv pip compile pyproject.toml --extra tracing --universal --python-version 3.11 --generate-hashes \
 		--custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) -o $(LOCK)
 
 clean:

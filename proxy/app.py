@@ -28,6 +28,7 @@ from proxy.request import ProxyRequest
 from proxy.routes import RouteTable
 from proxy.safety import check_store
 from proxy.store import Store, StoreUnavailable, open_store
+from proxy.tracing import Tracing
 from proxy.upstream import make_upstream, request_headers
 
 Scope = dict[str, Any]
@@ -57,7 +58,9 @@ _rid_counter = itertools.count(1)
 class ProxyApp:
     """The traffic port's ASGI application."""
 
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: Store | None = None, tracing: Tracing | None = None
+    ) -> None:
         if not settings.upstream:
             raise ValueError("an upstream URL is required")
         self.settings = settings
@@ -102,7 +105,10 @@ class ProxyApp:
             ),
             date=http_date,
             hasher=KeyHasher(settings.key_hash_secret),
+            tracing=tracing,
         )
+        self.tracing = tracing
+        self.metrics.health.attach(self.store, self.lifecycle.cache)
         self.ready = False
         self.draining = False
         self._max_header_bytes = settings.max_header_bytes
@@ -181,6 +187,9 @@ class ProxyApp:
         await self.upstream.close()
         if self._owns_store:
             await self.store.close()
+        if self.tracing is not None:
+            # Flushes the spans still queued; an exporter may block on its network.
+            await asyncio.to_thread(self.tracing.shutdown)
 
     # -- one request -----------------------------------------------------------------
 
@@ -236,8 +245,11 @@ class ProxyApp:
             reply.headers.append((REQUEST_ID, request_id))
         await _send_reply(send, reply)
         self.metrics.count(route_name, reply.outcome)
-        if logs.access.isEnabledFor(logging.INFO):
-            logs.access.info(
+        # An answer nobody knows the outcome of needs an operator: warning, not info.
+        level = logging.WARNING if reply.outcome == "outcome_unknown" else logging.INFO
+        if logs.access.isEnabledFor(level):
+            logs.access.log(
+                level,
                 "request",
                 extra={
                     "request_id": request_id.decode("ascii"),
@@ -249,6 +261,7 @@ class ProxyApp:
                     "upstream_ms": _round(reply.upstream_ms),
                     "store_ms": _round(reply.store_ms) if reply.store_ms else None,
                     "total_ms": _round((time.perf_counter() - started) * 1000),
+                    **reply.extra,
                 },
             )
 

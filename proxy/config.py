@@ -310,6 +310,9 @@ class Policy(BaseModel):
     # How the proxy's own answers look: "problem" (RFC 9457), a preset, or a template
     # from `error_formats`; resolved once at start-up (proxy.errorformat).
     error_format: str = "problem"
+    # observe: forward every request as if the proxy were not there, but claim and record
+    # first requests and count what enforcement would have done with each duplicate.
+    mode: Literal["enforce", "observe"] = "enforce"
 
     @field_validator("lease", "retention")
     @classmethod
@@ -421,6 +424,7 @@ class RouteSettings(BaseModel):
     release_statuses: tuple[HttpStatus, ...] | None = None
     failure_mode: Literal["closed", "open"] | None = None
     replay_headers: tuple[str, ...] | None = None
+    mode: Literal["enforce", "observe"] | None = None
     error_format: str | None = None
 
     @field_validator("methods", mode="before")
@@ -537,6 +541,7 @@ FLAG_PATHS: dict[str, tuple[str, ...]] = {
     # Environment only: a secret on the command line is visible to every local user.
     "key_hash_secret": ("key_hash_secret",),
     "key_hash_secret_file": ("key_hash_secret_file",),
+    "mode": ("defaults", "mode"),
 }
 
 

@@ -67,6 +67,10 @@ class ReplayCache:
         self._max_age = max_age
         self._bytes = 0
         self._entries: OrderedDict[str, tuple[str, StoredResponse, float]] = OrderedDict()
+        # Plain ints, read by the metrics collector at scrape time: no cost per request
+        # beyond an addition.
+        self.hits = 0
+        self.misses = 0
 
     def get(self, key: str) -> tuple[str, StoredResponse] | None:
         """(fingerprint, response) when cached and fresh."""
@@ -74,11 +78,14 @@ class ReplayCache:
             return None
         entry = self._entries.get(key)
         if entry is None:
+            self.misses += 1
             return None
         if entry[2] <= time.monotonic():
             self._drop(key)
+            self.misses += 1
             return None
         self._entries.move_to_end(key)
+        self.hits += 1
         return entry[0], entry[1]
 
     def put(self, key: str, fingerprint: str, response: StoredResponse, ttl_ms: int) -> None:
@@ -99,3 +106,8 @@ class ReplayCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes held, as counted against `max_bytes` (body plus a fixed overhead)."""
+        return self._bytes

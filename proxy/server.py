@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -13,6 +14,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from proxy import tracing
 from proxy.admin import create_admin_app
 from proxy.app import ProxyApp
 from proxy.config import Settings
@@ -96,7 +98,7 @@ def _uvicorn_config(
 
 
 async def serve(settings: Settings) -> None:
-    proxy = ProxyApp(settings)
+    proxy = ProxyApp(settings, tracing=tracing.from_environment())
     traffic = _TrafficServer(
         _uvicorn_config(
             proxy,
@@ -131,6 +133,14 @@ async def serve(settings: Settings) -> None:
 
 def run(settings: Settings) -> None:
     if settings.workers > 1:
+        if settings.admin.enabled:
+            # Each worker's metrics would be a partial view, and per-process state (breaker,
+            # safe mode, replay cache) cannot be summed honestly: say so instead of serving it.
+            logging.getLogger("idempotency_proxy").warning(
+                "the admin port (/livez, /readyz, /metrics) needs --workers 1; it is not "
+                "served with several workers: scale with replicas of one worker instead",
+                extra={"workers": settings.workers},
+            )
         _run_workers(settings)
         return
     import uvloop
@@ -163,4 +173,4 @@ def worker_app() -> ProxyApp:
 
     settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
     logs.configure(settings.log_level)
-    return ProxyApp(settings)
+    return ProxyApp(settings, tracing=tracing.from_environment())

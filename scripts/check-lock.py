@@ -33,7 +33,9 @@ def main(argv: list[str]) -> int:
             pins[_norm(match.group(1))] = (match.group(2), bool(match.group(3)))
     problems: list[str] = []
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for requirement in project["dependencies"]:
+    # What the image installs: the dependencies and the `tracing` extra.
+    image = [*project["dependencies"], *project["optional-dependencies"].get("tracing", [])]
+    for requirement in image:
         name = _norm(re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0])
         if name not in pins:
             problems.append(f"{name}: in pyproject.toml but not in {lock.name}; run `make lock`")
