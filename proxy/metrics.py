@@ -19,10 +19,10 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from proxy import __version__
+
 # The `_created` series double every counter and histogram and no dashboard reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
-
-from proxy import __version__
 
 _LATENCY_BUCKETS = (
     0.0005,
