@@ -231,6 +231,10 @@ class StoreSettings(BaseModel):
     breaker_cooldown: Duration = 1.0
     # How often each process reads the canary that reveals a store which lost data.
     canary_interval: Duration = 1.0
+    # The memory store's caps: when either is reached, new keys get 503 store-unavailable
+    # until records expire (as Redis does with maxmemory-policy noeviction).
+    memory_max_entries: int = Field(default=1_000_000, ge=1)
+    memory_max_bytes: Size = 256 * 1024 * 1024
 
     @field_validator("url")
     @classmethod
@@ -279,6 +283,9 @@ class UpstreamPool(BaseModel):
     model_config = _FROZEN
     client: Literal["aiohttp", "httpx"] = "aiohttp"
     max_connections: int = Field(default=100, ge=1)
+    # Pass-through (unprotected) traffic has its own pool, so that it cannot take the
+    # connections protected routes need.
+    passthrough_max_connections: int = Field(default=100, ge=1)
     # Below uvicorn's 5 s keep-alive default: a connection the backend closed
     # under us is an ambiguous failure for a POST.
     keepalive_expiry: Duration = 2.0
@@ -481,6 +488,12 @@ class Settings(BaseModel):
     workers: int = Field(default=1, ge=1)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     max_header_bytes: Size = 32 * 1024
+    # Connections plus requests in flight on the traffic port before new requests get 503
+    # `overloaded` (uvicorn's limit_concurrency); 0: no cap.
+    max_concurrency: int = Field(default=1000, ge=0)
+    # A request head that takes longer gets 408; a connection that sends nothing is closed.
+    header_read_timeout: Duration = 10.0
+
     # Keys the `key_hash` in the logs (docs/security.md). repr=False: never printed.
     key_hash_secret: str | None = Field(default=None, repr=False)
     key_hash_secret_file: str | None = None

@@ -53,6 +53,11 @@ def replay_headers(response: StoredResponse) -> list[tuple[bytes, bytes]]:
     return headers
 
 
+def _size(response: StoredResponse) -> int:
+    """What a cached response holds: its body, its stored headers, and a fixed overhead."""
+    return len(response.body) + sum(len(k) + len(v) for k, v in response.headers) + 256
+
+
 class ReplayCache:
     """The hottest COMPLETED records of this process, bounded in entries, bytes and age.
 
@@ -89,7 +94,7 @@ class ReplayCache:
         return entry[0], entry[1]
 
     def put(self, key: str, fingerprint: str, response: StoredResponse, ttl_ms: int) -> None:
-        size = len(response.body) + 256
+        size = _size(response)
         if not self._max_entries or size > self._max_bytes // 8 or ttl_ms <= 0:
             return
         if key in self._entries:
@@ -102,7 +107,7 @@ class ReplayCache:
 
     def _drop(self, key: str) -> None:
         _, response, _ = self._entries.pop(key)
-        self._bytes -= len(response.body) + 256
+        self._bytes -= _size(response)
 
     def __len__(self) -> int:
         return len(self._entries)

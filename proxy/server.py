@@ -12,14 +12,11 @@ from collections.abc import Generator
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy import tracing
 from proxy.admin import create_admin_app
 from proxy.app import ProxyApp
 from proxy.config import Settings
-from proxy.problems import target_invalid
-from proxy.replay import http_date
 
 SETTINGS_ENV = "IDEMPOTENCY_PROXY__SETTINGS_JSON"
 _EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -43,27 +40,6 @@ class _TrafficServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-class TrafficProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, except that CONNECT's authority-form target (which
-    the parser refuses before the app sees it) gets the proxy's problem+json 400."""
-
-    def send_400_response(self, msg: str) -> None:
-        try:
-            connect = self.parser.get_method() == b"CONNECT"
-        except Exception:  # nothing parsed yet
-            connect = False
-        if not connect:
-            super().send_400_response(msg)
-            return
-        problem = target_invalid()
-        body = problem.body()
-        head = [b"HTTP/1.1 400 Bad Request"]
-        head += [name + b": " + value for name, value in problem.headers(http_date())]
-        head.append(b"content-length: %d" % len(body))  # and Connection: close
-        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        self.transport.close()
-
-
 class _AdminServer(uvicorn.Server):
     """The admin server follows the traffic server's lifetime instead of owning the signals."""
 
@@ -84,7 +60,9 @@ def _uvicorn_options(settings: Settings) -> dict[str, Any]:
         "proxy_headers": False,
         # The proxy sets Date itself: the backend's passes through, replays get a fresh one.
         "date_header": False,
-        "http": "httptools",
+        # httptools with the request head bounded in bytes and time (proxy/protocol.py).
+        "http": "proxy.protocol:BoundedHttpToolsProtocol",
+        "limit_concurrency": settings.max_concurrency or None,
         "loop": "uvloop",
         "timeout_graceful_shutdown": 30,
         "backlog": 2048,
@@ -106,7 +84,6 @@ async def serve(settings: Settings) -> None:
             settings.listen.port,
             settings,
             lifespan="on",
-            http=TrafficProtocol,
         )
     )
     admin_task = None
@@ -163,7 +140,7 @@ def _run_workers(settings: Settings) -> None:
         port=settings.listen.port,
         workers=settings.workers,
         lifespan="on",
-        **{**_uvicorn_options(settings), "http": TrafficProtocol},
+        **_uvicorn_options(settings),
     )
 
 
