@@ -77,6 +77,8 @@ class ProxyApp:
             breaker_threshold=settings.store.breaker_threshold,
             breaker_cooldown=settings.store.breaker_cooldown,
             canary_interval=settings.store.canary_interval,
+            connection=settings.store.connection_options(),
+            sentinel_connection=settings.store.sentinel_options(),
             memory_max_entries=settings.store.memory_max_entries,
             memory_max_bytes=settings.store.memory_max_bytes,
             # After a data loss, fail closed until every request that may have been
