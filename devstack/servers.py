@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -39,6 +40,105 @@ def redis_binaries_missing(*names: str) -> list[str]:
     return [n for n in wanted if shutil.which(n) is None]
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a client certificate,
+    all signed by the CA (PEM files made with the openssl command)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def create(
+        cls, directory: Path, server_names: Sequence[str] = ("IP:127.0.0.1", "DNS:localhost")
+    ) -> TlsFiles:
+        directory.mkdir(parents=True, exist_ok=True)
+
+        def openssl(*args: str) -> None:
+            result = subprocess.run(
+                ["openssl", *args], capture_output=True, text=True, timeout=30, check=False
+            )
+            if result.returncode != 0:
+                raise StackError(f"openssl {args[0]} failed: {result.stderr}")
+
+        ca_key, ca = directory / "ca.key", directory / "ca.crt"
+        openssl(
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=test-ca", "-keyout", str(ca_key), "-out", str(ca),
+        )  # fmt: skip
+        files = {}
+        for name, extension in (
+            ("server", f"subjectAltName={','.join(server_names)}"),
+            ("client", "extendedKeyUsage=clientAuth"),
+        ):
+            key, csr, cert = (directory / f"{name}.{ext}" for ext in ("key", "csr", "crt"))
+            ext_file = directory / f"{name}.ext"
+            ext_file.write_text(extension + "\n")
+            openssl(
+                "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=test-{name}",
+                "-keyout", str(key), "-out", str(csr),
+            )  # fmt: skip
+            openssl(
+                "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+                "-CAcreateserial", "-days", "2", "-extfile", str(ext_file), "-out", str(cert),
+            )  # fmt: skip
+            files[name] = (cert, key)
+        return cls(ca, *files["server"], *files["client"])
+
+    def server_args(self) -> list[str]:
+        """redis-server options: TLS only, client certificates optional (as most managed
+        Redis services: the password or ACL user authenticates)."""
+        return [
+            "--tls-cert-file", str(self.server_cert),
+            "--tls-key-file", str(self.server_key),
+            "--tls-ca-cert-file", str(self.ca),
+            "--tls-auth-clients", "optional",
+        ]  # fmt: skip
+
+    def cli_args(self) -> list[str]:
+        return [
+            "--tls",
+            "--cacert", str(self.ca),
+            "--cert", str(self.client_cert),
+            "--key", str(self.client_key),
+        ]  # fmt: skip
+
+    def client_kwargs(self) -> dict[str, Any]:
+        return {
+            "ssl": True,
+            "ssl_ca_certs": str(self.ca),
+            "ssl_certfile": str(self.client_cert),
+            "ssl_keyfile": str(self.client_key),
+        }
+
+    def store_settings(self, *, client_cert: bool = True) -> dict[str, Any]:
+        """The proxy's `store.tls` section for these files."""
+        section: dict[str, Any] = {"ca_file": str(self.ca)}
+        if client_cert:
+            section.update(cert_file=str(self.client_cert), key_file=str(self.client_key))
+        return section
+
+
+# The commands the proxy runs, and the ACL that allows exactly them (docs/operations.md).
+PROXY_ACL_RULES = (
+    "~idem:* resetchannels -@all "
+    "+ping +hello +auth +select +readonly "
+    "+evalsha +script|load "
+    "+hgetall +pttl +time +get +set +wait "
+    "+hget +hmget +hset +hdel +hincrby +del +exists +pexpire "
+    "+cluster|slots +cluster|shards +command +info"
+)
+
+
+def acl_user_args(user: str, password: str, rules: str = PROXY_ACL_RULES) -> list[str]:
+    """redis-server options that add an ACL user (the default user stays for the tests)."""
+    # One argv word per ACL rule: redis-server joins the words after --user into one line.
+    return ["--user", user, "on", f">{password}", *rules.split()]
+
+
 class PortServer(ManagedProcess):
     """A child serving on one 127.0.0.1 port, the same across restart()."""
 
@@ -66,12 +166,18 @@ class PortServer(ManagedProcess):
 # --------------------------------------------------------------------------- redis
 
 
-def redis_command(port: int, workdir: Path, *, appendonly: bool = False) -> list[str]:
+def redis_command(
+    port: int, workdir: Path, *, appendonly: bool = False, tls: TlsFiles | None = None
+) -> list[str]:
     """The one redis-server command line: loopback only, no snapshots, AOF only when asked,
-    never evicting (an evicted record would be a second execution), logs to stdout."""
+    never evicting (an evicted record would be a second execution), logs to stdout. With
+    `tls` the port speaks only TLS (`--port 0 --tls-port P`), as a managed Redis does."""
+    ports = ["--port", str(port)]
+    if tls is not None:
+        ports = ["--port", "0", "--tls-port", str(port), *tls.server_args()]
     return [
         "redis-server",
-        "--port", str(port),
+        *ports,
         "--bind", HOST,
         "--save", "",
         "--appendonly", "yes" if appendonly else "no",
@@ -97,11 +203,13 @@ class RedisServer(PortServer):
         args: Sequence[str] = (),
         ready_timeout: float = 10.0,
         cpus: set[int] | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         super().__init__(
             workdir, "redis.log", port=port, args=args, ready_timeout=ready_timeout, cpus=cpus
         )
         self.appendonly = appendonly
+        self.tls = tls
 
     @property
     def host(self) -> str:
@@ -110,12 +218,13 @@ class RedisServer(PortServer):
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:P/0``."""
-        return f"redis://{HOST}:{self._port}/0"
+        """``redis://127.0.0.1:P/0`` (``rediss://`` with TLS)."""
+        return f"{'rediss' if self.tls else 'redis'}://{HOST}:{self._port}/0"
 
     def command(self) -> list[str]:
         """`redis_command` plus the extra args (later options win)."""
-        return [*redis_command(self._port, self.workdir, appendonly=self.appendonly), *self.args]
+        argv = redis_command(self._port, self.workdir, appendonly=self.appendonly, tls=self.tls)
+        return [*argv, *self.args]
 
     def client(self, **kwargs: Any) -> redis.Redis:
         """A sync client that fails fast on a paused/killed server.
@@ -126,6 +235,8 @@ class RedisServer(PortServer):
         kwargs.setdefault("retry", Retry(NoBackoff(), 0))
         kwargs.setdefault("socket_timeout", 5.0)
         kwargs.setdefault("socket_connect_timeout", 2.0)
+        if self.tls is not None:
+            kwargs = {**self.tls.client_kwargs(), **kwargs}
         return redis.Redis(host=HOST, port=self._port, **kwargs)
 
     def wait_ready(self) -> None:
@@ -164,7 +275,11 @@ class RedisCluster(StartStop):
         masters: int = 3,
         args: Sequence[str] = (),
         ready_timeout: float = 30.0,
+        tls: TlsFiles | None = None,
     ) -> None:
+        self.tls = tls
+        if tls is not None:
+            args = ["--tls-cluster", "yes", "--tls-replication", "yes", *args]
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ready_timeout = ready_timeout
@@ -184,6 +299,7 @@ class RedisCluster(StartStop):
                         "5000",
                         *args,
                     ],
+                    tls=tls,
                 )
             )
 
@@ -199,8 +315,9 @@ class RedisCluster(StartStop):
 
     @property
     def url(self) -> str:
-        """``redis+cluster://127.0.0.1:P1`` (the proxy discovers the rest)."""
-        return f"redis+cluster://{HOST}:{self.nodes[0].port}"
+        """``redis+cluster://127.0.0.1:P1`` (the proxy discovers the rest); ``rediss+`` with TLS."""
+        scheme = "rediss+cluster" if self.tls else "redis+cluster"
+        return f"{scheme}://{HOST}:{self.nodes[0].port}"
 
     @property
     def running(self) -> bool:
@@ -228,6 +345,7 @@ class RedisCluster(StartStop):
             "--cluster-replicas",
             "0",
             "--cluster-yes",
+            *(self.tls.cli_args() if self.tls else []),
         ]
         try:
             result = subprocess.run(
@@ -275,6 +393,8 @@ class RedisCluster(StartStop):
     def client(self, **kwargs: Any) -> redis.cluster.RedisCluster:
         """A sync cluster client bootstrapped from every master."""
         kwargs.setdefault("socket_timeout", 5.0)
+        if self.tls is not None:
+            kwargs = {**self.tls.client_kwargs(), **kwargs}
         # redis-py leaves ClusterNode untyped.
         nodes = [redis.cluster.ClusterNode(h, p) for h, p in self.startup_nodes]  # type: ignore[no-untyped-call]
         return redis.cluster.RedisCluster(startup_nodes=nodes, **kwargs)
@@ -291,33 +411,51 @@ class RedisCluster(StartStop):
 
 
 class SentinelServer(ManagedProcess):
-    """`redis-server sentinel.conf --sentinel` watching one master, with its own writable
-    config file (Sentinel rewrites it as it learns the topology)."""
+    """`redis-server sentinel.conf --sentinel` watching one master, optionally over TLS and
+    with its own password (`requirepass` on the sentinel), with its own writable config
+    file (Sentinel rewrites it as it learns the topology)."""
 
     name = "redis-sentinel"
 
-    def __init__(self, workdir: Path, master_port: int, master_name: str = "mymaster") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        master_port: int,
+        *,
+        master_name: str = "mymaster",
+        quorum: int = 1,
+        tls: TlsFiles | None = None,
+        password: str | None = None,
+    ) -> None:
         super().__init__(workdir, "sentinel.log")
         self.port = free_port()
+        self.tls = tls
+        self.password = password
         self.master_name = master_name
+        conf = [
+            f"port {0 if tls else self.port}",
+            f"bind {HOST}",
+            "daemonize no",
+            f'dir "{self.workdir}"',
+            'logfile ""',
+            "sentinel resolve-hostnames no",
+            f"sentinel monitor {master_name} {HOST} {master_port} {quorum}",
+            f"sentinel down-after-milliseconds {master_name} 1000",
+            f"sentinel failover-timeout {master_name} 3000",
+            f"sentinel parallel-syncs {master_name} 1",
+        ]
+        if tls is not None:
+            args = tls.server_args()
+            conf += [f"tls-port {self.port}", "tls-replication yes"]
+            conf += [f"{args[i][2:]} {args[i + 1]}" for i in range(0, len(args), 2)]
+        if password is not None:
+            conf.append(f"requirepass {password}")
         self.conf = self.workdir / "sentinel.conf"
-        self.conf.write_text(
-            "\n".join(
-                [
-                    f"port {self.port}",
-                    f"bind {HOST}",
-                    "daemonize no",
-                    f'dir "{self.workdir}"',
-                    'logfile ""',
-                    "sentinel resolve-hostnames no",
-                    f"sentinel monitor {master_name} {HOST} {master_port} 2",
-                    f"sentinel down-after-milliseconds {master_name} 1000",
-                    f"sentinel failover-timeout {master_name} 3000",
-                    f"sentinel parallel-syncs {master_name} 1",
-                    "",
-                ]
-            )
-        )
+        self.conf.write_text("\n".join(conf) + "\n")
+
+    def url_part(self) -> str:
+        """``127.0.0.1:P``, one host of a ``redis+sentinel://`` URL."""
+        return f"{HOST}:{self.port}"
 
     def command(self) -> list[str]:
         return ["redis-server", str(self.conf), "--sentinel"]
@@ -326,12 +464,15 @@ class SentinelServer(ManagedProcess):
         wait_for_port(HOST, self.port, 10.0, alive=self)
 
     def client(self) -> redis.Redis:
+        extra: dict[str, Any] = self.tls.client_kwargs() if self.tls is not None else {}
         return redis.Redis(
             host=HOST,
             port=self.port,
+            password=self.password,
             socket_timeout=2.0,
             retry=Retry(NoBackoff(), 0),
             decode_responses=True,
+            **extra,
         )
 
     def master_state(self) -> dict[str, Any]:

@@ -35,11 +35,14 @@ from devstack.processes import (
 )
 from devstack.processes import StackError as HarnessError
 from devstack.servers import (
+    PROXY_ACL_RULES,
     BackendServer,
     ProxyServer,
     RedisCluster,
     RedisServer,
     SentinelServer,
+    TlsFiles,
+    acl_user_args,
     redis_binaries_missing,
 )
 from proxy import keys
@@ -52,6 +55,7 @@ __all__ = [
     "HOST",
     "JSON_HEADERS",
     "PAY_PATH",
+    "PROXY_ACL_RULES",
     "REPO_ROOT",
     "BackendFactory",
     "BackendServer",
@@ -65,6 +69,8 @@ __all__ = [
     "RedisServer",
     "SentinelServer",
     "ServerFactory",
+    "TlsFiles",
+    "acl_user_args",
     "body_of",
     "charges_route",
     "child_env",
@@ -128,9 +134,10 @@ class RedisFactory(ServerFactory[RedisServer]):
         args: Sequence[str] = (),
         port: int | None = None,
         start: bool = True,
+        tls: TlsFiles | None = None,
     ) -> RedisServer:
         server = RedisServer(
-            self._mktemp("redis-extra"), port=port, appendonly=appendonly, args=args
+            self._mktemp("redis-extra"), port=port, appendonly=appendonly, args=args, tls=tls
         )
         return self._add(server, start)
 

@@ -88,7 +88,10 @@ def sentinel_setup(
     replica = RedisServer(
         root / "replica", appendonly=True, args=["--replicaof", HOST, str(master.port)]
     )
-    sentinels = [SentinelServer(root / f"sentinel-{i}", master.port, MASTER_NAME) for i in range(3)]
+    sentinels = [
+        SentinelServer(root / f"sentinel-{i}", master.port, master_name=MASTER_NAME, quorum=2)
+        for i in range(3)
+    ]
     setup = SentinelSetup(master, replica, sentinels)
     failed_before = request.session.testsfailed
     try:
