@@ -45,8 +45,10 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy proxy
 
+# wrk is the benchmark's load generator; without it a slower asyncio one stands in.
 bench: venv redis
-	$(BIN)/python scripts/bench.py --write docs/benchmarks.md
+	@command -v wrk >/dev/null 2>&1 || ./scripts/install-wrk.sh --optional
+	$(BIN)/python scripts/bench.py --write docs/benchmarks.md --profile out/profile
 
 k8s-validate: venv
 	./scripts/validate-k8s.sh
