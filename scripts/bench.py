@@ -1184,8 +1184,11 @@ def print_summary(run: dict[str, Any], emit: Callable[[str], None]) -> None:
             "ledger executions as each path implies"
         )
     for name, table in (run.get("profile") or {}).items():
-        what = "packages" if "package" in name else "functions"
-        emit(f"\nhottest {what}, {name} path (self samples, share of active samples):")
+        if "part of the path" in name:
+            emit(f"\n{name.split(' (')[0]} path by part (share of active samples):")
+        else:
+            what = "packages" if "package" in name else "functions"
+            emit(f"\nhottest {what}, {name} path (self samples, share of active samples):")
         for entry in table:
             emit(f"  {entry['share'] * 100:5.1f}%  {entry['function']}")
 
