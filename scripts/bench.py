@@ -292,7 +292,9 @@ class Sample:
         return self.cpu_s[role] / self.requests * 1e6
 
 
-def scenarios(transports: bool, keys: bool = True, workers: bool = False) -> list[Scenario]:
+def scenarios(
+    transports: bool, keys: bool = True, workers: bool = False, candidate: bool = False
+) -> list[Scenario]:
     out: list[Scenario] = []
     for connections in CONNECTIONS:
         out += [
@@ -308,6 +310,11 @@ def scenarios(transports: bool, keys: bool = True, workers: bool = False) -> lis
         out.append(Scenario("miss-xml", "proxy", "xml-key", 32))
     if workers:
         out.append(Scenario("miss-w2", "proxy-w2", "unique", 32))
+    if candidate:
+        # The same scenarios through a proxy run from another checkout (--candidate).
+        for connections in CONNECTIONS:
+            out.append(Scenario("miss-cand", "proxy-cand", "unique", connections))
+        out.append(Scenario("replay-cand", "proxy-cand", "replay", 32))
     return out
 
 
@@ -354,10 +361,10 @@ def _preexec(cpus: set[int] | None) -> Callable[[], None]:
     return run
 
 
-def _env() -> dict[str, str]:
+def _env(tree: Path = REPO) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
+    env["PYTHONPATH"] = str(tree) + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
     return env
 
@@ -373,8 +380,10 @@ class Child:
         cpus: set[int] | None,
         port: int,
         ready: Callable[[], bool],
+        tree: Path = REPO,
     ) -> None:
         self.name = name
+        self.tree = tree  # the checkout whose code this child runs
         self.argv = argv
         self.log_path = workdir / f"{name}.log"
         self.cpus = cpus
@@ -389,8 +398,8 @@ class Child:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=REPO,
-                env=_env(),
+                cwd=self.tree,
+                env=_env(self.tree),
                 start_new_session=True,
                 preexec_fn=_preexec(self.cpus),
             )
@@ -505,6 +514,7 @@ def launch_proxy(
     workdir: Path,
     cpus: set[int] | None,
     workers: int = 1,
+    tree: Path = REPO,
 ) -> Child:
     """The proxy in `workers` workers; the backend need not be up yet (the upstream pool is
     lazy)."""
@@ -564,7 +574,7 @@ def launch_proxy(
         headers = {"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex}
         return _http("POST", port, PATH, BODY, headers)[0] == 201
 
-    child = Child(name, argv, workdir, cpus, port, ready if workers == 1 else workers_ready)
+    child = Child(name, argv, workdir, cpus, port, ready if workers == 1 else workers_ready, tree)
     return child.start()
 
 
@@ -1047,10 +1057,40 @@ def comparisons(rows: list[dict[str, Any]], rss: dict[str, int]) -> dict[str, An
             "two": {k: two[k] for k in ("rps", "p50_ms", "p99_ms", "cpu_us")},
             "two_vs_one": two["rps"] / one["rps"],
         }
+    candidate = []
+    for name, connections in (("miss", 1), ("miss", 32), ("replay", 32)):
+        base, cand = _find(rows, name, connections), _find(rows, f"{name}-cand", connections)
+        if base is None or cand is None:
+            continue
+        before, after = base["cpu_us"].get("proxy"), cand["cpu_us"].get("proxy")
+
+        def proxy_us(sample: dict[str, Any]) -> float | None:
+            spent = sample["cpu_s"].get("proxy")
+            return spent / sample["requests"] * 1e6 if spent and sample["requests"] else None
+
+        # Paired by round (the two ran close together in time), which cancels much of the
+        # machine's drift between rounds.
+        paired = [
+            b - a
+            for x, y in zip(base["rounds"], cand["rounds"], strict=False)
+            if (a := proxy_us(x)) is not None and (b := proxy_us(y)) is not None
+        ]
+        candidate.append(
+            {
+                "name": name,
+                "connections": connections,
+                "cpu_us": [before, after],
+                "paired_delta_us": statistics.median(paired) if paired else None,
+                "paired_range_us": [min(paired), max(paired)] if paired else None,
+                "p50_ms": [base["p50_ms"], cand["p50_ms"]],
+                "rps": [base["rps"], cand["rps"]],
+            }
+        )
     return {
         "ratios": ratios,
         "added_p50": added,
         "cpu": cpu,
+        "candidate": candidate,
         "memory": memory,
         "transports": transports,
         "keys": keys,
@@ -1152,6 +1192,16 @@ def print_summary(run: dict[str, Any], emit: Callable[[str], None]) -> None:
             f"{transports['httpx']['rps']:.0f} req/s ({transports['httpx_vs_direct']:.2f}x "
             f"direct): httpx/aiohttp {transports['httpx_vs_aiohttp']:.2f}x"
         )
+    for cand in run["comparisons"].get("candidate") or []:
+        (cpu0, cpu1), (p0, p1), (r0, r1) = cand["cpu_us"], cand["p50_ms"], cand["rps"]
+        paired = cand["paired_delta_us"]
+        spread = cand["paired_range_us"]
+        emit(
+            f"candidate {cand['name']} c={cand['connections']}  proxy CPU/req "
+            f"{cpu0:.0f} -> {cpu1:.0f} us (paired by round {paired:+.0f}, "
+            f"{spread[0]:+.0f}..{spread[1]:+.0f}), p50 {p0:.2f} -> {p1:.2f} ms, "
+            f"{r0:.0f} -> {r1:.0f} req/s"
+        )
     workers = run["comparisons"].get("workers")
     if workers:
         emit(
@@ -1227,6 +1277,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also run a proxy with --workers 2 (miss path, 32 connections)",
     )
     parser.add_argument(
+        "--candidate",
+        metavar="DIR",
+        help="also run the miss (1 and 32 connections) and replay (32) scenarios through a "
+        "proxy started from another checkout, interleaved with this one's: a change's gain",
+    )
+    parser.add_argument(
         "--backend",
         choices=("trivial", "sample"),
         default="trivial",
@@ -1286,7 +1342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     nproc = len(os.sched_getaffinity(0))
     pinned = args.pin and nproc >= 2
     proxy_cpus, other_cpus = ({1}, {0}) if pinned else (None, None)
-    plan = scenarios(args.transports, args.keys, args.two_workers)
+    candidate = Path(args.candidate).resolve() if args.candidate else None
+    if candidate is not None and not (candidate / "proxy" / "__init__.py").exists():
+        log(f"--candidate {args.candidate}: no proxy/ package there")
+        return 2
+    plan = scenarios(args.transports, args.keys, args.two_workers, candidate is not None)
     if args.only:
         wanted = {name.strip() for name in args.only.split(",") if name.strip()}
         plan = [scenario for scenario in plan if scenario.name in wanted]
@@ -1335,6 +1395,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         workdir,
                         proxy_cpus,
                         workers=2,
+                    )
+                )
+            if candidate is not None:
+                children.append(
+                    launch_proxy(
+                        "proxy-cand",
+                        "aiohttp",
+                        backend_child.port,
+                        redis_child.port,
+                        workdir,
+                        proxy_cpus,
+                        tree=candidate,
                     )
                 )
             for child in children:

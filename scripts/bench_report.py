@@ -20,6 +20,8 @@ SCENARIO_ORDER = (
     "miss-json",
     "miss-xml",
     "miss-w2",
+    "miss-cand",
+    "replay-cand",
 )
 COLOURS = {
     "direct": "#4c72b0",
@@ -30,6 +32,8 @@ COLOURS = {
     "miss-json": "#937860",
     "miss-xml": "#da8bc3",
     "miss-w2": "#8c8c8c",
+    "miss-cand": "#ccb974",
+    "replay-cand": "#64b5cd",
 }
 DESCRIPTIONS = {
     "direct": "the backend itself, no proxy: the baseline every ratio divides by",
@@ -46,6 +50,8 @@ DESCRIPTIONS = {
     "`p:OrderId` element (hardened parse, C14N 2.0 fingerprint); the backend answers 200",
     "miss-w2": "the miss path through a third proxy started with `--workers 2` (uvicorn's "
     "supervisor, one shared socket; its CPU is the sum over the supervisor and both workers)",
+    "miss-cand": "the miss path through a proxy run from another checkout (`--candidate DIR`)",
+    "replay-cand": "the replay path through the `--candidate` proxy (same keys, same Redis)",
 }
 
 _LINE = re.compile(r":\d+\)$")
@@ -454,6 +460,20 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
             "because it is the faster client measured here; httpx stays selectable for "
             "comparison."
         )
+        add("")
+    if c.get("candidate"):
+        add("## Candidate change (`--candidate`), interleaved with this checkout")
+        add("")
+        add("| path | connections | proxy CPU/req | paired by round | p50 ms | req/s |")
+        add("|---|---:|---:|---:|---:|---:|")
+        for cand in c["candidate"]:
+            (cpu0, cpu1), (p0, p1), (r0, r1) = cand["cpu_us"], cand["p50_ms"], cand["rps"]
+            paired = cand["paired_delta_us"]
+            add(
+                f"| {cand['name']} | {cand['connections']} | {_us(cpu0)} -> {_us(cpu1)} "
+                f"| {'-' if paired is None else f'{paired:+.0f} µs'} "
+                f"| {p0:.2f} -> {p1:.2f} | {r0:.0f} -> {r1:.0f} |"
+            )
         add("")
     w = c.get("workers")
     if w:
