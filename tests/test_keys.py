@@ -367,7 +367,7 @@ def test_scope_shape_and_no_raw_key_bytes() -> None:
     raw = "order-RAW-KEY-MATERIAL-123"
     scoped = scope("tenant-a", "pay", raw)
     assert STORAGE_KEY.match(scoped.storage_key), scoped.storage_key
-    assert re.fullmatch(r"[0-9a-f]{12}", scoped.log_hash)
+    assert re.fullmatch(r"[0-9a-f]{32}", scoped.log_hash)
     for fragment in (raw, "RAW-KEY", "tenant-a", "pay"):
         assert fragment not in scoped.storage_key
         assert fragment not in scoped.log_hash
