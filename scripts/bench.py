@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """The proxy's benchmark: the same load against the backend and through the proxy, in one run.
 
-One run on one machine starts a private Redis (no persistence), the sample backend
-with one worker, and the proxy with one worker (a header-keyed route on
+One run on one machine starts a private Redis (no persistence), a backend with one
+worker (by default the trivial one, scripts/bench_backend.py, which answers 201 at
+once so the proxy's own cost shows; `--backend sample` for the sample backend and its
+SQLite ledger), and the proxy with one worker (a header-keyed route on
 `POST /v1/charges`), then drives the same `POST /v1/charges` load at:
 
   direct   the backend itself (the baseline every ratio divides by)
@@ -17,9 +19,15 @@ with one worker, and the proxy with one worker (a header-keyed route on
   miss-xml   (--keys) the same on a SOAP route keyed by an XML element
            (`POST /soap/payments`, the envelope's `p:OrderId`): what an XML
            route costs next to a JSON route
+  miss-w2  (--two-workers) the miss path through a proxy started with `--workers 2`
+  miss-cand, replay-cand  (--candidate DIR) the same paths through a proxy run from
+           another checkout, interleaved with this one: what a change gains
 
 at 1 and 32 connections, in interleaved rounds (every scenario once per round,
-the order rotated each round), and reports the median of the rounds.
+the order rotated each round), and reports the median of the rounds. Next to the
+throughput and latency of each scenario it reports the CPU per request of the proxy's
+own processes, the backend's and Redis's (utime + stime from /proc/PID/stat around each
+round, divided by the answers), and judges the targets on the proxy's CPU per request.
 
 A round only counts when every answer was 201 (or 409 in the storm) and the
 backend's ledger shows the executions the scenario implies: as many charges as
@@ -29,7 +37,9 @@ Load comes from wrk with a Lua script (unique keys: thread id + counter); withou
 wrk a bounded asyncio (aiohttp) generator stands in, which is much slower itself.
 
     .venv/bin/python scripts/bench.py [--duration S] [--rounds N] [--write docs/benchmarks.md]
-                                      [--quick] [--no-transports] [--pin] [--profile DIR]
+                                      [--quick] [--no-transports] [--no-two-workers] [--pin]
+                                      [--profile DIR] [--backend trivial|sample]
+                                      [--candidate DIR] [--only NAMES]
 """
 
 from __future__ import annotations

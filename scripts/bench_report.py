@@ -609,7 +609,9 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
         "of the proxy on the miss and replay paths, raw stacks in DIR (py-spy comes with the "
         "`bench` extra; where the machine forbids attaching to a process, the run goes on "
         "without a profile); `--backend sample` puts the sample backend (SQLite) behind the "
-        "proxy instead of the trivial one."
+        "proxy instead of the trivial one; `--candidate DIR` runs the miss and replay paths "
+        "through a second proxy started from another checkout, interleaved with this one, "
+        "and reports the CPU per request of both, paired by round: a change's gain."
     )
     add("")
     add("## Noise")
