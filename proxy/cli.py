@@ -1,7 +1,11 @@
 """The command line: `idempotency-proxy run | demo | check-config | check-store | records`.
 
 Exit codes: 0 fine, 1 unsafe or refused, 2 a configuration error or an unreachable store,
-3 an unexpected error (one line on stderr, never a traceback)."""
+3 an unexpected error (one line on stderr, never a traceback).
+
+Longer than the other modules because it is the operator's whole command surface: every
+subcommand's flags next to its handler, so a flag and what it does are read together.
+Handlers import what they need lazily: `run` never loads the records tooling."""
 
 from __future__ import annotations
 

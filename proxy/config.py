@@ -3,6 +3,10 @@
 Flags beat the environment, which beats the file. Every mistake stops start-up
 with one line that names the key and the reason (`ConfigError`), because an
 operator reading a crash-looping pod's log should not have to read a traceback.
+
+Longer than the other modules on purpose: it is the whole operator interface, every key
+with its default and its check, in one file that reads alongside docs/configuration.md,
+so that a renamed or re-defaulted key is caught in one place.
 """
 
 from __future__ import annotations

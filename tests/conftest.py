@@ -22,6 +22,7 @@ from harness import (
     print_logs,
     redis_binaries_missing,
 )
+from rawhttp import raw_upstream_server
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 
@@ -149,3 +150,10 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
     """
     async with httpx.AsyncClient(timeout=30.0, trust_env=False, verify=False) as http:
         yield http
+
+
+@pytest.fixture(scope="module")
+def raw_upstream() -> Iterator[str]:
+    """A raw HTTP upstream whose bytes the test controls (tests/rawhttp.py)."""
+    with raw_upstream_server() as url:
+        yield url

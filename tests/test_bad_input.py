@@ -18,7 +18,16 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from harness import REPO_ROOT, BackendServer, ProxyServer, pay_route
+from harness import (
+    REPO_ROOT,
+    BackendServer,
+    ProxyFactory,
+    ProxyServer,
+    charges_route,
+    pay_config,
+    pay_route,
+)
+from rawhttp import raw_request, values
 
 PROBLEM_BASE = "https://idempotency-proxy.dev/problems/"
 CONFIG: dict[str, Any] = {
@@ -252,3 +261,41 @@ def test_bad_config_stops_run_with_one_line_naming_the_key(
     assert len(lines) == 1, result.stderr
     assert names in lines[0]
     assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- deeply nested JSON
+
+
+@pytest.mark.parametrize(
+    ("depth", "keyed_status"),
+    [(1000, 201), (50_000, 400)],
+    ids=["parses-but-too-deep-to-re-encode", "too-deep-to-parse"],
+)
+async def test_deeply_nested_json_is_forwarded_or_a_problem_never_a_500(
+    proxy_factory: ProxyFactory, raw_upstream: str, depth: int, keyed_status: int
+) -> None:
+    config = pay_config()
+    config["routes"] = [*config["routes"], charges_route()]
+    proxy = proxy_factory(raw_upstream, config=config)
+    nested = b'{"order_id":"%s","n":' % _new_key().encode() + b"[" * depth + b"]" * depth + b"}"
+    json_headers = [(b"content-type", b"application/json")]
+    status, headers, body = await raw_request(
+        proxy.url, "POST", b"/v1/orders/pay", json_headers, nested
+    )
+    assert status == keyed_status, body
+    if status == 400:
+        assert values(headers, b"content-type") == [b"application/problem+json"]
+        assert b"/problems/body-invalid" in body
+        assert values(headers, b"cache-control") == [b"no-store"]
+    # Keyed by header: the body is only fingerprinted (as raw bytes when it cannot be
+    # canonicalised); the backend decides about it.
+    keyed = [*json_headers, (b"idempotency-key", _new_key().encode())]
+    status, _, body = await raw_request(proxy.url, "POST", b"/v1/charges", keyed, nested)
+    assert (status, body) == (201, b"/v1/charges")
+    status, replayed, _ = await raw_request(proxy.url, "POST", b"/v1/charges", keyed, nested)
+    assert status == 201
+    assert values(replayed, b"idempotent-replayed") == [b"true"]
+
+
+def _new_key() -> str:
+    return f"nested-{uuid.uuid4().hex[:16]}"

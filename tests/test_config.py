@@ -1,4 +1,4 @@
-"""The operator's interface: config file, environment and flags (docs CONFIG.md).
+"""The operator's interface: config file, environment and flags (docs/configuration.md).
 
 A mistake must stop start-up with one line naming the key and the reason: a
 crash-looping pod whose log is a traceback is how a typo'd `lease` stays in

@@ -7,9 +7,11 @@ one); a false mismatch turns an honest retry into 422.
 from __future__ import annotations
 
 import re
+import uuid
 
 import pytest
-from harness import proxy_request
+from harness import HOST, ProxyFactory, proxy_request
+from rawhttp import raw_request, values
 
 from proxy.fingerprint import fingerprint
 
@@ -207,3 +209,25 @@ def test_an_escaped_slash_is_not_a_slash() -> None:
 
     assert fp(b"/a%2Fb") != fp(b"/a/b")
     assert fp(b"/a%2fb") == fp(b"/a%2Fb")
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+async def test_query_keyed_route_fingerprints_the_query_not_its_order_or_lost_bytes(
+    proxy_factory: ProxyFactory, raw_upstream: str
+) -> None:
+    route = {"name": "q", "path": "/v1/q", "key": {"from": "query", "name": "order_id"}}
+    proxy = proxy_factory(raw_upstream, config={"admin": {"host": HOST}, "routes": [route]})
+    order = f"q-{uuid.uuid4().hex[:16]}".encode()
+    first = await raw_request(proxy.url, "POST", b"/v1/q?order_id=%s&a=1&b=%%FF" % order, [])
+    assert first[0] == 201
+    # The same query in another order is the same request: replayed.
+    again = await raw_request(proxy.url, "POST", b"/v1/q?b=%%FF&a=1&order_id=%s" % order, [])
+    assert again[0] == 201
+    assert values(again[1], b"idempotent-replayed") == [b"true"]
+    assert again[2] == first[2]
+    # Another byte in a parameter is another request, even when it is not UTF-8: 422.
+    other = await raw_request(proxy.url, "POST", b"/v1/q?order_id=%s&a=1&b=%%FE" % order, [])
+    assert other[0] == 422, other
+    assert b"/problems/key-reused" in other[2]

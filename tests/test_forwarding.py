@@ -18,7 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import HOST, BackendServer, ProxyServer
+from harness import HOST, BackendServer, ProxyFactory, ProxyServer
+from rawhttp import raw_request, values
 
 # Hop-by-hop headers a client may send; none of them may reach the backend.
 REQUEST_HOP_BY_HOP = {
@@ -219,3 +220,85 @@ async def test_hop_by_hop_response_headers_are_stripped(
         assert int(response.headers["content-length"]) == len(response.content)
     assert first.headers["x-kept"] == "1"
     assert passed.headers["x-kept"] == "1"
+
+
+# --------------------------------------------------------------------------- the request target
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/v1/a%7Eb/%41",  # unreserved characters percent-encoded: not the client's to decode
+        b"/v1/caf%c3%a9",  # lower-case escapes
+        b"/v1/x/../pay?b=2&a=%7e",  # dot segments: the backend resolves them, not the proxy
+    ],
+    ids=["unreserved-escapes", "lowercase-escapes", "dot-segments"],
+)
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_request_target_is_forwarded_byte_exact_under_the_upstream_prefix(
+    proxy_factory: ProxyFactory, raw_upstream: str, target: bytes, transport: str
+) -> None:
+    config = {"admin": {"host": HOST}, "upstream_pool": {"client": transport}}
+    proxy = proxy_factory(raw_upstream + "/api", config=config)
+    key = new_key().encode()
+    headers = [(b"idempotency-key", key), (b"content-type", b"text/plain")]
+    status, _, body = await raw_request(proxy.url, "POST", target, headers, b"x")
+    assert (status, body) == (201, b"/api" + target)
+    status, replayed, body = await raw_request(proxy.url, "POST", target, headers, b"x")
+    assert (status, body) == (201, b"/api" + target)
+    assert values(replayed, b"idempotent-replayed") == [b"true"]
+    # Pass-through (no route protects GET) forwards the same bytes.
+    status, _, body = await raw_request(proxy.url, "GET", target, [])
+    assert (status, body) == (201, b"/api" + target)
+
+
+# ------------------------------------------------------------ pass-through and streaming
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "GET", "HEAD"])
+async def test_default_rule_passes_other_methods_with_a_key_straight_through(
+    proxy_factory: ProxyFactory, raw_upstream: str, method: str
+) -> None:
+    proxy = proxy_factory(raw_upstream, config={"admin": {"host": HOST}})
+    headers = [(b"idempotency-key", new_key().encode()), (b"content-type", b"text/plain")]
+    body = b"" if method in ("GET", "HEAD") else b"x"
+    for _ in range(2):  # no record: the second is forwarded as well, never replayed
+        status, got, payload = await raw_request(proxy.url, method, b"/v1/thing", headers, body)
+        assert status == 201
+        assert not values(got, b"idempotent-replayed")
+        assert payload == (b"" if method == "HEAD" else b"/v1/thing")
+
+
+async def test_chunked_request_body_on_a_protected_route(
+    proxy_factory: ProxyFactory, ledger_backend: BackendServer, client: httpx.AsyncClient
+) -> None:
+    proxy = proxy_factory(ledger_backend.url, config={"admin": {"host": HOST}})
+    payload = [b'{"amount": ', b"100, ", b'"currency": "EUR"}']
+
+    async def chunks() -> Any:
+        for part in payload:
+            yield part
+
+    headers = {"Idempotency-Key": new_key(), "Content-Type": "application/json"}
+    first = await client.post(proxy.url + "/v1/charges", content=chunks(), headers=headers)
+    assert first.status_code == 201, first.text
+    # The same body, framed by Content-Length this time: the same request, replayed.
+    replay = await client.post(
+        proxy.url + "/v1/charges", content=b"".join(payload), headers=headers
+    )
+    assert replay.status_code == 201
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.content == first.content
+    assert ledger_backend.ledger()["charges"] == 1
+
+
+async def test_backend_that_stalls_mid_body_does_not_hold_the_client_forever(
+    proxy_factory: ProxyFactory, raw_upstream: str
+) -> None:
+    # upstream_timeout bounds every wait on the backend, also between body chunks of a
+    # streamed answer: the client gets a cut connection (an incomplete body), not a hang.
+    config = {"admin": {"host": HOST}, "defaults": {"upstream_timeout": "1s"}}
+    proxy = proxy_factory(raw_upstream, config=config)
+    async with httpx.AsyncClient(timeout=20.0, trust_env=False) as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.get(proxy.url + "/stall")

@@ -1,8 +1,7 @@
-"""Fast checks that the process harness itself works, so other suites can trust it."""
+"""Fast checks that the process supervisor (devstack) works, so other suites can trust it."""
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 
 import pytest
@@ -17,21 +16,6 @@ from harness import (
     free_port_pair,
     wait_for_port,
 )
-
-
-def _sample_backend_missing() -> str | None:
-    """Why the sample backend cannot run yet (it is being written in parallel), or None."""
-    try:
-        if importlib.util.find_spec("sample_backend") is None:
-            return "sample_backend is not importable"
-        if importlib.util.find_spec("sample_backend.__main__") is None:
-            return "sample_backend has no __main__ yet (python -m sample_backend unavailable)"
-    except ImportError as exc:
-        return f"import sample_backend failed: {exc}"
-    return None
-
-
-SAMPLE_BACKEND_MISSING = _sample_backend_missing()
 
 
 def test_free_ports_are_bindable_and_distinct() -> None:
@@ -118,10 +102,6 @@ def test_redis_cluster_routes_keys_and_tagged_multikey(redis_cluster: RedisClust
         client.close()
 
 
-@pytest.mark.skipif(
-    SAMPLE_BACKEND_MISSING is not None,
-    reason=f"sample_backend not ready (written in parallel): {SAMPLE_BACKEND_MISSING}",
-)
 def test_backend_server_ledger(ledger_backend: BackendServer) -> None:
     assert ledger_backend.ledger()["charges"] == 0
     with ledger_backend.http() as client:

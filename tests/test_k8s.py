@@ -147,7 +147,7 @@ def _check_proxy_container(
     """What every proxy container needs, sidecar or gateway."""
     assert container["image"].startswith("idempotency-proxy:")
     assert container["args"] == ["run", "--upstream", upstream, "--config", CONFIG_PATH]
-    # The args are valid for the proxy's own CLI, with the interface of CONFIG.md.
+    # The args are valid for the proxy's own CLI (docs/configuration.md).
     parsed = build_parser().parse_args(container["args"])
     assert (parsed.command, parsed.upstream, parsed.config) == ("run", upstream, CONFIG_PATH)
     assert _ports(container) == {8080, 9090}
@@ -213,7 +213,7 @@ def _check_proxy_container(
 
 
 def _check_config(text: str, tmp_path: Path) -> None:
-    """The ConfigMap's file is one the proxy loads, with the routes the brief asks for."""
+    """The ConfigMap's file is one the proxy loads, with the `pay` and `charges` routes."""
     path = tmp_path / "config.yaml"
     path.write_text(text)
     settings = load_settings(str(path), {"upstream": "http://127.0.0.1:9000"}, environ={})

@@ -1,4 +1,4 @@
-"""The contract's outcomes table, row by row, over real HTTP, against both stores.
+"""What a client sees (the README's table of outcomes), row by row, over real HTTP, per store.
 
 Every test drives real processes: the sample payment backend (which charges on every
 call it receives, so its ledger is the witness of backend executions) and proxy

@@ -462,7 +462,7 @@ def test_a_json_key_inside_a_list_needs_an_explicit_position() -> None:
     _problem(exc, "key-missing", 400)
 
 
-# --------------------------------------------------------------------------- review: namespaces
+# --------------------------------------------------------------------------- many namespaces
 
 
 def _many_namespaces(count: int) -> bytes:

@@ -3,6 +3,11 @@
 Commands time out fast and retry at most a couple of times: every script is
 safe to retry because it recognises its own token (a retried claim that already
 won is not "in progress").
+
+Longer than the other modules: one client for three topologies (single node, Sentinel,
+Cluster, each with TLS and ACL), one wrapper per Lua script and the data-loss canary
+share the connection, its retries and its error mapping; split, each part would have
+to re-learn which errors mean "maybe sent".
 """
 
 from __future__ import annotations
