@@ -16,6 +16,15 @@ class StoreUnavailable(Exception):
     """The store did not answer (in time): nothing may be assumed about the write."""
 
 
+class CorruptRecord(StoreUnavailable):
+    """The record exists but cannot be read (a field missing or malformed, not a hash).
+
+    The contract treats it as alive: never overwritten, never taken over. Every caller
+    that handles an unavailable store handles this too; a claim answers it apart (409,
+    counted and logged), because it is no outage and a fail-open route must not forward.
+    """
+
+
 class Store(Protocol):
     name: str
 
