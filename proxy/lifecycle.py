@@ -399,7 +399,7 @@ class Lifecycle:
         """
         try:
             ok = bool(await self._timed(operation, call()))
-        except StoreUnavailable:
+        except Exception:  # a store failure of any kind: the backend's answer still goes out
             logger.warning(
                 "store unavailable; recording the outcome in the background",
                 extra={"operation": operation, "route": attempt.route.name},
@@ -430,7 +430,7 @@ class Lifecycle:
             delay = min(delay * 2, 5.0)
             try:
                 ok = bool(await self._timed(operation, call()))
-            except StoreUnavailable:
+            except Exception:  # whatever the store raised, this task must not die of it
                 continue
             self._note(operation, attempt, ok)
             return
@@ -460,8 +460,8 @@ class Lifecycle:
             ok = await self._timed(
                 "renew", self.store.renew(attempt.storage_key, attempt.token, attempt.lease_ms)
             )
-        except StoreUnavailable:
-            ok = True  # try again at the next tick; the lease may still hold
+        except Exception:  # any store failure: try again at the next tick; the lease may hold
+            ok = True
         if not ok:
             attempt.fenced = True
             self.metrics.fence("renew")

@@ -2,7 +2,9 @@
 
 Implementations must give the same answers for the same history (the behaviour
 suite runs against each); times are milliseconds, and the store's own clock
-decides leases so that every replica shares one clock.
+decides leases so that every replica shares one clock. Every failure of a call,
+whatever the client library raised, comes out as `StoreUnavailable` (or its
+`CorruptRecord`), so that callers answer 503 or retry in the background, never 500.
 """
 
 from __future__ import annotations
