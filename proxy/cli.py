@@ -245,7 +245,7 @@ async def _records(args: argparse.Namespace) -> int:
     from proxy import keys
     from proxy.records import StoredResponse
     from proxy.routes import RouteTable
-    from proxy.store import StoreUnavailable, open_store
+    from proxy.store import CorruptRecord, StoreUnavailable, open_store
 
     settings = _store_settings(args)
     if settings.store.url.startswith("memory://"):
@@ -261,7 +261,15 @@ async def _records(args: argparse.Namespace) -> int:
     try:
         await store.start()
         if args.action == "show":
-            record = await store.get(scoped.storage_key)
+            try:
+                record = await store.get(scoped.storage_key)
+            except CorruptRecord as exc:
+                print(
+                    f"the record exists but cannot be read ({exc}); duplicates get 409 until "
+                    "`records resolve --force` rewrites it or `records release --force` deletes it",
+                    file=sys.stderr,
+                )
+                return 1
             if record is None:
                 print(f"no record for this key (route {args.route}, tenant {args.tenant})")
                 return 1

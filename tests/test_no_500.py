@@ -23,7 +23,15 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from harness import HOST, JSON_HEADERS, ProxyFactory, ProxyServer, problem_name, proxy_request
+from harness import (
+    HOST,
+    JSON_HEADERS,
+    ProxyFactory,
+    ProxyServer,
+    problem_name,
+    proxy_request,
+    records_cli,
+)
 
 from proxy import keys
 from proxy.fingerprint import fingerprint
@@ -400,3 +408,34 @@ async def test_a_corrupt_record_is_alive_counted_logged_and_never_overwritten(
     answer = await client.post(proxy.url + path, content=fresh, headers=JSON_HEADERS)
     assert answer.status_code == 201
     assert_clean_log(proxy)
+
+
+@pytest.mark.parametrize("corrupt", ["headers-not-json", "wrong-type"])
+async def test_an_operator_sees_and_deletes_a_corrupt_record(
+    proxy_factory: ProxyFactory,
+    raw_upstream: RawUpstream,
+    redis_url: str,
+    client: httpx.AsyncClient,
+    corrupt: str,
+) -> None:
+    proxy = proxy_factory(raw_upstream.url, redis_url, CONFIG)
+    assert proxy.config_path is not None
+    order = f"corrupt-cli-{uuid.uuid4().hex[:8]}"
+    body = b'{"order_id": "%s"}' % order.encode()
+    storage_key = keys.scope(keys.DEFAULT_TENANT, "pay", order).storage_key
+    with redis.Redis.from_url(redis_url) as store:
+        if corrupt == "wrong-type":
+            store.set(storage_key, b"not a hash")
+        else:
+            store.hset(storage_key, mapping=CORRUPT[corrupt])
+    url = proxy.url + "/v1/orders/pay"
+    assert (await client.post(url, content=body, headers=JSON_HEADERS)).status_code == 409
+    common = ("--redis-url", redis_url, "--config", str(proxy.config_path), "--route", "pay")
+    code, out, err = await records_cli("show", *common, "--key", order)
+    assert code == 1 and "cannot be read" in err and "Traceback" not in err, (out, err)
+    code, _, err = await records_cli("release", *common, "--key", order)
+    assert code == 1 and "refused" in err  # without --force it stays
+    code, out, err = await records_cli("release", *common, "--key", order, "--force")
+    assert (code, out.strip()) == (0, "released"), err
+    answer = await client.post(url, content=body, headers=JSON_HEADERS)
+    assert answer.status_code == 201

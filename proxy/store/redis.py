@@ -284,12 +284,19 @@ class RedisStore:
         try:
             fields, ttl = await asyncio.gather(self._client.hgetall(key), self._client.pttl(key))
             timing = await self._client.time()
+        except ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):
+                raise CorruptRecord("not a hash") from exc
+            raise StoreUnavailable(type(exc).__name__) from exc
         except Exception as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
         if not fields:
             return None
         now_ms = int(timing[0]) * 1000 + int(timing[1]) // 1000
-        return _record(fields, int(ttl), now_ms)
+        try:
+            return _record(fields, int(ttl), now_ms)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CorruptRecord(f"unreadable record ({type(exc).__name__})") from exc
 
     async def resolve(self, key: str, response: StoredResponse, force: bool) -> bool:
         reply = await self._run(
