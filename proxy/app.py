@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +18,8 @@ from typing import Any
 
 from proxy import logs, problems
 from proxy.config import Settings
-from proxy.lifecycle import Lifecycle, Reply, forward_unrecorded, problem_reply
+from proxy.errorformat import REQUEST_ID
+from proxy.lifecycle import Lifecycle, Reply, forward_unrecorded, problem_reply, with_request_id
 from proxy.metrics import Metrics
 from proxy.problems import Problem
 from proxy.replay import ReplayCache, http_date
@@ -40,6 +43,14 @@ SHUTDOWN_GRACE_SECONDS = 30.0
 # up to this much and this long; past that the reset is the lesser evil.
 _DRAIN_BYTES = 4 * 1024 * 1024
 _DRAIN_SECONDS = 2.0
+
+# A client's X-Request-Id is kept when it is 1 to 128 printable ASCII characters; anything
+# else (control bytes, non-ASCII, a novel) would corrupt log lines, so it is replaced.
+MAX_REQUEST_ID = 128
+_PRINTABLE = re.compile(rb"[\x20-\x7e]+")
+# Generated ids: unique, not secret, so a random per-process prefix and a counter.
+_RID_PREFIX = secrets.token_hex(6)
+_rid_counter = itertools.count(1)
 
 
 class ProxyApp:
@@ -168,15 +179,18 @@ class ProxyApp:
         path: str = scope["path"]
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         route_name = "-"
+        request_id = _request_id(headers)
+        error_format = self.routes.default_error_format
         try:
             if sum(len(k) + len(v) for k, v in headers) > self._max_header_bytes:
                 raise Problem("headers-too-large", 431, "the request headers exceed the limit")
             match = self.routes.match(method, path)
             if match is None:
-                reply = await self.passthrough(scope, receive)
+                reply = await self.passthrough(scope, receive, request_id)
             else:
                 route, params = match
                 route_name = route.name
+                error_format = route.error_format
                 body = await _read_body(
                     receive,
                     headers,
@@ -192,17 +206,28 @@ class ProxyApp:
                     body=body,
                     client=_client(scope),
                     scheme=scope.get("scheme", "http"),
+                    request_id=request_id,
                 )
                 reply = await self.lifecycle.handle(request, route, params)
         except Problem as problem:
             reply = problem_reply(problem, problem.name.replace("-", "_"), http_date())
+        if reply.problem is not None:
+            # The proxy's own answer, in the route's format, always with the request id.
+            reply.status, reply.headers, rendered = error_format.render(
+                reply.problem, reply.headers, request_id
+            )
+            if rendered is not None:
+                reply.body = rendered
+        elif reply.outcome == "replayed":
+            # The current request's id; the original's was never stored.
+            reply.headers.append((REQUEST_ID, request_id))
         await _send_reply(send, reply)
         self.metrics.count(route_name, reply.outcome)
         if logs.access.isEnabledFor(logging.INFO):
             logs.access.info(
                 "request",
                 extra={
-                    "request_id": _request_id(headers),
+                    "request_id": request_id.decode("ascii"),
                     "route": route_name,
                     "method": method,
                     "outcome": reply.outcome,
@@ -214,7 +239,7 @@ class ProxyApp:
                 },
             )
 
-    async def passthrough(self, scope: Scope, receive: Receive) -> Reply:
+    async def passthrough(self, scope: Scope, receive: Receive, request_id: bytes) -> Reply:
         """Traffic no route protects: streamed both ways, no record, no replay header."""
         target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         if scope.get("query_string"):
@@ -227,6 +252,7 @@ class ProxyApp:
         forward = request_headers(
             scope["headers"], _client(scope), scope.get("scheme", "http"), _host(scope["headers"])
         )
+        forward = with_request_id(forward, request_id)
         forward += framing[:1]
         return await forward_unrecorded(
             self.upstream,
@@ -360,11 +386,14 @@ def _abort(send: Send) -> None:
     transport.close()
 
 
-def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+def _request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The client's X-Request-Id (its first line) when valid, else a generated one."""
     for name, value in headers:
         if name == b"x-request-id":
-            return value[:64].decode("latin-1")
-    return secrets.token_hex(8)
+            if len(value) <= MAX_REQUEST_ID and _PRINTABLE.fullmatch(value):
+                return value
+            break
+    return f"{_RID_PREFIX}-{next(_rid_counter):x}".encode("ascii")
 
 
 def _client(scope: Scope) -> str | None:

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from proxy.config import ENV_PREFIX, ConfigError, Settings, load_settings
+from proxy.errorformat import PRESETS
 
 PROG = "idempotency-proxy"
 
@@ -112,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the in-process memory store even if redis-server is installed",
     )
+    demo.add_argument(
+        "--error-format",
+        default="problem",
+        choices=sorted(PRESETS),
+        help="the replicas' format for their own answers (default: problem)",
+    )
 
     check = commands.add_parser(
         "check-store",
@@ -141,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         action = actions.add_parser(name, help=text, description=text)
         _add_store_flags(action)
         action.add_argument(
-            "--key", required=True, help="the idempotency key as the client sent it"
+            "--key",
+            required=True,
+            action="append",
+            help="the idempotency key as the client sent it; for a composite key, once per "
+            "part, in the route's order",
         )
         action.add_argument(
             "--route",
@@ -174,7 +185,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "demo":
             from proxy.demo import main as demo_main
 
-            sys.exit(demo_main(orders=args.orders, replicas=args.replicas, memory=args.memory))
+            sys.exit(
+                demo_main(
+                    orders=args.orders,
+                    replicas=args.replicas,
+                    memory=args.memory,
+                    error_format=args.error_format,
+                )
+            )
         elif args.command == "check-store":
             sys.exit(asyncio.run(_check_store(args)))
         elif args.command == "records":
@@ -256,7 +274,16 @@ async def _records(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--route: no route named {args.route!r} (known: {', '.join(namespaces)})"
         )
-    scoped = keys.scope(args.tenant, namespaces[args.route], keys.validate(args.key))
+    parts = next(r for r in table.routes if r.name == args.route).key.parts
+    wanted = len(parts) if parts is not None else 1
+    if len(args.key) != wanted:
+        raise ConfigError(
+            f"--key: the route {args.route!r} has a key of {wanted} part(s); "
+            f"give --key {wanted} time(s), in the route's order"
+        )
+    given = [keys.validate(key) for key in args.key]
+    key = keys.join_parts(given) if parts is not None else given[0]
+    scoped = keys.scope(args.tenant, namespaces[args.route], key)
     store: Any = open_store(settings.store.url, timeout=settings.store.timeout, canary_interval=0)
     try:
         await store.start()

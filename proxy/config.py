@@ -162,6 +162,9 @@ class Policy(BaseModel):
     release_statuses: tuple[HttpStatus, ...] = (408, 425, 429)
     failure_mode: Literal["closed", "open"] | None = None
     replay_headers: tuple[str, ...] = ()
+    # How the proxy's own answers look: "problem" (RFC 9457), a preset, or a template
+    # from `error_formats`; resolved once at start-up (proxy.errorformat).
+    error_format: str = "problem"
 
     @field_validator("lease", "retention")
     @classmethod
@@ -171,27 +174,82 @@ class Policy(BaseModel):
         return value
 
 
-KeyFrom = Literal["header", "json", "form", "query", "path"]
+KeyFrom = Literal["header", "json", "form", "query", "path", "xml"]
 
 
 class KeySpec(BaseModel):
+    """Where a route's key comes from: one source, or (`parts`) several in order."""
+
     model_config = _FROZEN
-    source: KeyFrom = Field(alias="from")
+    source: KeyFrom | None = Field(default=None, alias="from")
     name: str | None = None
     field: str | None = None
+    # from: xml: an absolute element path with prefixes declared in `namespaces`.
+    path: str | None = None
+    namespaces: dict[str, str | tuple[str, ...]] | None = None
+    # A composite key: each part is read by its own source's rules, then joined.
+    parts: tuple[KeySpec, ...] | None = None
 
     @model_validator(mode="after")
     def _one_name(self) -> KeySpec:
+        if self.parts is not None:
+            return self._composite()
+        if self.source is None:
+            raise ValueError("give 'from' (header, json, form, query, path, xml) or parts")
         if self.name and self.field and self.name != self.field:
             raise ValueError("give either 'name' or 'field', not both")
+        if self.source == "xml":
+            if self.name or self.field:
+                raise ValueError("a key from xml takes a 'path', not a 'name' or 'field'")
+            if not self.path:
+                raise ValueError("key from xml needs a 'path' such as /soap:Envelope/soap:Body/...")
+            from proxy.xmlkeys import compile_path
+
+            compile_path(self.path, self.namespaces or {})
+            return self
+        if self.path is not None or self.namespaces is not None:
+            raise ValueError("'path' and 'namespaces' are only for keys from xml")
         if not (self.name or self.field) and self.source != "header":
             raise ValueError(f"key from {self.source} needs a 'field' (or 'name')")
         return self
 
+    def _composite(self) -> KeySpec:
+        assert self.parts is not None
+        if self.source or self.name or self.field or self.path or self.namespaces:
+            raise ValueError("a composite key is a list of parts and nothing else")
+        if len(self.parts) < 2:
+            raise ValueError("a composite key needs at least two parts")
+        for part in self.parts:
+            if part.parts is not None:
+                raise ValueError("the parts of a composite key cannot be composite themselves")
+        return self
+
     @property
     def target(self) -> str:
-        """The header, field, parameter or path variable the key is read from."""
+        """The header, field, parameter, path variable or XML path the key is read from."""
+        if self.parts is not None:
+            return " + ".join(part.target for part in self.parts)
+        if self.source == "xml":
+            return self.path or ""
         return self.name or self.field or "Idempotency-Key"
+
+    @property
+    def natural(self) -> bool:
+        """True when any part comes from the request itself (body, path, query) rather than
+        a client-made header: such a key names an operation of one route."""
+        if self.parts is not None:
+            return any(part.natural for part in self.parts)
+        return self.source != "header"
+
+    @property
+    def sources(self) -> tuple[KeySpec, ...]:
+        """The single-source specs this key is built from, in order."""
+        return self.parts if self.parts is not None else (self,)
+
+
+def _key_shape(value: Any) -> Any:
+    # The list form, `key: [{from: header, ...}, {from: json, ...}]`, is a composite key.
+    return {"parts": value} if isinstance(value, list | tuple) else value
 
 
 class RouteSettings(BaseModel):
@@ -199,7 +257,9 @@ class RouteSettings(BaseModel):
     name: str
     path: str
     methods: tuple[str, ...] = ("POST",)
-    key: KeySpec = KeySpec.model_validate({"from": "header"})
+    key: Annotated[KeySpec, BeforeValidator(_key_shape)] = KeySpec.model_validate(
+        {"from": "header"}
+    )
     required: bool = True
     # Routes that share a namespace share their keys: the same key sent to two
     # of them is a reuse (422), not two executions.
@@ -215,6 +275,7 @@ class RouteSettings(BaseModel):
     release_statuses: tuple[HttpStatus, ...] | None = None
     failure_mode: Literal["closed", "open"] | None = None
     replay_headers: tuple[str, ...] | None = None
+    error_format: str | None = None
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -240,6 +301,20 @@ class RouteSettings(BaseModel):
         return defaults.model_copy(update=own)
 
 
+class ErrorTemplate(BaseModel):
+    """A named error format: the proxy's own answers in a backend's dialect."""
+
+    model_config = _FROZEN
+    content_type: str = "application/json"
+    # A JSON object (YAML mapping) or its JSON text; strings carry {placeholders}.
+    body: dict[str, Any] | list[Any] | str
+    # Per problem type ('*': every other type): the HTTP status, the {code} value,
+    # and extra response headers.
+    status: dict[str, HttpStatus] = {}
+    code: dict[str, str] = {}
+    headers: dict[str, dict[str, str]] = {}
+
+
 class Settings(BaseModel):
     """Everything the proxy reads at start-up; frozen, so the hot path never re-parses."""
 
@@ -252,6 +327,7 @@ class Settings(BaseModel):
     tenant: Tenant = Tenant()
     defaults: Policy = Policy()
     routes: tuple[RouteSettings, ...] = ()
+    error_formats: dict[str, ErrorTemplate] = {}
     workers: int = Field(default=1, ge=1)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     max_header_bytes: Size = 32 * 1024
@@ -334,11 +410,15 @@ def _describe(error: ValidationError, tree: Mapping[str, Any]) -> str:
     for item in loc:
         if isinstance(item, int) and isinstance(node, list | tuple) and item < len(node):
             route = node[item]
-            label = route.get("name") if isinstance(route, dict) else None
+            # Routes are named by their name; a key's parts (which have `name`s too) by index.
+            named = bool(parts) and parts[-1] == "routes"
+            label = route.get("name") if named and isinstance(route, dict) else None
             parts.append(f"[{label!r}]" if label else f"[{item}]")
             node = route
             continue
         key = str(item)
+        if key == "parts" and isinstance(node, list):
+            continue  # the list form of a composite key: `key[1]`, not `key.parts[1]`
         if key == "from" or key == "source":
             key = "from"
         parts.append(("." if parts else "") + key)

@@ -1,10 +1,11 @@
 """`idempotency-proxy demo`: the double-charge stories, straight to the backend and proxied.
 
-Starts a private Redis, the sample payment backend and several proxy replicas, plays three
-stories (double click, timeout and retry, burst) first against the backend and then through
-the replicas, and prints one table of what the backend's ledger shows. Everything it starts
-runs in its own process group and is stopped on the way out: normal end, error, Ctrl-C or
-SIGTERM. `Stack` is also what `loadtests/smoke.py` uses to start the same set of processes.
+Starts a private Redis, the sample payment backend and several proxy replicas, plays four
+stories (double click, timeout and retry, legacy SOAP client, burst) first against the backend
+and then through the replicas, and prints one table of what the backend's ledger shows.
+Everything it starts runs in its own process group and is stopped on the way out: normal end,
+error, Ctrl-C or SIGTERM. `Stack` is also what `loadtests/smoke.py` uses to start the same set
+of processes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import random
@@ -38,6 +38,7 @@ import uvicorn
 import yaml
 
 from proxy.config import Settings
+from proxy.errorformat import problem_name
 
 HOST = "127.0.0.1"
 REDIS_HINT = "apt-get install redis-server"
@@ -57,6 +58,24 @@ ROUTES: list[dict[str, Any]] = [
         "methods": ["POST"],
         "path": "/v1/charges",
         "key": {"from": "header", "name": "Idempotency-Key"},
+        "required": True,
+    },
+    # A legacy SOAP gateway: the order id inside the envelope is the key (SOAP 1.1 or 1.2).
+    {
+        "name": "soap-pay",
+        "methods": ["POST"],
+        "path": "/soap/payments",
+        "key": {
+            "from": "xml",
+            "path": "/soap:Envelope/soap:Body/p:Pay/p:OrderId",
+            "namespaces": {
+                "soap": [
+                    "http://schemas.xmlsoap.org/soap/envelope/",
+                    "http://www.w3.org/2003/05/soap-envelope",
+                ],
+                "p": "urn:idempotency-proxy:sample:payments",
+            },
+        },
         "required": True,
     },
 ]
@@ -262,8 +281,10 @@ class Stack:
     Shared by the demo and `loadtests/smoke.py`.
     """
 
-    def __init__(self, workdir: Path | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, *, error_format: str = "problem") -> None:
         self._own_dir = workdir is None
+        # The replicas' format for their own answers; the stories read every preset.
+        self.error_format = error_format
         self.workdir = (
             Path(tempfile.mkdtemp(prefix="idempotency-demo-")) if workdir is None else workdir
         )
@@ -320,7 +341,8 @@ class Stack:
     def start_proxies(self, count: int, *, upstream: str, redis_url: str) -> list[str]:
         """`count` replicas of `python -m proxy run`, all on one Redis and the demo routes."""
         config = self.workdir / "proxy.yaml"
-        config.write_text(yaml.safe_dump({"routes": ROUTES}, sort_keys=False))
+        document = {"defaults": {"error_format": self.error_format}, "routes": ROUTES}
+        config.write_text(yaml.safe_dump(document, sort_keys=False))
         urls: list[str] = []
         for index in range(count):
             port, admin = free_port(), free_port()
@@ -399,7 +421,9 @@ class _DropMemoryStoreWarning(logging.Filter):
 
 
 @contextlib.asynccontextmanager
-async def memory_replicas(count: int, upstream: str) -> AsyncIterator[list[str]]:
+async def memory_replicas(
+    count: int, upstream: str, error_format: str = "problem"
+) -> AsyncIterator[list[str]]:
     """`count` uvicorn servers on this loop, each a ProxyApp on one shared MemoryStore."""
     from proxy import logs
     from proxy.app import ProxyApp
@@ -419,6 +443,7 @@ async def memory_replicas(count: int, upstream: str) -> AsyncIterator[list[str]]
                     "upstream": upstream,
                     "listen": {"host": HOST, "port": port},
                     "admin": {"enabled": False},
+                    "defaults": {"error_format": error_format},
                     "routes": ROUTES,
                     "log_level": "warning",
                 }
@@ -488,11 +513,11 @@ class Phase:
                 self.other[outcome.error] = self.other.get(outcome.error, 0) + 1
         elif outcome.replayed:
             self.replays += 1
-        elif outcome.status == 201:
+        elif outcome.status in (200, 201):  # 200: the SOAP endpoint's success
             self.fresh += 1
-        elif outcome.status == 409:
+        elif _in_progress(outcome):
             self.conflicts += 1
-        elif outcome.status == 422:
+        elif _key_reused(outcome):
             self.mismatches += 1
         else:
             name = f"{outcome.status} {outcome.problem}".rstrip()
@@ -538,7 +563,31 @@ class Player:
                 return Outcome(
                     response.status,
                     response.headers.get("Idempotent-Replayed") == "true",
-                    problem=_problem_name(response.content_type, body_bytes),
+                    problem=problem_name(response.content_type, body_bytes),
+                )
+        except TimeoutError:
+            return Outcome(None, error="timeout")
+        except aiohttp.ClientError as exc:
+            return Outcome(None, error=type(exc).__name__)
+
+    async def soap_pay(self, base: str, order_id: str, amount: int, *, pretty: bool) -> Outcome:
+        """One SOAP 1.1 Pay envelope, as a legacy client library sends it."""
+        from sample_backend.soap import pay_envelope
+
+        body = pay_envelope(order_id, amount, pretty=pretty)
+        headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '"urn:Pay"'}
+        try:
+            async with self.session.post(
+                f"{base}/soap/payments",
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=30.0),
+            ) as response:
+                body_bytes = await response.read()
+                return Outcome(
+                    response.status,
+                    response.headers.get("Idempotent-Replayed") == "true",
+                    problem=problem_name(response.content_type, body_bytes),
                 )
         except TimeoutError:
             return Outcome(None, error="timeout")
@@ -610,10 +659,24 @@ class Player:
         await asyncio.sleep(max(0.0, SLOW_SECONDS + 0.3 - (time.monotonic() - started)))
         for tries in range(40):
             outcome = await attempt(targets[(2 + tries) % len(targets)])
-            if outcome.status != 409:
+            if not _in_progress(outcome):
                 break
             await asyncio.sleep(0.25)
         say(f"  {phase.mode:8} attempts -> {', '.join(_label(o) for o in seen)}")
+
+    async def legacy_soap(self, phase: Phase) -> None:
+        """A SOAP client submits one payment, times out in its head and submits it again,
+        re-serialised (pretty-printed) by its library, through another replica."""
+        order = self.order("soap", phase.mode, 1)
+        targets = self.targets(phase.mode)
+        phase.orders = 1
+        seen = [
+            await self.soap_pay(targets[0], order, 3100, pretty=False),
+            await self.soap_pay(targets[1 % len(targets)], order, 3100, pretty=True),
+        ]
+        for outcome in seen:
+            phase.count(outcome)
+        say(f"  {phase.mode:8} two submits -> {', '.join(_label(o) for o in seen)}")
 
     async def burst(self, phase: Phase, orders: int) -> None:
         """Many orders, each sent 1 to 5 times at once across random replicas; ~10% of them
@@ -654,15 +717,16 @@ class Player:
         progress.finish()
 
 
-def _problem_name(content_type: str, body: bytes) -> str:
-    """The proxy's problem name (`store-unavailable`...) from a problem+json body, or ''."""
-    if content_type != "application/problem+json":
-        return ""
-    try:
-        kind = json.loads(body).get("type", "")
-    except (ValueError, AttributeError):
-        return ""
-    return str(kind).rsplit("/", 1)[-1]
+def _in_progress(outcome: Outcome) -> bool:
+    # By name, whatever status the error format gives it; a bare 409 straight from a
+    # backend counts too.
+    return outcome.problem == "request-in-progress" or (
+        outcome.status == 409 and not outcome.problem
+    )
+
+
+def _key_reused(outcome: Outcome) -> bool:
+    return outcome.problem == "key-reused" or (outcome.status == 422 and not outcome.problem)
 
 
 def _label(outcome: Outcome) -> str:
@@ -670,11 +734,13 @@ def _label(outcome: Outcome) -> str:
         return outcome.error
     if outcome.replayed:
         return f"{outcome.status} replayed"
-    if outcome.problem and outcome.status not in (409, 422):
+    if _in_progress(outcome):
+        return f"{outcome.status} in progress"
+    if _key_reused(outcome):
+        return f"{outcome.status} key reused"
+    if outcome.problem:
         return f"{outcome.status} {outcome.problem}"
-    return {201: "201 charged", 409: "409 in progress", 422: "422 key reused"}.get(
-        outcome.status, str(outcome.status)
-    )
+    return {200: "200 charged", 201: "201 charged"}.get(outcome.status, str(outcome.status))
 
 
 class Progress:
@@ -769,6 +835,11 @@ async def _play(player: Player, orders: int) -> list[Phase]:
             player.timeout_retry,
         ),
         (
+            "legacy SOAP",
+            "a SOAP client submits one payment twice, the second re-serialised",
+            player.legacy_soap,
+        ),
+        (
             "burst",
             f"{orders} orders, each sent 1-{BURST_MAX_COPIES} times at once, "
             f"~{BURST_TAMPER_SHARE:.0%} with one tampered amount",
@@ -807,7 +878,7 @@ async def _stories_unguarded(stack: Stack, replicas: int, orders: int, memory: b
     async with aiohttp.ClientSession(connector=connector) as session:
         if not memory:
             return await _play(Player(session, stack.backend_url, stack.proxy_urls), orders)
-        async with memory_replicas(replicas, stack.backend_url) as urls:
+        async with memory_replicas(replicas, stack.backend_url, stack.error_format) as urls:
             say(f"in-process replicas: {' '.join(urls)}")
             result: list[Phase] = await _play(Player(session, stack.backend_url, urls), orders)
             return result
@@ -831,7 +902,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def main(orders: int = 200, replicas: int = 5, memory: bool = False) -> int:
+def main(
+    orders: int = 200, replicas: int = 5, memory: bool = False, error_format: str = "problem"
+) -> int:
     """Run the demo; 0 when no order was charged twice through the proxies."""
     if orders < 1 or replicas < 2:
         print("demo: --orders must be at least 1 and --replicas at least 2", file=sys.stderr)
@@ -849,7 +922,7 @@ def main(orders: int = 200, replicas: int = 5, memory: bool = False) -> int:
         )
     started = time.monotonic()
     with sigterm_as_interrupt():
-        stack = Stack()
+        stack = Stack(error_format=error_format)
         try:
             if memory:
                 stack.start_backend()

@@ -2,7 +2,8 @@
 
 sha256 over method, path, sorted query, media type and body. A JSON body is
 canonicalised (parsed, keys sorted, compact) so whitespace and key order do not
-make a retry look like a different payment. Only the digest is ever stored:
+make a retry look like a different payment; an XML body likewise (C14N 2.0, see
+proxy.xmlkeys for what is and is not made equal). Only the digest is ever stored:
 request bodies may carry card data.
 """
 
@@ -15,7 +16,9 @@ from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
+from proxy import xmlkeys
 from proxy.request import InvalidJSON, ProxyRequest, is_json
+from proxy.xmlkeys import is_xml
 
 
 def canonical_json(value: Any) -> bytes:
@@ -47,6 +50,11 @@ def canonical_body(request: ProxyRequest, media_type: str) -> bytes:
             # Too deep to re-encode (orjson stops at 255 levels, json at the stack): the
             # raw bytes still tell different requests apart.
             pass
+    elif request.body and is_xml(media_type):
+        # Unusable XML (malformed, a DTD) keeps its raw bytes, as unusable JSON does.
+        xml = xmlkeys.canonical(request)
+        if xml is not None:
+            return xml
     return request.body
 
 

@@ -7,17 +7,23 @@ of one record lands in one slot.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
+from proxy import xmlkeys
 from proxy.config import KeySpec
 from proxy.problems import Problem, key_invalid, key_missing
 from proxy.request import InvalidJSON, ProxyRequest, is_json
 
 MAX_KEY_LENGTH = 255
 DEFAULT_TENANT = "default"
+
+# Leads every composite key; validate() refuses control characters in a single key.
+COMPOSITE_MARK = "\x1e"
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
@@ -113,17 +119,43 @@ def _json_field(request: ProxyRequest, dotted: str, required: bool) -> str | Non
         raise Problem(
             "body-invalid", 400, f"the body is not valid JSON; the key is read from {where}"
         ) from None
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
+    for name, positions in _json_steps(dotted):
+        if not isinstance(node, dict) or name not in node:
             if required:
                 raise key_missing(where)
             return None
-        node = node[part]
+        node = node[name]
+        # A list is only entered at a position the route names (`items[0]`), so a key
+        # never depends on list order by accident.
+        for position in positions:
+            if not isinstance(node, list) or position >= len(node):
+                if required:
+                    raise key_missing(where)
+                return None
+            node = node[position]
     if node is None and not required:
         return None
     if isinstance(node, bool) or not isinstance(node, str | int):
         raise key_invalid(f"{where} must be a string or an integer")
     return str(node)
+
+
+_POSITIONS = re.compile(r"\[(\d+)\]")
+_STEP = re.compile(r"^(.+?)((?:\[\d+\])*)$")
+
+
+@functools.lru_cache(maxsize=256)
+def _json_steps(dotted: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """`payments[1].order_id` -> (("payments", (1,)), ("order_id", ()))."""
+    steps: list[tuple[str, tuple[int, ...]]] = []
+    for part in dotted.split("."):
+        found = _STEP.match(part)
+        if found is None:
+            steps.append((part, ()))
+            continue
+        name, positions = found.groups()
+        steps.append((name, tuple(int(p) for p in _POSITIONS.findall(positions))))
+    return tuple(steps)
 
 
 def _form_field(request: ProxyRequest, name: str, required: bool) -> str | None:
@@ -154,30 +186,85 @@ def extract(
 
     Raises `Problem` (400 key-missing / key-invalid, 415, 400 body-invalid).
     """
+    if spec.parts is not None:
+        return _composite(request, spec.parts, params, required)
+    return _one(request, spec, params, required)
+
+
+def _one(
+    request: ProxyRequest, spec: KeySpec, params: dict[str, str], required: bool, part: str = ""
+) -> str | None:
     name = spec.target
-    if spec.source == "header":
-        lines = request.header_values(name.lower().encode("latin-1"))
-        if not lines:
-            if required:
-                raise key_missing(f"the {name} header")
-            return None
-        return parse_header(lines)
-    if spec.source == "json":
-        key = _json_field(request, name, required)
-    elif spec.source == "form":
-        key = _form_field(request, name, required)
-    elif spec.source == "query":
-        try:
-            query = request.query_string.decode("utf-8")
-        except UnicodeDecodeError:
-            raise key_invalid("the query string is not valid UTF-8") from None
-        values = parse_qs(query, keep_blank_values=True).get(name)
-        key = _single(values, f"the query parameter '{name}'", required)
-    else:
-        key = _single(
-            [params[name]] if name in params else None, f"the path parameter '{name}'", required
-        )
-    return None if key is None else validate(key)
+    try:
+        if spec.source == "header":
+            lines = request.header_values(name.lower().encode("latin-1"))
+            if not lines:
+                if required:
+                    raise key_missing(f"the {name} header")
+                return None
+            return parse_header(lines)
+        if spec.source == "json":
+            key = _json_field(request, name, required)
+        elif spec.source == "form":
+            key = _form_field(request, name, required)
+        elif spec.source == "xml":
+            key = xmlkeys.key_at(request, _xml_path(spec), required)
+        elif spec.source == "query":
+            try:
+                query = request.query_string.decode("utf-8")
+            except UnicodeDecodeError:
+                raise key_invalid("the query string is not valid UTF-8") from None
+            values = parse_qs(query, keep_blank_values=True).get(name)
+            key = _single(values, f"the query parameter '{name}'", required)
+        else:
+            key = _single(
+                [params[name]] if name in params else None,
+                f"the path parameter '{name}'",
+                required,
+            )
+        return None if key is None else validate(key)
+    except Problem as problem:
+        if part and problem.detail:
+            problem.detail += f" ({part})"
+        raise
+
+
+def _composite(
+    request: ProxyRequest, parts: tuple[KeySpec, ...], params: dict[str, str], required: bool
+) -> str | None:
+    """Each part by its own source's rules, joined so that no two lists of parts (and no
+    single key) give the same string: `a|bc` and `ab|c` stay two keys."""
+    values: list[str | None] = []
+    for index, spec in enumerate(parts, 1):
+        label = f"key part {index} of {len(parts)}"
+        values.append(_one(request, spec, params, required, label))
+    present = [value for value in values if value is not None]
+    if not present:
+        return None  # optional route, no part at all: forwarded without a record
+    if len(present) < len(values):
+        # Half a key names no operation: refuse it rather than guess, even when optional.
+        index = values.index(None)
+        _one(request, parts[index], params, True, f"key part {index + 1} of {len(parts)}")
+        raise key_invalid(f"key part {index + 1} of {len(parts)} is empty")
+    return join_parts(present)
+
+
+def join_parts(parts: list[str]) -> str:
+    """The composite key: length-prefixed parts behind a control character that no single
+    key may contain, so it can never equal a single key nor another list of parts."""
+    return COMPOSITE_MARK + "".join(f"{len(part)}:{part}" for part in parts)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(path: str, namespaces: tuple[tuple[str, str | tuple[str, ...]], ...]) -> Any:
+    return xmlkeys.compile_path(path, dict(namespaces))
+
+
+def _xml_path(spec: KeySpec) -> xmlkeys.XmlPath:
+    # Compiled (and checked) at start-up by the config; cached here for the hot path.
+    namespaces = tuple(sorted((spec.namespaces or {}).items()))
+    path: xmlkeys.XmlPath = _compiled(spec.path or "", namespaces)
+    return path
 
 
 def scope(tenant: str, namespace: str, key: str) -> ScopedKey:

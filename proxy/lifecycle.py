@@ -64,6 +64,8 @@ class Reply:
     upstream_ms: float | None = None
     store_ms: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
+    # Set on the proxy's own answers, which the route's error format may re-shape.
+    problem: Problem | None = None
 
 
 def problem_reply(problem: Problem, outcome: str, date: bytes, *, replayed: bool = False) -> Reply:
@@ -72,7 +74,7 @@ def problem_reply(problem: Problem, outcome: str, date: bytes, *, replayed: bool
     headers.append((b"content-length", str(len(body)).encode("ascii")))
     if replayed:
         headers.append(REPLAYED)
-    return Reply(problem.status, headers, body, outcome=outcome)
+    return Reply(problem.status, headers, body, outcome=outcome, problem=problem)
 
 
 def outcome_unknown(status: int, reason: str) -> Problem:
@@ -504,7 +506,22 @@ async def forward_unrecorded(
 
 
 def _forward_headers(request: ProxyRequest) -> list[tuple[bytes, bytes]]:
-    return request_headers(request.headers, request.client, request.scheme, request.header(b"host"))
+    headers = request_headers(
+        request.headers, request.client, request.scheme, request.header(b"host")
+    )
+    return with_request_id(headers, request.request_id)
+
+
+def with_request_id(
+    headers: list[tuple[bytes, bytes]], request_id: bytes
+) -> list[tuple[bytes, bytes]]:
+    """The forwarded headers with exactly one X-Request-Id: the one the answer and the log
+    line carry (the client's when it was valid, else a generated one)."""
+    if not request_id:
+        return headers
+    out = [(k, v) for k, v in headers if k != b"x-request-id"]
+    out.append((b"x-request-id", request_id))
+    return out
 
 
 def _target(request: ProxyRequest) -> str:

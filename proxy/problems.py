@@ -23,6 +23,7 @@ TITLES: dict[str, str] = {
     "headers-too-large": "The request headers are too large",
     "outcome-unknown": "The backend may or may not have executed this request",
     "upstream-unreachable": "The backend could not be reached; nothing was sent",
+    "upstream-failed": "The backend did not answer",
     "store-unavailable": "The idempotency store is unavailable; nothing was sent",
     "replay-unavailable": "The stored response is too large to replay",
 }

@@ -51,7 +51,11 @@ class ProxyRequest:
     # Where it came from, for X-Forwarded-For/Proto when (and only when) it is forwarded.
     client: str | None = None
     scheme: str = "http"
+    # Validated or generated (proxy.app); forwarded upstream in place of the client's.
+    request_id: bytes = b""
     _json: Any = field(default=_UNPARSED, repr=False)
+    # An XML body parsed once (proxy.xmlkeys): its tree and canonical form, or why not.
+    _xml: Any = field(default=None, repr=False)
 
     def header_values(self, name: bytes) -> list[bytes]:
         """Every value of a header, in order; `name` must be lower case."""

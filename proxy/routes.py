@@ -11,6 +11,7 @@ from starlette.convertors import IntegerConvertor
 from starlette.routing import compile_path
 
 from proxy.config import ConfigError, KeySpec, Policy, Settings
+from proxy.errorformat import PRESETS, PROBLEM, ErrorFormat, TemplateFormat
 
 # The default rule's methods: those that create or change something. GET, PUT and
 # DELETE are idempotent by definition and pass straight through.
@@ -36,6 +37,8 @@ class Route:
     replay_headers: frozenset[bytes]
     _regex: re.Pattern[str] | None
     _convertors: dict[str, Any]
+    # The shape of the proxy's own answers on this route, compiled at start-up.
+    error_format: ErrorFormat = PROBLEM
 
     def match(self, method: str, path: str) -> dict[str, str] | None:
         """Path parameters when this route protects the request, else None."""
@@ -68,7 +71,12 @@ class RouteTable:
     """The configured routes in order, or the default rule when none are configured."""
 
     def __init__(self, settings: Settings) -> None:
-        self.routes: tuple[Route, ...] = tuple(_compile(settings))
+        formats = _Formats(settings)
+        # For answers made before a route matched (431) or on pass-through traffic;
+        # checked first, so that a bad default is reported as the default's mistake.
+        self.default_error_format = formats.get(settings.defaults.error_format, "defaults")
+        self.routes: tuple[Route, ...] = tuple(_compile(settings, formats))
+        formats.check_unused()
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
         for route in self.routes:
@@ -87,7 +95,37 @@ def _replay_headers(policy: Policy) -> frozenset[bytes]:
     return frozenset((*ALWAYS_REPLAYED, *extra))
 
 
-def _compile(settings: Settings) -> list[Route]:
+class _Formats:
+    """The presets and the configured templates; a bad one is reported by the first route
+    that uses it, so the start-up error names the route."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.formats: dict[str, ErrorFormat] = {name: make() for name, make in PRESETS.items()}
+        self.broken: dict[str, str] = {}
+        for name, template in settings.error_formats.items():
+            if name in PRESETS:
+                self.broken[name] = f"{name!r} is a preset's name; choose another"
+                continue
+            try:
+                self.formats[name] = TemplateFormat(name, **template.model_dump())
+            except ValueError as exc:
+                self.broken[name] = str(exc)
+
+    def get(self, name: str, where: str) -> ErrorFormat:
+        if name in self.broken:
+            raise ConfigError(f"{where}.error_format: error_formats[{name!r}]: {self.broken[name]}")
+        found = self.formats.get(name)
+        if found is None:
+            known = ", ".join(sorted(self.formats))
+            raise ConfigError(f"{where}.error_format: unknown format {name!r} (use {known})")
+        return found
+
+    def check_unused(self) -> None:
+        for name, reason in self.broken.items():
+            raise ConfigError(f"error_formats[{name!r}]: {reason}")
+
+
+def _compile(settings: Settings, formats: _Formats) -> list[Route]:
     store_fail_open = settings.store.failure_mode == "open"
     if not settings.routes:
         policy = settings.defaults
@@ -107,17 +145,20 @@ def _compile(settings: Settings) -> list[Route]:
                 replay_headers=_replay_headers(policy),
                 _regex=None,
                 _convertors={},
+                error_format=formats.get(policy.error_format, "defaults"),
             )
         ]
     compiled = []
     for spec in settings.routes:
         policy = spec.policy(settings.defaults)
         regex, _, convertors = compile_path(spec.path)
-        if spec.key.source == "path" and spec.key.target not in convertors:
-            raise ConfigError(
-                f"routes[{spec.name!r}].key.name: {spec.key.target!r} is not a parameter "
-                f"of the path {spec.path!r}"
-            )
+        for index, part in enumerate(spec.key.sources):
+            if part.source == "path" and part.target not in convertors:
+                where = f"[{index}]" if spec.key.parts is not None else ""
+                raise ConfigError(
+                    f"routes[{spec.name!r}].key{where}.name: {part.target!r} is not a parameter "
+                    f"of the path {spec.path!r}"
+                )
         fail_open = (policy.failure_mode == "open") if policy.failure_mode else store_fail_open
         compiled.append(
             Route(
@@ -134,6 +175,7 @@ def _compile(settings: Settings) -> list[Route]:
                 replay_headers=_replay_headers(policy),
                 _regex=regex,
                 _convertors=convertors,
+                error_format=formats.get(policy.error_format, f"routes[{spec.name!r}]"),
             )
         )
     return compiled

@@ -121,7 +121,7 @@ def _assert_nothing_left(tmp_path: Path, ports: list[int]) -> None:
 
 def _assert_stories(output: str, orders: int) -> None:
     table = _table(output)
-    stories = ("double click", "timeout+retry", "burst")
+    stories = ("double click", "timeout+retry", "legacy SOAP", "burst")
     assert {story for story, _ in table} == set(stories), output
     for story in stories:
         direct, proxied = table[(story, "direct")], table[(story, "proxied")]
@@ -143,6 +143,8 @@ def _assert_stories(output: str, orders: int) -> None:
     # The retry story: the impatient caller's retries got a 409, then the replay.
     retry = table[("timeout+retry", "proxied")]
     assert int(retry["409s"]) >= 1 and int(retry["replays"]) == 1, output
+    # The SOAP client's second submit, re-serialised by its library, was the replay.
+    assert int(table[("legacy SOAP", "proxied")]["replays"]) == 1, output
     assert "none through the proxies" in output, output
 
 
@@ -165,6 +167,18 @@ def test_demo_memory_flag_runs_replicas_in_process(tmp_path: Path) -> None:
     lines = output.splitlines()
     assert lines[0].startswith("--memory:") and "apt-get install redis-server" in lines[0]
     assert not any(line.startswith("started: redis") for line in lines), output
+    _assert_stories(output, 30)
+    _assert_nothing_left(tmp_path, _ports(output))
+
+
+@pytest.mark.parametrize("error_format", ["stripe", "gocardless"])
+def test_demo_reads_the_proxys_answers_in_a_preset_format(
+    tmp_path: Path, error_format: str
+) -> None:
+    # In progress is 409 in both, a reused key is 400 (Stripe) or 409 (GoCardless): the
+    # demo's client tells them apart by the error body, not by the status.
+    code, output = _run_demo(tmp_path, "--orders", "30", "--memory", "--error-format", error_format)
+    assert code == 0, output
     _assert_stories(output, 30)
     _assert_nothing_left(tmp_path, _ports(output))
 

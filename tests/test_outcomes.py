@@ -241,7 +241,9 @@ def assert_replay_of(replay: httpx.Response, first: httpx.Response) -> None:
     for name in ("content-type", "location", "etag"):
         assert replay.headers.get(name) == first.headers.get(name), name
     assert "set-cookie" not in replay.headers
-    assert "x-request-id" not in replay.headers
+    # The replay's own request id (this request's log line), never the original's.
+    assert replay.headers.get_list("x-request-id") != first.headers.get_list("x-request-id")
+    assert len(replay.headers.get_list("x-request-id")) == 1
     assert len(replay.headers.get_list("date")) == 1
 
 

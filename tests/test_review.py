@@ -222,12 +222,15 @@ async def test_replay_never_carries_set_cookie_request_id_or_a_second_date(
     first = await client.post(proxy.url + "/v1/charges", content=body, headers=headers)
     assert first.status_code == 201, first.text
     assert "set-cookie" in first.headers  # the first client gets the backend's answer
-    replay = await client.post(proxy.url + "/v1/charges", content=body, headers=headers)
+    replay = await client.post(
+        proxy.url + "/v1/charges", content=body, headers={**headers, "X-Request-Id": "retry-2"}
+    )
     assert replay.status_code == 201
     assert replay.headers["idempotent-replayed"] == "true"
     assert replay.content == first.content
     assert "set-cookie" not in replay.headers
-    assert "x-request-id" not in replay.headers
+    # Only the current request's id, never the stored (original) one.
+    assert replay.headers.get_list("x-request-id") == ["retry-2"]
     assert len(replay.headers.get_list("date")) == 1
     assert replay.headers.get_list("content-length") == [str(len(replay.content))]
     assert replay.headers["location"] == first.headers["location"]
