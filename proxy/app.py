@@ -17,8 +17,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from proxy import logs, problems
-from proxy.config import Settings
+from proxy.config import Settings, redact_url
 from proxy.errorformat import REQUEST_ID
+from proxy.keys import KeyHasher
 from proxy.lifecycle import Lifecycle, Reply, forward_unrecorded, problem_reply, with_request_id
 from proxy.metrics import Metrics
 from proxy.problems import Problem
@@ -98,6 +99,7 @@ class ProxyApp:
                 settings.store.replay_cache_ttl,
             ),
             date=http_date,
+            hasher=KeyHasher(settings.key_hash_secret),
         )
         self.ready = False
         self.draining = False
@@ -143,12 +145,19 @@ class ProxyApp:
             )
         else:
             await check_store(self.store, self.settings)
+        if not self.settings.key_hash_secret:
+            logger.warning(
+                "key_hash_secret is not set: the key_hash in the logs is an unkeyed hash, "
+                "and a guessable key (an order id) can be recovered from one log line; set "
+                "key_hash_secret or key_hash_secret_file, or their environment variables "
+                "(docs/security.md)"
+            )
         await self.upstream.start()
         self.ready = True
         logger.info(
             "proxy started",
             extra={
-                "upstream": self.settings.upstream,
+                "upstream": redact_url(self.settings.upstream or ""),
                 "listen": f"{self.settings.listen.host}:{self.settings.listen.port}",
                 "admin": (
                     f"{self.settings.admin.host}:{self.settings.admin.port}"
@@ -184,8 +193,10 @@ class ProxyApp:
         try:
             if sum(len(k) + len(v) for k, v in headers) > self._max_header_bytes:
                 raise Problem("headers-too-large", 431, "the request headers exceed the limit")
-            match = self.routes.match(method, path)
-            if match is None:
+            raw_path: bytes = scope.get("raw_path") or path.encode("latin-1")
+            if not raw_path.startswith(b"/") or method == "CONNECT":
+                reply = _not_origin_form(method, raw_path)
+            elif (match := self.routes.match(method, path)) is None:
                 reply = await self.passthrough(scope, receive, request_id)
             else:
                 route, params = match
@@ -200,7 +211,7 @@ class ProxyApp:
                 request = ProxyRequest(
                     method=method,
                     path=path,
-                    raw_path=scope.get("raw_path") or b"",
+                    raw_path=raw_path,
                     query_string=scope.get("query_string", b""),
                     headers=headers,
                     body=body,
@@ -232,7 +243,7 @@ class ProxyApp:
                     "method": method,
                     "outcome": reply.outcome,
                     "status": reply.status,
-                    "key_hash": reply.key_hash or None,
+                    "key_hash": reply.scoped.log_hash if reply.scoped else None,
                     "upstream_ms": _round(reply.upstream_ms),
                     "store_ms": _round(reply.store_ms) if reply.store_ms else None,
                     "total_ms": _round((time.perf_counter() - started) * 1000),
@@ -384,6 +395,15 @@ def _abort(send: Send) -> None:
         return  # another server: it closes the connection when the app returns
     cycle.disconnected = True
     transport.close()
+
+
+def _not_origin_form(method: str, raw_path: bytes) -> Reply:
+    """Only a path and query ever travel upstream; absolute-form reaches the app as its path
+    already. `OPTIONS *` asks about the server itself, so the proxy answers it; any other
+    asterisk-form, and CONNECT's authority-form, would name no path or another host."""
+    if raw_path == b"*" and method == "OPTIONS":
+        return Reply(204, [(b"date", http_date())], outcome="options")
+    raise problems.target_invalid()
 
 
 def _request_id(headers: list[tuple[bytes, bytes]]) -> bytes:

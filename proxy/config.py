@@ -7,11 +7,14 @@ operator reading a crash-looping pod's log should not have to read a traceback.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import (
@@ -83,6 +86,63 @@ Size = Annotated[int, BeforeValidator(parse_size)]
 HttpStatus = Annotated[int, Field(ge=100, le=599)]
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamURL:
+    """The upstream's fixed parts. Every forwarded URL is these plus a client's path and
+    query, so no request target can name another host."""
+
+    scheme: str
+    authority: str  # host[:port] as written (IPv6 in brackets), without credentials
+    host: str
+    port: int
+    prefix: str  # path prefix without a trailing '/' ('' for none), percent-encoded
+    # `Authorization: Basic` from credentials in the URL, sent on every forwarded request.
+    authorization: bytes | None = None
+
+    @property
+    def origin(self) -> str:
+        """scheme://host:port/prefix: the upstream as it may be logged."""
+        return f"{self.scheme}://{self.authority}{self.prefix}"
+
+
+def parse_upstream(url: str) -> UpstreamURL:
+    """Split the upstream URL into its fixed parts; errors never repeat the credentials."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = parts.hostname
+    except ValueError:
+        raise ValueError("is not a valid URL (check the host and port)") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must be an http:// or https:// URL")
+    if not host:
+        raise ValueError("names no host")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ValueError("must not carry a query or a fragment (only a path prefix)")
+    authority = parts.netloc.rpartition("@")[2]
+    authorization = None
+    if "@" in parts.netloc:
+        user = unquote(parts.username or "")
+        password = unquote(parts.password or "")
+        authorization = b"Basic " + base64.b64encode(f"{user}:{password}".encode())
+    return UpstreamURL(
+        scheme=parts.scheme,
+        authority=authority,
+        host=host,
+        port=port or (443 if parts.scheme == "https" else 80),
+        prefix=parts.path.rstrip("/"),
+        authorization=authorization,
+    )
+
+
+def redact_url(url: str) -> str:
+    """The URL without its userinfo, for logs and errors."""
+    try:
+        return parse_upstream(url).origin
+    except ValueError:
+        return "<invalid URL>"
 
 
 class Listen(BaseModel):
@@ -262,7 +322,8 @@ class RouteSettings(BaseModel):
     )
     required: bool = True
     # Routes that share a namespace share their keys: the same key sent to two
-    # of them is a reuse (422), not two executions.
+    # of them is a reuse (422), not two executions. Unset: header keys share one
+    # namespace per tenant, natural keys are per route (routes._namespace).
     namespace: str | None = None
     retention: Duration | None = None
     lease: Duration | None = None
@@ -331,13 +392,34 @@ class Settings(BaseModel):
     workers: int = Field(default=1, ge=1)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     max_header_bytes: Size = 32 * 1024
+    # Keys the `key_hash` in the logs (docs/security.md). repr=False: never printed.
+    key_hash_secret: str | None = Field(default=None, repr=False)
+    key_hash_secret_file: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_from_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("key_hash_secret_file"):
+            return data
+        path = data["key_hash_secret_file"]
+        if data.get("key_hash_secret"):
+            raise ValueError("key_hash_secret and key_hash_secret_file: set one of them, not both")
+        try:
+            secret = Path(str(path)).read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise ValueError(f"key_hash_secret_file: cannot read {path}: {reason}") from None
+        if not secret:
+            raise ValueError(f"key_hash_secret_file: {path} is empty")
+        return {**data, "key_hash_secret": secret}
 
     @field_validator("upstream")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(f"{value!r} must be an http:// or https:// URL")
-        return value.rstrip("/") if value else value
+        if value is None:
+            return value
+        parse_upstream(value)  # the reason, never the credentials, on a bad URL
+        return value.rstrip("/")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -367,6 +449,9 @@ FLAG_PATHS: dict[str, tuple[str, ...]] = {
     "redis_url": ("store", "url"),
     "workers": ("workers",),
     "log_level": ("log_level",),
+    # Environment only: a secret on the command line is visible to every local user.
+    "key_hash_secret": ("key_hash_secret",),
+    "key_hash_secret_file": ("key_hash_secret_file",),
 }
 
 

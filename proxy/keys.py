@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -20,6 +21,8 @@ from proxy.problems import Problem, key_invalid, key_missing
 from proxy.request import InvalidJSON, ProxyRequest, is_json
 
 MAX_KEY_LENGTH = 255
+# The one tenant of a deployment without a tenant header (the record names it had before
+# tenants were configurable stay the same).
 DEFAULT_TENANT = "default"
 
 # Leads every composite key; validate() refuses control characters in a single key.
@@ -30,10 +33,16 @@ FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 @dataclass(frozen=True, slots=True)
 class ScopedKey:
-    """The store's name for one record, and a short hash that is safe to log."""
+    """The store's name for one record, and (computed only when a log line needs it) the
+    keyed hash that is safe to log."""
 
     storage_key: str
-    log_hash: str
+    digest: bytes = field(repr=False)
+    hasher: KeyHasher = field(repr=False, compare=False)
+
+    @property
+    def log_hash(self) -> str:
+        return self.hasher.permute(self.digest).hex()
 
 
 def validate(key: str) -> str:
@@ -267,8 +276,83 @@ def _xml_path(spec: KeySpec) -> xmlkeys.XmlPath:
     return path
 
 
-def scope(tenant: str, namespace: str, key: str) -> ScopedKey:
-    """The record's storage key: tenant + namespace + key, hashed, in a hash tag."""
-    material = f"{len(tenant)}:{tenant}|{len(namespace)}:{namespace}|{key}".encode()
-    digest = hashlib.sha256(material).hexdigest()
-    return ScopedKey(storage_key=f"idem:{{{digest[:32]}}}", log_hash=digest[:12])
+_STORAGE_KEY = re.compile(r"idem:\{([0-9a-f]{32})\}")
+_LOG_HASH = re.compile(r"[0-9a-f]{32}")
+_ROUNDS = 4
+
+
+class KeyHasher:
+    """Storage keys, and the `key_hash` the logs show, under a deployment secret.
+
+    The storage key is an unkeyed hash (records must survive a change of secret). The log
+    hash is that storage digest through a keyed permutation: a four-round Feistel network
+    whose round function is HMAC-SHA256 under the secret. Without the secret nobody can
+    test a guessed key (`ord-73519`) against a log line; with it, `records show --hash`
+    inverts the permutation and finds the record directly, with no scan of the store.
+    """
+
+    __slots__ = ("_rounds", "keyed")
+
+    def __init__(self, secret: str | bytes | None = None) -> None:
+        if isinstance(secret, str):
+            secret = secret.encode()
+        self.keyed = bool(secret)
+        # One HMAC per round, keyed once here and copied per use: copying a keyed HMAC
+        # is several times cheaper than keying one per call (the log line pays for it).
+        self._rounds = [
+            hmac.new(
+                hmac.digest(secret or b"", b"idempotency-proxy key_hash round %d" % i, "sha256"),
+                digestmod=hashlib.sha256,
+            )
+            for i in range(_ROUNDS)
+        ]
+
+    def _round(self, i: int, half: int) -> int:
+        mac = self._rounds[i].copy()
+        mac.update(half.to_bytes(8, "big"))
+        return int.from_bytes(mac.digest()[:8], "big")
+
+    def permute(self, block: bytes) -> bytes:
+        left, right = int.from_bytes(block[:8], "big"), int.from_bytes(block[8:], "big")
+        for i in range(_ROUNDS):
+            left, right = right, left ^ self._round(i, right)
+        return left.to_bytes(8, "big") + right.to_bytes(8, "big")
+
+    def _unpermute(self, block: bytes) -> bytes:
+        left, right = int.from_bytes(block[:8], "big"), int.from_bytes(block[8:], "big")
+        for i in reversed(range(_ROUNDS)):
+            left, right = right ^ self._round(i, left), left
+        return left.to_bytes(8, "big") + right.to_bytes(8, "big")
+
+    def scope(self, tenant: str | None, namespace: str, key: str) -> ScopedKey:
+        """The record's storage key: tenant + namespace + key, hashed, in a hash tag.
+
+        `None` is the caller without a tenant (the tenant header is configured but was not
+        sent): its own scope, which no header value can name, since every named tenant is
+        length-prefixed and so starts with a digit.
+        """
+        owner = "-" if tenant is None else f"{len(tenant)}:{tenant}"
+        material = f"{owner}|{len(namespace)}:{namespace}|{key}".encode()
+        digest = hashlib.sha256(material).digest()[:16]
+        return ScopedKey(f"idem:{{{digest.hex()}}}", digest, self)
+
+    def log_hash(self, storage_key: str) -> str:
+        """The `key_hash` the logs show for a record."""
+        match = _STORAGE_KEY.fullmatch(storage_key)
+        if match is None:
+            raise ValueError("not a record's storage key")
+        return self.permute(bytes.fromhex(match.group(1))).hex()
+
+    def storage_key(self, log_hash: str) -> str:
+        """The record a log line's `key_hash` names (under the same secret)."""
+        if _LOG_HASH.fullmatch(log_hash) is None:
+            raise ValueError("a key_hash is 32 lower-case hex digits")
+        return f"idem:{{{self._unpermute(bytes.fromhex(log_hash)).hex()}}}"
+
+
+_UNKEYED = KeyHasher()
+
+
+def scope(tenant: str | None, namespace: str, key: str) -> ScopedKey:
+    """The scoped key without a key-hash secret (storage keys never depend on the secret)."""
+    return _UNKEYED.scope(tenant, namespace, key)

@@ -60,7 +60,8 @@ class Reply:
     close: Callable[[], None] | None = None
     # For the request's log line and metrics; never sent.
     outcome: str = ""
-    key_hash: str = ""
+    # The record's scoped key, whose keyed hash the log line shows.
+    scoped: keys.ScopedKey | None = None
     upstream_ms: float | None = None
     store_ms: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
@@ -119,8 +120,10 @@ class Lifecycle:
         tenant_header: str | None,
         cache: ReplayCache,
         date: Callable[[], bytes],
+        hasher: keys.KeyHasher | None = None,
     ) -> None:
         self.store = store
+        self.hasher = hasher or keys.KeyHasher()
         self.upstream = upstream
         self.metrics = metrics
         self.tenant_header = tenant_header.lower().encode("latin-1") if tenant_header else None
@@ -141,7 +144,7 @@ class Lifecycle:
         key = keys.extract(request, route.key, params, route.required)
         if key is None:
             return await self._forward_unrecorded(request, route, "unprotected")
-        scoped = keys.scope(self._tenant(request), route.namespace, key)
+        scoped = self.hasher.scope(self._tenant(request), route.namespace, key)
         fp = fingerprint(request)
 
         cached = self.cache.get(scoped.storage_key)
@@ -152,7 +155,7 @@ class Lifecycle:
                 reply = await self._claim_and_execute(request, route, scoped.storage_key, fp)
             except CorruptRecord as exc:
                 reply = self._unreadable(route, scoped.log_hash, exc)
-        reply.key_hash = scoped.log_hash
+        reply.scoped = scoped
         return reply
 
     async def _claim_and_execute(
@@ -206,15 +209,23 @@ class Lifecycle:
             await asyncio.sleep(min(delay, remaining, max(claim.retry_after_ms, 1) / 1000))
             delay = min(delay * 2, 0.25)
 
-    def _tenant(self, request: ProxyRequest) -> str:
+    def _tenant(self, request: ProxyRequest) -> str | None:
+        """The request's tenant; None for a request without the tenant header, which is a
+        scope of its own (never `default`, never the one of an empty value)."""
         if self.tenant_header is None:
             return keys.DEFAULT_TENANT
         values = request.header_values(self.tenant_header)
+        if not values:
+            return None
         if len(values) > 1:
             # A client's line plus the auth layer's appended one: using either could let a
             # client pick whose records it sees, so refuse instead of choosing.
             raise Problem("tenant-invalid", 400, "the tenant header was sent more than once")
-        return values[0].decode("latin-1") if values and values[0] else keys.DEFAULT_TENANT
+        if not values[0].strip(b" \t"):
+            # An auth layer that sets the header always gives it a value; an empty one is a
+            # broken layer or a client probing for the anonymous scope.
+            raise Problem("tenant-invalid", 400, "the tenant header is empty")
+        return values[0].decode("latin-1")
 
     # -- duplicates ------------------------------------------------------------------
 

@@ -10,12 +10,19 @@ from typing import Any
 from starlette.convertors import IntegerConvertor
 from starlette.routing import compile_path
 
-from proxy.config import ConfigError, KeySpec, Policy, Settings
+from proxy.config import ConfigError, KeySpec, Policy, RouteSettings, Settings
 from proxy.errorformat import PRESETS, PROBLEM, ErrorFormat, TemplateFormat
 
 # The default rule's methods: those that create or change something. GET, PUT and
 # DELETE are idempotent by definition and pass straight through.
 DEFAULT_METHODS = frozenset({"POST", "PATCH"})
+# Where client-generated header keys live unless a route names a namespace: one per
+# tenant across endpoints, so one key sent to two endpoints is a reuse (422), never two
+# executions. The no-routes rule uses it too, which keeps that rule's record names.
+HEADER_NAMESPACE = "default"
+# A record must outlive its request: retention at least this many times the longest a
+# request can hold its record before it settles (lease + upstream_timeout).
+RETENTION_FACTOR = 2
 ALWAYS_REPLAYED = (b"content-type", b"content-encoding", b"location", b"etag", b"link")
 
 
@@ -95,6 +102,28 @@ def _replay_headers(policy: Policy) -> frozenset[bytes]:
     return frozenset((*ALWAYS_REPLAYED, *extra))
 
 
+def _check_retention(where: str, policy: Policy) -> None:
+    """One line at start-up when a record could expire while its request is still running:
+    a duplicate would then find no record and execute again."""
+    request_s = policy.lease + policy.upstream_timeout
+    if policy.retention < RETENTION_FACTOR * request_s:
+        raise ConfigError(
+            f"{where}.retention: {policy.retention:g}s is too short; records must outlive "
+            f"their requests, so it must be at least {RETENTION_FACTOR} x (lease + "
+            f"upstream_timeout) = {RETENTION_FACTOR * request_s:g}s"
+        )
+
+
+def _namespace(spec: RouteSettings) -> str:
+    if spec.namespace:
+        return spec.namespace
+    # A natural key (order_id in the body, path or query, or any composite key with such
+    # a part) names an operation on one object, and /pay and /refund of one order are
+    # two operations: per route. Keys made of headers alone are the client's own.
+    parts = spec.key.parts if spec.key.parts is not None else (spec.key,)
+    return HEADER_NAMESPACE if all(p.source == "header" for p in parts) else spec.name
+
+
 class _Formats:
     """The presets and the configured templates; a bad one is reported by the first route
     that uses it, so the start-up error names the route."""
@@ -129,11 +158,12 @@ def _compile(settings: Settings, formats: _Formats) -> list[Route]:
     store_fail_open = settings.store.failure_mode == "open"
     if not settings.routes:
         policy = settings.defaults
+        _check_retention("defaults", policy)
         fail_open = (policy.failure_mode or settings.store.failure_mode) == "open"
         return [
             Route(
                 name="default",
-                namespace="default",
+                namespace=HEADER_NAMESPACE,
                 methods=DEFAULT_METHODS,
                 path="/{path:path}",
                 key=KeySpec.model_validate({"from": "header", "name": "Idempotency-Key"}),
@@ -151,6 +181,7 @@ def _compile(settings: Settings, formats: _Formats) -> list[Route]:
     compiled = []
     for spec in settings.routes:
         policy = spec.policy(settings.defaults)
+        _check_retention(f"routes[{spec.name!r}]", policy)
         regex, _, convertors = compile_path(spec.path)
         for index, part in enumerate(spec.key.sources):
             if part.source == "path" and part.target not in convertors:
@@ -163,7 +194,7 @@ def _compile(settings: Settings, formats: _Formats) -> list[Route]:
         compiled.append(
             Route(
                 name=spec.name,
-                namespace=spec.namespace or spec.name,
+                namespace=_namespace(spec),
                 methods=frozenset(spec.methods),
                 path=spec.path,
                 key=spec.key,

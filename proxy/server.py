@@ -11,10 +11,13 @@ from collections.abc import Generator
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.admin import create_admin_app
 from proxy.app import ProxyApp
 from proxy.config import Settings
+from proxy.problems import target_invalid
+from proxy.replay import http_date
 
 SETTINGS_ENV = "IDEMPOTENCY_PROXY__SETTINGS_JSON"
 _EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -36,6 +39,27 @@ class _TrafficServer(uvicorn.Server):
         finally:
             for sig, handler in original.items():
                 signal.signal(sig, handler)
+
+
+class TrafficProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, except that CONNECT's authority-form target (which
+    the parser refuses before the app sees it) gets the proxy's problem+json 400."""
+
+    def send_400_response(self, msg: str) -> None:
+        try:
+            connect = self.parser.get_method() == b"CONNECT"
+        except Exception:  # nothing parsed yet
+            connect = False
+        if not connect:
+            super().send_400_response(msg)
+            return
+        problem = target_invalid()
+        body = problem.body()
+        head = [b"HTTP/1.1 400 Bad Request"]
+        head += [name + b": " + value for name, value in problem.headers(http_date())]
+        head.append(b"content-length: %d" % len(body))  # and Connection: close
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.transport.close()
 
 
 class _AdminServer(uvicorn.Server):
@@ -74,7 +98,14 @@ def _uvicorn_config(
 async def serve(settings: Settings) -> None:
     proxy = ProxyApp(settings)
     traffic = _TrafficServer(
-        _uvicorn_config(proxy, settings.listen.host, settings.listen.port, settings, lifespan="on")
+        _uvicorn_config(
+            proxy,
+            settings.listen.host,
+            settings.listen.port,
+            settings,
+            lifespan="on",
+            http=TrafficProtocol,
+        )
     )
     admin_task = None
     admin = None
@@ -111,7 +142,10 @@ def run(settings: Settings) -> None:
 def _run_workers(settings: Settings) -> None:
     """Several worker processes on one port (uvicorn's supervisor). The admin port is not
     served in this mode: each worker's metrics would be a partial view."""
-    os.environ[SETTINGS_ENV] = settings.model_dump_json(by_alias=True)
+    # The secret file was read already; the workers get its contents, not the path again.
+    os.environ[SETTINGS_ENV] = settings.model_dump_json(
+        by_alias=True, exclude={"key_hash_secret_file"}
+    )
     uvicorn.run(
         "proxy.server:worker_app",
         factory=True,
@@ -119,7 +153,7 @@ def _run_workers(settings: Settings) -> None:
         port=settings.listen.port,
         workers=settings.workers,
         lifespan="on",
-        **_uvicorn_options(settings),
+        **{**_uvicorn_options(settings), "http": TrafficProtocol},
     )
 
 

@@ -346,6 +346,42 @@ def test_path_key_not_in_template_is_one_line() -> None:
     assert "/v1/orders/{id}/pay" in message
 
 
+@pytest.mark.parametrize(
+    ("tree", "where"),
+    [
+        ({"routes": [{**PAY_ROUTE, "retention": "2s", "upstream_timeout": "3s"}]}, "routes['pay']"),
+        # Just under twice lease + upstream_timeout is too close.
+        (
+            {
+                "routes": [
+                    {**PAY_ROUTE, "retention": "39s", "lease": "10s", "upstream_timeout": "10s"}
+                ]
+            },
+            "routes['pay']",
+        ),
+        ({"defaults": {"retention": "1m", "upstream_timeout": "30s"}}, "defaults"),
+        ({"defaults": {"retention": "1m"}, "routes": [PAY_ROUTE]}, "routes['pay']"),
+    ],
+)
+def test_retention_must_comfortably_outlast_a_request(tree: dict[str, Any], where: str) -> None:
+    """A record that expires while its request runs lets a duplicate execute again."""
+    settings = Settings.model_validate({"upstream": "http://127.0.0.1:1", **tree})
+    with pytest.raises(ConfigError) as exc:
+        RouteTable(settings)
+    message = str(exc.value)
+    assert "\n" not in message
+    assert message.startswith(f"{where}.retention:"), message
+    assert "lease + upstream_timeout" in message
+
+
+def test_retention_twice_a_request_and_more_is_accepted() -> None:
+    tree = {
+        "routes": [{**PAY_ROUTE, "retention": "41s", "lease": "10s", "upstream_timeout": "10s"}]
+    }
+    RouteTable(Settings.model_validate({"upstream": "http://127.0.0.1:1", **tree}))
+    RouteTable(Settings())  # the defaults: 24 h against 10 s + 30 s
+
+
 # --------------------------------------------------------------------------- precedence
 
 

@@ -167,7 +167,7 @@ async def test_logs_are_json_lines_with_one_request_line_each_and_no_secrets(
         assert line["method"] in ("GET", "POST")
         assert isinstance(line["total_ms"], int | float)
         key_hash = line["key_hash"]
-        assert key_hash is None or re.fullmatch(r"[0-9a-f]{12}", key_hash), line
+        assert key_hash is None or re.fullmatch(r"[0-9a-f]{32}", key_hash), line
         hashes[request_id] = key_hash
         if outcome in ("forwarded", "outcome_unknown", "passthrough"):
             assert isinstance(line["upstream_ms"], int | float), line

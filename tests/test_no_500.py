@@ -160,9 +160,14 @@ def new_key() -> str:
     return f"k-{uuid.uuid4().hex[:16]}"
 
 
-# Written when an exception escaped somewhere: uvicorn's wrapper, asyncio's "never
-# retrieved", or a traceback printed by anything else.
-_FAILURE_MARKS = ("Traceback", "Exception in ASGI application", "never retrieved", '"error":')
+# Written when an exception escaped: uvicorn's wrapper (or its line for an app that
+# returned with the response unfinished), asyncio's "never retrieved", a traceback.
+_FAILURE_MARKS = (
+    "Traceback",
+    "Exception in ASGI application",
+    "never retrieved",
+    "without completing",
+)
 
 
 def assert_clean_log(proxy: ProxyServer, since: int = 0) -> None:

@@ -28,6 +28,7 @@ class _Entry:
     created_ms: int
     expires_ms: int
     lease_ms: int | None
+    retention_ms: int
     response: StoredResponse | None = None
     reason: str = ""
     extra: dict[str, str] = field(default_factory=dict)
@@ -73,7 +74,14 @@ class MemoryStore:
         entry = self._live(key, now)
         if entry is None:
             self._records[key] = _Entry(
-                State.CLAIMED, token, 1, fingerprint, now, now + retention_ms, now + lease_ms
+                State.CLAIMED,
+                token,
+                1,
+                fingerprint,
+                now,
+                now + retention_ms,
+                now + lease_ms,
+                retention_ms,
             )
             return ClaimResult(ClaimKind.CLAIMED, fence=1)
         if entry.fingerprint != fingerprint:
@@ -116,8 +124,11 @@ class MemoryStore:
             return True
         if entry.state is not State.CLAIMED:
             return False
+        now = _now_ms()
         entry.state = State.SENT
-        entry.lease_ms = _now_ms() + lease_ms
+        entry.lease_ms = now + lease_ms
+        # The request runs from now: its record must not expire under it.
+        entry.expires_ms = max(entry.expires_ms, now + entry.retention_ms)
         return True
 
     async def renew(self, key: str, token: str, lease_ms: int) -> bool:
