@@ -313,8 +313,7 @@ async def test_a_backend_that_closes_mid_body_while_streaming_closes_the_client_
             b"POST /s/%s HTTP/1.1\r\nHost: x\r\nIdempotency-Key: %s\r\nContent-Length: 3\r\n\r\n"
             b"pay" % (cut.encode(), key.encode())
         )
-        log_hash = keys.scope(keys.DEFAULT_TENANT, "cut-streamed", key).log_hash
-        match = {"msg": "request", "route": "cut-streamed", "key_hash": log_hash}
+        match = {"msg": "request", "route": "cut-streamed"}
     before = len(access_lines(memory_proxy, **match))
     answer = await raw_exchange(memory_proxy.port, request)
     # The status and the first bytes came through; then the connection closed early
