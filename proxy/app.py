@@ -23,11 +23,13 @@ from proxy.keys import KeyHasher
 from proxy.lifecycle import Lifecycle, Reply, forward_unrecorded, problem_reply, with_request_id
 from proxy.metrics import Metrics
 from proxy.problems import Problem
+from proxy.protocol import HeadLimits
 from proxy.replay import ReplayCache, http_date
 from proxy.request import ProxyRequest
 from proxy.routes import RouteTable
 from proxy.safety import check_store
 from proxy.store import Store, StoreUnavailable, open_store
+from proxy.tracing import Tracing
 from proxy.upstream import make_upstream, request_headers
 
 Scope = dict[str, Any]
@@ -57,7 +59,9 @@ _rid_counter = itertools.count(1)
 class ProxyApp:
     """The traffic port's ASGI application."""
 
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: Store | None = None, tracing: Tracing | None = None
+    ) -> None:
         if not settings.upstream:
             raise ValueError("an upstream URL is required")
         self.settings = settings
@@ -73,6 +77,8 @@ class ProxyApp:
             breaker_threshold=settings.store.breaker_threshold,
             breaker_cooldown=settings.store.breaker_cooldown,
             canary_interval=settings.store.canary_interval,
+            memory_max_entries=settings.store.memory_max_entries,
+            memory_max_bytes=settings.store.memory_max_bytes,
             # After a data loss, fail closed until every request that may have been
             # in flight has finished or timed out.
             safe_mode_seconds=max(
@@ -88,6 +94,15 @@ class ProxyApp:
             keepalive_expiry=pool.keepalive_expiry,
             connect_timeout=pool.connect_timeout,
         )
+        # Pass-through traffic has a pool of its own: slow uploads to unprotected paths
+        # must not take the connections that protected routes need.
+        self.passthrough_upstream = make_upstream(
+            pool.client,
+            settings.upstream,
+            max_connections=pool.passthrough_max_connections,
+            keepalive_expiry=pool.keepalive_expiry,
+            connect_timeout=pool.connect_timeout,
+        )
         self.lifecycle = Lifecycle(
             self.store,
             self.upstream,
@@ -100,11 +115,32 @@ class ProxyApp:
             ),
             date=http_date,
             hasher=KeyHasher(settings.key_hash_secret),
+            tracing=tracing,
         )
+        self.tracing = tracing
+        self.metrics.health.attach(self.store, self.lifecycle.cache)
         self.ready = False
         self.draining = False
         self._max_header_bytes = settings.max_header_bytes
+        # Read by the traffic port's protocol (proxy/protocol.py) for every connection. The
+        # wire also carries the request line and each line's framing, hence the slack.
+        self.head_limits = HeadLimits(
+            max_bytes=2 * settings.max_header_bytes + 8192,
+            timeout=settings.header_read_timeout,
+        )
         self._passthrough_timeout = settings.defaults.upstream_timeout
+        self._passthrough_read_time = settings.defaults.max_body_read_time
+
+    def render_problem(
+        self, problem: Problem, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """An answer the protocol makes before any route is known (a head over its cap or
+        its deadline, the concurrency cap), in the default error format, with a request id."""
+        reply = problem_reply(problem, "", http_date())
+        status, out, rendered = self.routes.default_error_format.render(
+            problem, reply.headers, _request_id(headers or [])
+        )
+        return status, out, reply.body if rendered is None else rendered
 
     # -- ASGI ------------------------------------------------------------------------
 
@@ -153,6 +189,7 @@ class ProxyApp:
                 "(docs/security.md)"
             )
         await self.upstream.start()
+        await self.passthrough_upstream.start()
         self.ready = True
         logger.info(
             "proxy started",
@@ -177,8 +214,12 @@ class ProxyApp:
             logger.info("waiting for in-flight requests", extra={"count": len(pending)})
             await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_SECONDS)
         await self.upstream.close()
+        await self.passthrough_upstream.close()
         if self._owns_store:
             await self.store.close()
+        if self.tracing is not None:
+            # Flushes the spans still queued; an exporter may block on its network.
+            await asyncio.to_thread(self.tracing.shutdown)
 
     # -- one request -----------------------------------------------------------------
 
@@ -234,8 +275,11 @@ class ProxyApp:
             reply.headers.append((REQUEST_ID, request_id))
         await _send_reply(send, reply)
         self.metrics.count(route_name, reply.outcome)
-        if logs.access.isEnabledFor(logging.INFO):
-            logs.access.info(
+        # An answer nobody knows the outcome of needs an operator: warning, not info.
+        level = logging.WARNING if reply.outcome == "outcome_unknown" else logging.INFO
+        if logs.access.isEnabledFor(level):
+            logs.access.log(
+                level,
                 "request",
                 extra={
                     "request_id": request_id.decode("ascii"),
@@ -247,6 +291,7 @@ class ProxyApp:
                     "upstream_ms": _round(reply.upstream_ms),
                     "store_ms": _round(reply.store_ms) if reply.store_ms else None,
                     "total_ms": _round((time.perf_counter() - started) * 1000),
+                    **reply.extra,
                 },
             )
 
@@ -257,7 +302,8 @@ class ProxyApp:
             target += "?" + scope["query_string"].decode("latin-1")
         framing = [(k, v) for k, v in scope["headers"] if k == b"content-length"]
         has_body = bool(framing) or any(k == b"transfer-encoding" for k, _ in scope["headers"])
-        body: bytes | AsyncIterator[bytes] = _stream_body(receive) if has_body else b""
+        read = _BodyRead(self._passthrough_read_time)
+        body: bytes | AsyncIterator[bytes] = _stream_body(receive, read) if has_body else b""
         # A streamed body keeps its declared length: some legacy backends refuse chunked
         # requests, and the client's framing is not the proxy's to change.
         forward = request_headers(
@@ -265,8 +311,8 @@ class ProxyApp:
         )
         forward = with_request_id(forward, request_id)
         forward += framing[:1]
-        return await forward_unrecorded(
-            self.upstream,
+        reply = await forward_unrecorded(
+            self.passthrough_upstream,
             scope["method"],
             target,
             forward,
@@ -274,6 +320,12 @@ class ProxyApp:
             timeout=self._passthrough_timeout,
             outcome="passthrough",
         )
+        if read.timed_out:
+            # The backend got part of the body and no end: the upload was aborted.
+            if reply.close is not None:
+                reply.close()
+            raise problems.body_timeout()
+        return reply
 
 
 async def _read_body(
@@ -337,11 +389,34 @@ async def _drain(receive: Receive) -> None:
                     return
 
 
-async def _stream_body(receive: Receive) -> AsyncIterator[bytes]:
+class _BodyAborted(Exception):
+    """Raised into the upstream client so that it aborts the request instead of ending a
+    body the client never finished (a chunked body would otherwise look complete)."""
+
+
+class _BodyRead:
+    """A streamed body's deadline, and whether it passed."""
+
+    __slots__ = ("read_time", "timed_out")
+
+    def __init__(self, read_time: float) -> None:
+        self.read_time = read_time
+        self.timed_out = False
+
+
+async def _stream_body(receive: Receive, read: _BodyRead) -> AsyncIterator[bytes]:
+    """The client's body as it arrives, within `read.read_time` seconds in all (0: no limit):
+    a trickled upload must not hold an upstream connection for as long as it likes."""
+    deadline = asyncio.get_running_loop().time() + read.read_time if read.read_time else None
     while True:
-        message = await receive()
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            read.timed_out = True
+            raise _BodyAborted("body-timeout") from None
         if message["type"] == "http.disconnect":
-            return
+            raise _BodyAborted("disconnect")
         chunk = message.get("body", b"")
         if chunk:
             yield chunk

@@ -90,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument(
+        "--mode",
+        choices=["enforce", "observe"],
+        type=str.lower,
+        help=_flag_help(
+            "enforce, or observe: forward everything and count what enforcement would have "
+            "blocked or replayed (routes may override it)",
+            "MODE",
+            "enforce",
+        ),
+    )
+    run.add_argument(
         "--log-level",
         metavar="L",
         choices=["debug", "info", "warning", "error", "critical"],
@@ -226,6 +237,7 @@ def _run(args: argparse.Namespace) -> None:
             "redis_url": args.redis_url,
             "workers": args.workers,
             "log_level": args.log_level,
+            "mode": args.mode,
         },
     )
     if not settings.upstream:
@@ -235,6 +247,9 @@ def _run(args: argparse.Namespace) -> None:
     from proxy.routes import RouteTable
 
     RouteTable(settings)  # path templates are checked before anything starts
+    from proxy import tracing
+
+    tracing.check_environment()
     logs.configure(settings.log_level)
     from proxy.server import run
 

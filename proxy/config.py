@@ -180,6 +180,10 @@ class StoreSettings(BaseModel):
     breaker_cooldown: Duration = 1.0
     # How often each process reads the canary that reveals a store which lost data.
     canary_interval: Duration = 1.0
+    # The memory store's caps: when either is reached, new keys get 503 store-unavailable
+    # until records expire (as Redis does with maxmemory-policy noeviction).
+    memory_max_entries: int = Field(default=1_000_000, ge=1)
+    memory_max_bytes: Size = 256 * 1024 * 1024
 
     @field_validator("url")
     @classmethod
@@ -194,6 +198,9 @@ class UpstreamPool(BaseModel):
     model_config = _FROZEN
     client: Literal["aiohttp", "httpx"] = "aiohttp"
     max_connections: int = Field(default=100, ge=1)
+    # Pass-through (unprotected) traffic has its own pool, so that it cannot take the
+    # connections protected routes need.
+    passthrough_max_connections: int = Field(default=100, ge=1)
     # Below uvicorn's 5 s keep-alive default: a connection the backend closed
     # under us is an ambiguous failure for a POST.
     keepalive_expiry: Duration = 2.0
@@ -225,6 +232,9 @@ class Policy(BaseModel):
     # How the proxy's own answers look: "problem" (RFC 9457), a preset, or a template
     # from `error_formats`; resolved once at start-up (proxy.errorformat).
     error_format: str = "problem"
+    # observe: forward every request as if the proxy were not there, but claim and record
+    # first requests and count what enforcement would have done with each duplicate.
+    mode: Literal["enforce", "observe"] = "enforce"
 
     @field_validator("lease", "retention")
     @classmethod
@@ -336,6 +346,7 @@ class RouteSettings(BaseModel):
     release_statuses: tuple[HttpStatus, ...] | None = None
     failure_mode: Literal["closed", "open"] | None = None
     replay_headers: tuple[str, ...] | None = None
+    mode: Literal["enforce", "observe"] | None = None
     error_format: str | None = None
 
     @field_validator("methods", mode="before")
@@ -392,6 +403,12 @@ class Settings(BaseModel):
     workers: int = Field(default=1, ge=1)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     max_header_bytes: Size = 32 * 1024
+    # Connections plus requests in flight on the traffic port before new requests get 503
+    # `overloaded` (uvicorn's limit_concurrency); 0: no cap.
+    max_concurrency: int = Field(default=1000, ge=0)
+    # A request head that takes longer gets 408; a connection that sends nothing is closed.
+    header_read_timeout: Duration = 10.0
+
     # Keys the `key_hash` in the logs (docs/security.md). repr=False: never printed.
     key_hash_secret: str | None = Field(default=None, repr=False)
     key_hash_secret_file: str | None = None
@@ -452,6 +469,7 @@ FLAG_PATHS: dict[str, tuple[str, ...]] = {
     # Environment only: a secret on the command line is visible to every local user.
     "key_hash_secret": ("key_hash_secret",),
     "key_hash_secret_file": ("key_hash_secret_file",),
+    "mode": ("defaults", "mode"),
 }
 
 

@@ -92,6 +92,11 @@ BURST_MAX_COPIES = 5
 BURST_TAMPER_SHARE = 0.10
 BURST_SEED = 20240601
 BURST_ORDERS_IN_FLIGHT = 32
+# Replicas in `mode: observe` for the third mode; two are enough to cross replicas.
+OBSERVERS = 2
+# What observe mode counts that enforcement would have answered itself instead of charging
+# again: replays, 409s, waits, 422s and outcome-unknown answers.
+PREVENTED = frozenset({"replayed", "in_flight", "key_reused", "outcome_unknown", "fenced"})
 
 
 class DemoError(RuntimeError):
@@ -294,6 +299,8 @@ class Stack:
         self.redis_url: str | None = None
         self.backend_url = ""
         self.proxy_urls: list[str] = []
+        self.observer_urls: list[str] = []
+        self.observer_admin_urls: list[str] = []
 
     def _spawn(self, name: str, argv: Sequence[str], port: int) -> Child:
         child = Child(name, argv, self.workdir / f"{name}.log", port)
@@ -338,30 +345,42 @@ class Stack:
         self._pending.append((child, f"{self.backend_url}/healthz"))
         return self.backend_url
 
-    def start_proxies(self, count: int, *, upstream: str, redis_url: str) -> list[str]:
-        """`count` replicas of `python -m proxy run`, all on one Redis and the demo routes."""
-        config = self.workdir / "proxy.yaml"
-        document = {"defaults": {"error_format": self.error_format}, "routes": ROUTES}
-        config.write_text(yaml.safe_dump(document, sort_keys=False))
+    def start_proxies(
+        self, count: int, *, upstream: str, redis_url: str, mode: str = "enforce"
+    ) -> list[str]:
+        """`count` replicas of `python -m proxy run`, all on one Redis and the demo routes
+        (in `mode: observe`, the observers, whose admin URLs are kept for their metrics)."""
+        observe = mode == "observe"
+        config = self.workdir / f"proxy-{mode}.yaml"
+        defaults = {"error_format": self.error_format, "mode": mode}
+        config.write_text(yaml.safe_dump({"defaults": defaults, "routes": ROUTES}, sort_keys=False))
         urls: list[str] = []
         for index in range(count):
             port, admin = free_port(), free_port()
             argv = [sys.executable, "-m", "proxy", "run", "--upstream", upstream]
             argv += ["--host", HOST, "--port", str(port), "--admin-port", str(admin)]
             argv += ["--redis-url", redis_url, "--config", str(config), "--log-level", "warning"]
-            child = self._spawn(f"proxy-{index + 1}", argv, port)
+            name = f"observe-{index + 1}" if observe else f"proxy-{index + 1}"
+            child = self._spawn(name, argv, port)
             self._pending.append((child, f"http://{HOST}:{admin}/readyz"))
             urls.append(f"http://{HOST}:{port}")
-        self.proxy_urls += urls
+            if observe:
+                self.observer_admin_urls.append(f"http://{HOST}:{admin}")
+        if observe:
+            self.observer_urls += urls
+        else:
+            self.proxy_urls += urls
         return urls
 
-    def start_replicated(self, replicas: int) -> None:
-        """Redis, backend and `replicas` proxies, ready to serve."""
+    def start_replicated(self, replicas: int, observers: int = 0) -> None:
+        """Redis, backend, `replicas` proxies and `observers` observe-mode proxies, ready."""
         redis_url = self.start_redis()
         upstream = self.start_backend()
         # Redis starts in milliseconds; the proxies then find it at their start-up check.
         self.wait_ready()
         self.start_proxies(replicas, upstream=upstream, redis_url=redis_url)
+        if observers:
+            self.start_proxies(observers, upstream=upstream, redis_url=redis_url, mode="observe")
         self.wait_ready()
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
@@ -381,6 +400,8 @@ class Stack:
         parts.append(f"backend {self.backend_url}")
         if self.proxy_urls:
             parts.append(f"replicas {' '.join(self.proxy_urls)}")
+        if self.observer_urls:
+            parts.append(f"observing {' '.join(self.observer_urls)}")
         return " | ".join(parts)
 
     def close(self) -> None:
@@ -422,9 +443,14 @@ class _DropMemoryStoreWarning(logging.Filter):
 
 @contextlib.asynccontextmanager
 async def memory_replicas(
-    count: int, upstream: str, error_format: str = "problem"
+    count: int,
+    upstream: str,
+    error_format: str = "problem",
+    mode: str = "enforce",
+    apps: list[Any] | None = None,
 ) -> AsyncIterator[list[str]]:
-    """`count` uvicorn servers on this loop, each a ProxyApp on one shared MemoryStore."""
+    """`count` uvicorn servers on this loop, each a ProxyApp on one shared MemoryStore
+    (`apps`, when given, receives the ProxyApps, e.g. to read their metrics)."""
     from proxy import logs
     from proxy.app import ProxyApp
     from proxy.store.memory import MemoryStore
@@ -443,13 +469,16 @@ async def memory_replicas(
                     "upstream": upstream,
                     "listen": {"host": HOST, "port": port},
                     "admin": {"enabled": False},
-                    "defaults": {"error_format": error_format},
+                    "defaults": {"error_format": error_format, "mode": mode},
                     "routes": ROUTES,
                     "log_level": "warning",
                 }
             )
+            app = ProxyApp(settings, store=store)
+            if apps is not None:
+                apps.append(app)
             config = uvicorn.Config(
-                ProxyApp(settings, store=store),
+                app,
                 host=HOST,
                 port=port,
                 lifespan="on",
@@ -503,6 +532,8 @@ class Phase:
     mismatches: int = 0
     timeouts: int = 0
     other: dict[str, int] = field(default_factory=dict)
+    # Observe mode: duplicates that enforcement would have answered itself (no charge).
+    would_prevent: int | None = None
 
     def count(self, outcome: Outcome) -> None:
         self.requests += 1
@@ -535,10 +566,20 @@ class Outcome:
 class Player:
     """Sends the stories' requests and reads the ledger."""
 
-    def __init__(self, session: aiohttp.ClientSession, backend: str, replicas: list[str]) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        backend: str,
+        replicas: list[str],
+        observers: list[str] | None = None,
+        observed: Callable[[], Awaitable[int]] | None = None,
+    ) -> None:
         self.session = session
         self.backend = backend
         self.replicas = replicas
+        self.observers = observers or []
+        # The observers' count of duplicates enforcement would have answered itself.
+        self.observed = observed
         self.run = secrets.token_hex(3)
 
     async def pay(
@@ -610,17 +651,37 @@ class Player:
         return f"{story}-{mode}-{self.run}-{n}"
 
     def targets(self, mode: str) -> list[str]:
-        return [self.backend] if mode == "direct" else self.replicas
+        if mode == "direct":
+            return [self.backend]
+        return self.observers if mode == "observe" else self.replicas
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return ("direct", "observe", "proxied") if self.observers else ("direct", "proxied")
 
     async def phase(self, story: str, mode: str, play: Callable[[Phase], Awaitable[None]]) -> Phase:
         """Play one story in one mode on an empty ledger and read back what it charged."""
         await self.reset()
         phase = Phase(story, mode)
+        observing = mode == "observe" and self.observed is not None
+        before = await self.observed() if observing and self.observed else 0
         await play(phase)
         ledger = await self.ledger()
         phase.charges = int(ledger["charges"])
         phase.double_charged = int(ledger["double_charged_count"])
+        if observing and self.observed is not None:
+            phase.would_prevent = await self.observed() - before
         return phase
+
+    async def observed_from(self, admin_urls: Sequence[str]) -> int:
+        """The observers' would-be-prevented duplicates, from their /metrics."""
+        total = 0
+        for url in admin_urls:
+            async with self.session.get(f"{url}/metrics") as response:
+                if response.status != 200:
+                    raise DemoError(f"GET {url}/metrics: HTTP {response.status}")
+                total += prevented_in(await response.text())
+        return total
 
     # -- the stories
 
@@ -717,6 +778,18 @@ class Player:
         progress.finish()
 
 
+def prevented_in(metrics: str) -> int:
+    """Sum of `idempotency_proxy_observed_total` samples whose `would` is a duplicate that
+    enforcement would have answered itself, in a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(metrics):
+        if family.name == "idempotency_proxy_observed":
+            total += sum(s.value for s in family.samples if s.labels.get("would") in PREVENTED)
+    return int(total)
+
+
 def _in_progress(outcome: Outcome) -> bool:
     # By name, whatever status the error format gives it; a bare 409 straight from a
     # backend counts too.
@@ -786,6 +859,7 @@ COLUMNS = (
     ("422s", ">"),
     ("timeouts", ">"),
     ("other", ">"),
+    ("would prevent", ">"),
 )
 
 
@@ -806,6 +880,7 @@ def table(phases: Sequence[Phase]) -> str:
                 str(p.mismatches),
                 str(p.timeouts),
                 str(other),
+                "-" if p.would_prevent is None else str(p.would_prevent),
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
@@ -848,7 +923,7 @@ async def _play(player: Player, orders: int) -> list[Phase]:
     ]
     for story, description, play in stories:
         say(f"{story}: {description}")
-        for mode in ("direct", "proxied"):
+        for mode in player.modes:
             phases.append(await player.phase(story, mode, play))
     return phases
 
@@ -877,10 +952,23 @@ async def _stories_unguarded(stack: Stack, replicas: int, orders: int, memory: b
     # trust_env defaults to False: a developer's HTTP_PROXY must not see 127.0.0.1 traffic.
     async with aiohttp.ClientSession(connector=connector) as session:
         if not memory:
-            return await _play(Player(session, stack.backend_url, stack.proxy_urls), orders)
-        async with memory_replicas(replicas, stack.backend_url, stack.error_format) as urls:
-            say(f"in-process replicas: {' '.join(urls)}")
-            result: list[Phase] = await _play(Player(session, stack.backend_url, urls), orders)
+            player = Player(session, stack.backend_url, stack.proxy_urls, stack.observer_urls)
+            player.observed = lambda: player.observed_from(stack.observer_admin_urls)
+            return await _play(player, orders)
+        apps: list[Any] = []
+        async with (
+            memory_replicas(replicas, stack.backend_url, stack.error_format) as urls,
+            memory_replicas(
+                OBSERVERS, stack.backend_url, stack.error_format, "observe", apps
+            ) as observers,
+        ):
+            say(f"in-process replicas: {' '.join(urls)}; observing: {' '.join(observers)}")
+
+            async def observed() -> int:
+                return sum(prevented_in(app.metrics.render().decode()) for app in apps)
+
+            player = Player(session, stack.backend_url, urls, observers, observed)
+            result: list[Phase] = await _play(player, orders)
             return result
 
 
@@ -928,7 +1016,7 @@ def main(
                 stack.start_backend()
                 stack.wait_ready()
             else:
-                stack.start_replicated(replicas)
+                stack.start_replicated(replicas, OBSERVERS)
             say(f"started: {stack.describe()}")
             phases = asyncio.run(_stories(stack, replicas, orders, memory))
         except (KeyboardInterrupt, asyncio.CancelledError):
@@ -955,6 +1043,14 @@ def _verdict(phases: Sequence[Phase], seconds: float) -> int:
     if doubled:
         say(f"FAIL: {doubled} order(s) charged more than once through the proxies")
         return 1
+    observed = [p for p in phases if p.mode == "observe"]
+    if observed:
+        would = sum(p.would_prevent or 0 for p in observed)
+        say(
+            f"observe: charged as straight to the backend "
+            f"({sum(p.double_charged for p in observed)} order(s) charged more than once); "
+            f"enforcing would have prevented {would} duplicate charge(s)"
+        )
     say(
         f"OK: {direct} order(s) charged more than once straight to the backend, "
         f"none through the proxies ({seconds:.1f}s)"

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from proxy import keys, problems
+from proxy import keys, logs, problems
 from proxy.fingerprint import fingerprint
 from proxy.metrics import Metrics
 from proxy.problems import Problem
@@ -28,6 +28,7 @@ from proxy.replay import REPLAYED, ReplayCache, http_date, replay_headers, store
 from proxy.request import ProxyRequest
 from proxy.routes import Route
 from proxy.store import CorruptRecord, Store, StoreUnavailable
+from proxy.tracing import Tracing
 from proxy.upstream import (
     NotSent,
     OutcomeUnknown,
@@ -44,6 +45,26 @@ T = TypeVar("T")
 # a random per-process prefix and a counter, without a system call per request.
 _TOKEN_PREFIX = secrets.token_hex(8)
 _tokens = (f"{_TOKEN_PREFIX}.{n}" for n in itertools.count(1))
+
+# What enforcement answers itself, without forwarding: in observe mode each of these is
+# counted and the request forwarded instead.
+_PROXY_ANSWERS = frozenset(
+    {
+        "replayed",
+        "in_flight",
+        "record_unreadable",
+        "key_reused",
+        "outcome_unknown",
+        "replay_unavailable",
+        "store_unavailable",
+        "fenced",
+        "key_missing",
+        "key_invalid",
+        "tenant_invalid",
+        "body_invalid",
+        "unsupported_media_type",
+    }
+)
 
 # How long background completion keeps trying after the store failed at the end.
 BACKGROUND_RETRY_SECONDS = 60.0
@@ -121,11 +142,18 @@ class Lifecycle:
         cache: ReplayCache,
         date: Callable[[], bytes],
         hasher: keys.KeyHasher | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.store = store
         self.hasher = hasher or keys.KeyHasher()
         self.upstream = upstream
         self.metrics = metrics
+        self.tracing = tracing
+        if tracing is not None:
+            # Swapped once here, so that without tracing the hot path is the plain code.
+            self.upstream = tracing.wrap(upstream)
+            self.handle = self._traced_handle  # type: ignore[method-assign]
+            self._timed = self._traced_timed  # type: ignore[method-assign]
         self.tenant_header = tenant_header.lower().encode("latin-1") if tenant_header else None
         self.cache = cache
         self.date = date
@@ -136,6 +164,39 @@ class Lifecycle:
     # -- the story -------------------------------------------------------------------
 
     async def handle(
+        self,
+        request: ProxyRequest,
+        route: Route,
+        params: dict[str, str],
+    ) -> Reply:
+        if route.observe:
+            return await self._observe(request, route, params)
+        return await self._enforce(request, route, params)
+
+    async def _traced_handle(
+        self,
+        request: ProxyRequest,
+        route: Route,
+        params: dict[str, str],
+    ) -> Reply:
+        """`handle` inside the request's span; its store and upstream calls are children."""
+        tracing = self.tracing
+        assert tracing is not None
+        with tracing.request_span(request.method, route.name, request.headers) as span:
+            try:
+                reply = await Lifecycle.handle(self, request, route, params)
+            except Problem as problem:
+                reply = problem_reply(problem, problem.name.replace("-", "_"), self.date())
+            reply.extra["trace_id"] = tracing.finish(
+                span,
+                outcome=reply.outcome,
+                status=reply.status,
+                replayed=REPLAYED in reply.headers,
+                key_hash=reply.scoped.log_hash if reply.scoped else "",
+            )
+        return reply
+
+    async def _enforce(
         self,
         request: ProxyRequest,
         route: Route,
@@ -156,6 +217,36 @@ class Lifecycle:
             except CorruptRecord as exc:
                 reply = self._unreadable(route, scoped.log_hash, exc)
         reply.scoped = scoped
+        return reply
+
+    async def _observe(
+        self,
+        request: ProxyRequest,
+        route: Route,
+        params: dict[str, str],
+    ) -> Reply:
+        """Observe mode: the request's story as enforcement tells it (first requests are
+        claimed, forwarded and recorded), except that every answer enforcement would have
+        made itself instead of forwarding is counted, logged, and replaced by forwarding the
+        request unrecorded, as if the proxy were not there. Nothing is ever blocked here,
+        also not by a store that is down."""
+        try:
+            would = await self._enforce(request, route, params)
+        except Problem as problem:
+            would = problem_reply(problem, problem.name.replace("-", "_"), self.date())
+        # A reply that went upstream carries its upstream time; the proxy's own answers
+        # (replays, 409, 422, 503, 400...) never went upstream and have none.
+        if would.upstream_ms is not None or would.outcome not in _PROXY_ANSWERS:
+            return would
+        self.metrics.observe(route.name, would.outcome)
+        reply = await self._forward_unrecorded(request, route, "observed")
+        reply.scoped = would.scoped
+        reply.store_ms = would.store_ms
+        reply.extra["would"] = would.outcome
+        status = would.status
+        if would.problem is not None:  # the status the route's error format would have sent
+            status = route.error_format.render(would.problem, [], request.request_id)[0]
+        reply.extra["would_status"] = status
         return reply
 
     async def _claim_and_execute(
@@ -200,7 +291,7 @@ class Lifecycle:
             claim = await self._timed(
                 "claim", self.store.claim(storage_key, token, fp, lease_ms, retention_ms)
             )
-            if claim.kind is not ClaimKind.IN_FLIGHT or policy.in_flight != "wait":
+            if claim.kind is not ClaimKind.IN_FLIGHT or policy.in_flight != "wait" or route.observe:
                 return claim
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -401,6 +492,11 @@ class Lifecycle:
         finally:
             self.metrics.store_call(operation, time.perf_counter() - started, failed)
 
+    async def _traced_timed(self, operation: str, call: Awaitable[T]) -> T:
+        assert self.tracing is not None
+        with self.tracing.store_span(operation):
+            return await Lifecycle._timed(self, operation, call)
+
     async def _settle(
         self, operation: str, attempt: _Attempt, call: Callable[[], Awaitable[bool]]
     ) -> bool:
@@ -412,10 +508,14 @@ class Lifecycle:
         """
         try:
             ok = bool(await self._timed(operation, call()))
-        except Exception:  # a store failure of any kind: the backend's answer still goes out
+        except Exception as exc:  # a store failure of any kind: the answer still goes out
             logger.warning(
                 "store unavailable; recording the outcome in the background",
-                extra={"operation": operation, "route": attempt.route.name},
+                extra={
+                    "operation": operation,
+                    "route": attempt.route.name,
+                    "reason": logs.describe(exc),
+                },
             )
             self._track(asyncio.ensure_future(self._retry_later(operation, attempt, call)))
             return False
@@ -438,18 +538,20 @@ class Lifecycle:
     ) -> None:
         deadline = time.monotonic() + BACKGROUND_RETRY_SECONDS
         delay = 0.1
+        reason = ""
         while time.monotonic() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
             try:
                 ok = bool(await self._timed(operation, call()))
-            except Exception:  # whatever the store raised, this task must not die of it
+            except Exception as exc:  # whatever the store raised, this task must not die of it
+                reason = logs.describe(exc)
                 continue
             self._note(operation, attempt, ok)
             return
         logger.error(
             "gave up recording an outcome; the record will turn UNKNOWN when its lease expires",
-            extra={"operation": operation, "route": attempt.route.name},
+            extra={"operation": operation, "route": attempt.route.name, "reason": reason},
         )
 
     # -- lease renewal ---------------------------------------------------------------

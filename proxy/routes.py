@@ -41,6 +41,7 @@ class Route:
     lease_ms: int
     retention_ms: int
     fail_open: bool
+    observe: bool
     replay_headers: frozenset[bytes]
     _regex: re.Pattern[str] | None
     _convertors: dict[str, Any]
@@ -172,6 +173,7 @@ def _compile(settings: Settings, formats: _Formats) -> list[Route]:
                 lease_ms=_ms(policy.lease),
                 retention_ms=_ms(policy.retention),
                 fail_open=fail_open,
+                observe=policy.mode == "observe",
                 replay_headers=_replay_headers(policy),
                 _regex=None,
                 _convertors={},
@@ -203,6 +205,7 @@ def _compile(settings: Settings, formats: _Formats) -> list[Route]:
                 lease_ms=_ms(policy.lease),
                 retention_ms=_ms(policy.retention),
                 fail_open=fail_open,
+                observe=policy.mode == "observe",
                 replay_headers=_replay_headers(policy),
                 _regex=regex,
                 _convertors=convertors,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -11,13 +12,11 @@ from collections.abc import Generator
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from proxy import tracing
 from proxy.admin import create_admin_app
 from proxy.app import ProxyApp
 from proxy.config import Settings
-from proxy.problems import target_invalid
-from proxy.replay import http_date
 
 SETTINGS_ENV = "IDEMPOTENCY_PROXY__SETTINGS_JSON"
 _EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -41,27 +40,6 @@ class _TrafficServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-class TrafficProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, except that CONNECT's authority-form target (which
-    the parser refuses before the app sees it) gets the proxy's problem+json 400."""
-
-    def send_400_response(self, msg: str) -> None:
-        try:
-            connect = self.parser.get_method() == b"CONNECT"
-        except Exception:  # nothing parsed yet
-            connect = False
-        if not connect:
-            super().send_400_response(msg)
-            return
-        problem = target_invalid()
-        body = problem.body()
-        head = [b"HTTP/1.1 400 Bad Request"]
-        head += [name + b": " + value for name, value in problem.headers(http_date())]
-        head.append(b"content-length: %d" % len(body))  # and Connection: close
-        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        self.transport.close()
-
-
 class _AdminServer(uvicorn.Server):
     """The admin server follows the traffic server's lifetime instead of owning the signals."""
 
@@ -82,7 +60,9 @@ def _uvicorn_options(settings: Settings) -> dict[str, Any]:
         "proxy_headers": False,
         # The proxy sets Date itself: the backend's passes through, replays get a fresh one.
         "date_header": False,
-        "http": "httptools",
+        # httptools with the request head bounded in bytes and time (proxy/protocol.py).
+        "http": "proxy.protocol:BoundedHttpToolsProtocol",
+        "limit_concurrency": settings.max_concurrency or None,
         "loop": "uvloop",
         "timeout_graceful_shutdown": 30,
         "backlog": 2048,
@@ -96,7 +76,7 @@ def _uvicorn_config(
 
 
 async def serve(settings: Settings) -> None:
-    proxy = ProxyApp(settings)
+    proxy = ProxyApp(settings, tracing=tracing.from_environment())
     traffic = _TrafficServer(
         _uvicorn_config(
             proxy,
@@ -104,7 +84,6 @@ async def serve(settings: Settings) -> None:
             settings.listen.port,
             settings,
             lifespan="on",
-            http=TrafficProtocol,
         )
     )
     admin_task = None
@@ -131,6 +110,14 @@ async def serve(settings: Settings) -> None:
 
 def run(settings: Settings) -> None:
     if settings.workers > 1:
+        if settings.admin.enabled:
+            # Each worker's metrics would be a partial view, and per-process state (breaker,
+            # safe mode, replay cache) cannot be summed honestly: say so instead of serving it.
+            logging.getLogger("idempotency_proxy").warning(
+                "the admin port (/livez, /readyz, /metrics) needs --workers 1; it is not "
+                "served with several workers: scale with replicas of one worker instead",
+                extra={"workers": settings.workers},
+            )
         _run_workers(settings)
         return
     import uvloop
@@ -153,7 +140,7 @@ def _run_workers(settings: Settings) -> None:
         port=settings.listen.port,
         workers=settings.workers,
         lifespan="on",
-        **{**_uvicorn_options(settings), "http": TrafficProtocol},
+        **_uvicorn_options(settings),
     )
 
 
@@ -163,4 +150,4 @@ def worker_app() -> ProxyApp:
 
     settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
     logs.configure(settings.log_level)
-    return ProxyApp(settings)
+    return ProxyApp(settings, tracing=tracing.from_environment())

@@ -267,6 +267,11 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
         )
     )
     add("")
+    add(
+        "Tracing is off here (no `OTEL_*` environment); what it costs when on is in "
+        "[benchmarks-tracing.md](benchmarks-tracing.md) (`scripts/bench_tracing.py`)."
+    )
+    add("")
     add("## Targets")
     add("")
     add("| what | target | result | |")

@@ -526,3 +526,35 @@ def test_cli_run_help_mentions_every_flag_and_env_var() -> None:
         assert ENV_PREFIX + env in text, env
     assert "default" in text
     assert "memory" in text
+
+
+def test_mode_from_defaults_route_env_and_flag(tmp_path: Path) -> None:
+    """`mode` is a policy: the defaults' value (file, env or flag) unless a route sets its own."""
+    from proxy.routes import RouteTable
+
+    tree = {
+        "upstream": "http://file:1",
+        "routes": [
+            {"name": "a", "path": "/a"},
+            {"name": "b", "path": "/b", "mode": "enforce"},
+        ],
+    }
+    observing = {route.name: route.observe for route in RouteTable(_load(tmp_path, tree)).routes}
+    assert observing == {"a": False, "b": False}
+    for settings in (
+        _load(tmp_path, {**tree, "defaults": {"mode": "observe"}}),
+        _load(tmp_path, tree, environ={ENV_PREFIX + "MODE": "observe"}),
+        _load(tmp_path, tree, flags={"mode": "observe"}),
+    ):
+        observing = {route.name: route.observe for route in RouteTable(settings).routes}
+        assert observing == {"a": True, "b": False}
+
+
+def test_cli_run_with_a_bad_mode_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "proxy.yaml"
+    config.write_text("routes:\n  - {name: pay, path: /pay, mode: watch}\n")
+    line = _cli_config_error("--config", str(config))
+    assert "routes['pay'].mode" in line, line
+    done = _cli("run", "--upstream", "http://127.0.0.1:1", "--mode", "watch")
+    assert done.returncode == 2 and "--mode" in done.stderr
+    assert "IDEMPOTENCY_PROXY_MODE" in _cli("run", "--help").stdout

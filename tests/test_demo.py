@@ -138,6 +138,14 @@ def _assert_stories(output: str, orders: int) -> None:
             # Every request but one per order was answered without reaching the backend.
             duplicates = sum(int(proxied[c]) for c in ("replays", "409s", "422s"))
             assert duplicates == int(proxied["requests"]) - expected_orders, (story, output)
+        # Observe mode: charged exactly as straight to the backend, and every duplicate
+        # counted as one enforcement would have answered without charging.
+        observed = table[(story, "observe")]
+        for column in ("orders", "requests", "backend charges", "charged twice"):
+            assert observed[column] == direct[column], (story, column, output)
+        assert observed["other"] == "0" and observed["replays"] == "0", (story, output)
+        assert int(observed["would prevent"]) == int(observed["requests"]) - expected_orders
+        assert direct["would prevent"] == proxied["would prevent"] == "-", output
     # The tampered copies of the burst were refused, never charged.
     assert int(table[("burst", "proxied")]["422s"]) >= 1, output
     # The retry story: the impatient caller's retries got a 409, then the replay.
@@ -156,7 +164,9 @@ def test_demo_with_redis_and_five_replica_processes(tmp_path: Path) -> None:
     assert code == 0, output
     started = next(line for line in output.splitlines() if line.startswith("started:"))
     assert "redis redis://" in started, output
-    assert started.count("replicas ") == 1 and len(_ports(started.split("replicas")[1])) == 5
+    replicas, observers = started.split("replicas ")[1].split("| observing ")
+    assert started.count("replicas ") == 1 and len(_ports(replicas)) == 5
+    assert len(_ports(observers)) == 2
     _assert_stories(output, 30)
     _assert_nothing_left(tmp_path, _ports(started))
 

@@ -30,6 +30,7 @@ class CircuitBreaker:
         self.cooldown = cooldown
         self._failures = 0
         self._open_until = 0.0
+        self.opened = 0  # times the circuit opened, for the metrics
 
     @property
     def is_open(self) -> bool:
@@ -49,6 +50,7 @@ class CircuitBreaker:
         self._failures += 1
         if self._failures >= self.threshold:
             if self._failures == self.threshold:
+                self.opened += 1
                 logger.warning(
                     "store failing; answering 503 at once for a while",
                     extra={"cooldown_s": self.cooldown},
