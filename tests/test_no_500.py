@@ -134,6 +134,8 @@ CONFIG: dict[str, Any] = {
          "key": {"from": "header", "name": "Idempotency-Key"}},
         {"name": "open", "methods": ["POST"], "path": "/v1/open/pay", "failure_mode": "open",
          "key": {"from": "json", "field": "order_id"}},
+        {"name": "observed", "methods": ["POST"], "path": "/v1/observed/pay", "mode": "observe",
+         "key": {"from": "json", "field": "order_id"}},
         {"name": "cut", "methods": ["POST"], "path": "/p/{rest:path}",
          "key": {"from": "header", "name": "Idempotency-Key"}},
         {"name": "cut-streamed", "methods": ["POST"], "path": "/s/{rest:path}",
@@ -361,7 +363,7 @@ CORRUPT: dict[str, dict[bytes, bytes]] = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("route", ["pay", "open"])
+@pytest.mark.parametrize("route", ["pay", "open", "observed"])
 async def test_a_corrupt_record_is_alive_counted_logged_and_never_overwritten(
     proxy_factory: ProxyFactory,
     raw_upstream: RawUpstream,
@@ -371,9 +373,11 @@ async def test_a_corrupt_record_is_alive_counted_logged_and_never_overwritten(
 ) -> None:
     """The contract: an unreadable record means "alive". A duplicate gets 409 (on the
     fail-open route too: this is no outage, and forwarding could charge twice), the metric
-    counts it, one log line names its key hash, and the record stays byte for byte."""
+    counts it, one log line names its key hash, and the record stays byte for byte. An
+    observing route blocks nothing: it forwards where enforcement would have said 409."""
     proxy = proxy_factory(raw_upstream.url, redis_url, CONFIG)
-    path = "/v1/orders/pay" if route == "pay" else "/v1/open/pay"
+    path = {"pay": "/v1/orders/pay", "open": "/v1/open/pay", "observed": "/v1/observed/pay"}[route]
+    observed = route == "observed"
     planted: dict[str, tuple[bytes, str, str]] = {}  # name: (body, storage key, key hash)
     with redis.Redis.from_url(redis_url) as store:
         for name, fields in [*CORRUPT.items(), ("wrong-type", {})]:
@@ -392,9 +396,12 @@ async def test_a_corrupt_record_is_alive_counted_logged_and_never_overwritten(
         seen = len(raw_upstream.seen)
         for name, (body, _, log_hash) in planted.items():
             answer = await client.post(proxy.url + path, content=body, headers=JSON_HEADERS)
-            assert answer.status_code == 409, (name, answer.status_code, answer.text)
-            assert problem_name(answer) == "request-in-progress", name
-            assert int(answer.headers["retry-after"]) >= 1
+            if observed:
+                assert answer.status_code == 201, (name, answer.status_code, answer.text)
+            else:
+                assert answer.status_code == 409, (name, answer.status_code, answer.text)
+                assert problem_name(answer) == "request-in-progress", name
+                assert int(answer.headers["retry-after"]) >= 1
             told = [
                 line
                 for line in access_lines(proxy, key_hash=log_hash)
@@ -406,10 +413,9 @@ async def test_a_corrupt_record_is_alive_counted_logged_and_never_overwritten(
                 if answered:
                     break
                 await asyncio.sleep(0.05)
-            assert [(line["status"], line["outcome"]) for line in answered] == [
-                (409, "record_unreadable")
-            ]
-        assert len(raw_upstream.seen) == seen
+            expected = (201, "observed") if observed else (409, "record_unreadable")
+            assert [(line["status"], line["outcome"]) for line in answered] == [expected]
+        assert len(raw_upstream.seen) == seen + (len(planted) if observed else 0)
         for name, (_, storage_key, _) in planted.items():
             assert store.dump(storage_key) == dumps[name], name
 
