@@ -77,6 +77,8 @@ class ProxyApp:
             breaker_threshold=settings.store.breaker_threshold,
             breaker_cooldown=settings.store.breaker_cooldown,
             canary_interval=settings.store.canary_interval,
+            connection=settings.store.connection_options(),
+            sentinel_connection=settings.store.sentinel_options(),
             memory_max_entries=settings.store.memory_max_entries,
             memory_max_bytes=settings.store.memory_max_bytes,
             # After a data loss, fail closed until every request that may have been
@@ -270,8 +272,9 @@ class ProxyApp:
             )
             if rendered is not None:
                 reply.body = rendered
-        elif reply.outcome == "replayed":
-            # The current request's id; the original's was never stored.
+        elif reply.outcome in ("replayed", "options"):
+            # The current request's id (a replay's original was never stored); `OPTIONS *`
+            # is the proxy's own answer too.
             reply.headers.append((REQUEST_ID, request_id))
         await _send_reply(send, reply)
         self.metrics.count(route_name, reply.outcome)

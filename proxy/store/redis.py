@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
@@ -22,6 +23,7 @@ from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
     NoScriptError,
+    RedisClusterException,
     RedisError,
     ResponseError,
 )
@@ -49,6 +51,8 @@ _UNREACHABLE = (
     RedisTimeoutError,
     BusyLoadingError,
     ClusterDownError,
+    # No node of the cluster reachable (not a RedisError subclass).
+    RedisClusterException,
 )
 
 SCRIPTS = (
@@ -67,18 +71,34 @@ def _source(name: str) -> str:
     return resources.files("proxy.store").joinpath(f"lua/{name}.lua").read_text("utf-8")
 
 
-def _client(url: str, timeout: float, retries: int, max_connections: int) -> Any:
+def _client(
+    url: str,
+    timeout: float,
+    retries: int,
+    max_connections: int,
+    connection: dict[str, Any],
+    sentinel_connection: dict[str, Any],
+) -> Any:
+    """The redis-py client for the URL's topology. `connection` (credentials, TLS) applies to
+    every node; `sentinel_connection` to the sentinels."""
     retry = Retry(ExponentialBackoff(cap=0.05, base=0.005), retries)
     common: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "retry": retry,
         "health_check_interval": 0,
+        **connection,
     }
-    if url.startswith("redis+cluster://"):
-        cluster_url = "redis://" + url.removeprefix("redis+cluster://")
-        return RedisCluster.from_url(cluster_url, max_connections=max_connections, **common)
-    if url.startswith("redis+sentinel://"):
+    scheme, _, rest = url.partition("://")
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        # The cluster client speaks TLS to every node it discovers when ssl is set.
+        # The settings' credentials beat the URL's (`from_url` would do the opposite).
+        options = {**parse_url(f"redis://{rest}"), **common}
+        options.pop("connection_class", None)
+        if scheme == "rediss+cluster":
+            options["ssl"] = True
+        return RedisCluster(max_connections=max_connections, **options)
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
         parts = urlsplit(url)
         hosts = []
         for item in parts.netloc.rsplit("@", 1)[-1].split(","):
@@ -91,15 +111,36 @@ def _client(url: str, timeout: float, retries: int, max_connections: int) -> Any
             )
         service = unquote(path[0])
         db = int(path[1]) if len(path) > 1 else 0
-        password = unquote(parts.password) if parts.password else None
+        if parts.password and "password" not in common:
+            common["password"] = unquote(parts.password)
+        if parts.username and "username" not in common:
+            common["username"] = unquote(parts.username)
+        if scheme == "rediss+sentinel":
+            common["ssl"] = True
+        to_sentinels = {"socket_timeout": timeout, **sentinel_connection}
+        if scheme == "rediss+sentinel":
+            to_sentinels["ssl"] = True
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            hosts, socket_timeout=timeout, sentinel_kwargs={"socket_timeout": timeout}
+            hosts, socket_timeout=timeout, sentinel_kwargs=to_sentinels
         )
-        return sentinel.master_for(service, db=db, password=password, **common)
-    pool = BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=timeout, **common
+        return sentinel.master_for(service, db=db, **common)
+    # Built from the parsed URL rather than `from_url`, so that the settings' credentials
+    # beat the URL's, as they do on the hot path's pool.
+    pool = BlockingConnectionPool(
+        max_connections=max_connections,
+        timeout=timeout,
+        **{**parse_url(url), **_for_url(url, common)},
     )
     return Redis(connection_pool=pool, retry=retry)
+
+
+def _for_url(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Connection options for a single node: `ssl` (store.tls.enabled on a plain
+    `redis://` URL) picks the TLS connection class, as `rediss://` does."""
+    options = dict(options)
+    if options.pop("ssl", False):
+        options["connection_class"] = SSLConnection
+    return options
 
 
 class RedisStore:
@@ -120,17 +161,26 @@ class RedisStore:
         breaker_cooldown: float = 1.0,
         safe_mode_seconds: float = 40.0,
         canary_interval: float = 1.0,
+        connection: dict[str, Any] | None = None,
+        sentinel_connection: dict[str, Any] | None = None,
     ) -> None:
         self.url = url
-        self.cluster = url.startswith("redis+cluster://")
-        self._client = _client(url, timeout, retries, max_connections)
+        self.cluster = url.startswith(("redis+cluster://", "rediss+cluster://"))
+        self.connection = dict(connection or {})
+        self._client = _client(
+            url, timeout, retries, max_connections, self.connection, sentinel_connection or {}
+        )
         self._scripts = {name: self._client.register_script(_source(name)) for name in SCRIPTS}
         # A single node gets the lean hot path; Cluster and Sentinel keep the full client.
         self._pool = (
             None
-            if url.startswith(("redis+cluster://", "redis+sentinel://"))
+            if "+" in url.partition("://")[0]
             else ConnectionPool(
-                url, timeout=timeout, retries=retries, max_connections=max_connections
+                url,
+                timeout=timeout,
+                retries=retries,
+                max_connections=max_connections,
+                connection=_for_url(url, self.connection),
             )
         )
         self._wait_replicas = wait_replicas
@@ -218,7 +268,7 @@ class RedisStore:
         while True:
             try:
                 await self.check_canary()
-            except (TimeoutError, RedisError, OSError):
+            except (TimeoutError, RedisError, RedisClusterException, OSError):
                 pass  # an outage is answered per request; only a loss matters here
             except Exception as exc:
                 # The cluster client can raise other errors while its topology moves; the
