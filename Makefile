@@ -54,8 +54,10 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy proxy
 
+# wrk is the benchmark's load generator; without it a slower asyncio one stands in.
 bench: venv redis
-	$(BIN)/python scripts/bench.py --write docs/benchmarks.md
+	@command -v wrk >/dev/null 2>&1 || ./scripts/install-wrk.sh --optional
+	$(BIN)/python scripts/bench.py --write docs/benchmarks.md --profile out/profile
 
 bench-tracing: venv
 	PYTHONPATH=. $(BIN)/python scripts/bench_tracing.py --write docs/benchmarks-tracing.md
