@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from proxy.config import StoreSettings
-from proxy.store.base import Store, StoreUnavailable
+from proxy.store.base import CorruptRecord, Store, StoreUnavailable
 
 
 def open_store(settings: StoreSettings, *, safe_mode_seconds: float | None = None) -> Store:
@@ -18,4 +18,4 @@ def open_store(settings: StoreSettings, *, safe_mode_seconds: float | None = Non
     return RedisStore(settings, safe_mode_seconds=safe_mode_seconds)
 
 
-__all__ = ["Store", "StoreUnavailable", "open_store"]
+__all__ = ["CorruptRecord", "Store", "StoreUnavailable", "open_store"]
