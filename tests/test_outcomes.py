@@ -25,13 +25,13 @@ from harness import (
     ProxyFactory,
     ProxyServer,
     RedisFactory,
-    RedisServer,
     charges_route,
     free_port,
     pay_route,
     print_logs,
     stop_all,
 )
+from inprocess import InProcessProxy, mounts
 
 PROBLEM_BASE = "https://idempotency-proxy.dev/problems/"
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -66,33 +66,56 @@ ALT_CONFIG: dict[str, Any] = {
 }
 
 
+Proxy = ProxyServer | InProcessProxy
+
+
 @dataclass
 class Stack:
-    """One store's proxies in front of the session backend."""
+    """One store's proxies in front of the session backend: processes on Redis and Redis
+    Cluster, ProxyApps in this process on the memory store (tests/inprocess.py)."""
 
     store: str
     backend: BackendServer
-    main: ProxyServer  # MAIN_CONFIG
-    alt: ProxyServer  # ALT_CONFIG: in_flight wait, a short upstream timeout
-    refused: ProxyServer  # MAIN_CONFIG, upstream = a closed port
+    main: Proxy  # MAIN_CONFIG
+    alt: Proxy  # ALT_CONFIG: in_flight wait, a short upstream timeout
+    refused: Proxy  # MAIN_CONFIG, upstream = a closed port
 
     @property
-    def proxies(self) -> list[ProxyServer]:
+    def proxies(self) -> list[Proxy]:
         return [self.main, self.alt, self.refused]
 
 
 @pytest.fixture(scope="module", params=["memory", "redis", "cluster"])
-def stack(
+async def stack(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     backend: BackendServer,
-) -> Iterator[Stack]:
-    redis_url = None
-    if request.param == "redis":
-        server: RedisServer = request.getfixturevalue("redis_server")
-        redis_url = server.revive().url
-    elif request.param == "cluster":
-        redis_url = request.getfixturevalue("redis_cluster").url
+) -> AsyncIterator[Stack]:
+    refused_upstream = f"http://127.0.0.1:{free_port()}"
+    if request.param == "memory":
+        apps = Stack(
+            store="memory",
+            backend=backend,
+            main=InProcessProxy(MAIN_CONFIG, backend.url, "main"),
+            alt=InProcessProxy(ALT_CONFIG, backend.url, "alt"),
+            refused=InProcessProxy(MAIN_CONFIG, refused_upstream, "refused"),
+        )
+        started: list[InProcessProxy] = []
+        try:
+            for app in apps.proxies:
+                assert isinstance(app, InProcessProxy)
+                started.append(await app.start())
+            yield apps
+        finally:
+            for app in started:
+                await app.stop()
+        return
+
+    redis_url = (
+        request.getfixturevalue("redis_server").revive().url
+        if request.param == "redis"
+        else request.getfixturevalue("redis_cluster").url
+    )
 
     def proxy(config: dict[str, Any], upstream: str) -> ProxyServer:
         return ProxyServer(
@@ -102,22 +125,33 @@ def stack(
             config=config,
         )
 
-    built = Stack(
-        store=request.param,
-        backend=backend,
-        main=proxy(MAIN_CONFIG, backend.url),
-        alt=proxy(ALT_CONFIG, backend.url),
-        refused=proxy(MAIN_CONFIG, f"http://127.0.0.1:{free_port()}"),
-    )
+    servers = [
+        proxy(MAIN_CONFIG, backend.url),
+        proxy(ALT_CONFIG, backend.url),
+        proxy(MAIN_CONFIG, refused_upstream),
+    ]
     try:
         # Side by side: starting is mostly waiting on the children.
-        for server in built.proxies:
+        for server in servers:
             server.launch()
-        for server in built.proxies:
+        for server in servers:
             server.ready()
-        yield built
+        yield Stack(request.param, backend, *servers)
     finally:
-        stop_all(built.proxies)
+        stop_all(servers)
+
+
+@pytest.fixture
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
+    """The suite's client, which also reaches the in-process proxies of the memory stack."""
+    in_process: list[InProcessProxy] = []
+    if "stack" in request.fixturenames:
+        proxies = request.getfixturevalue("stack").proxies
+        in_process = [p for p in proxies if isinstance(p, InProcessProxy)]
+    async with httpx.AsyncClient(
+        timeout=30.0, trust_env=False, verify=False, mounts=mounts(in_process)
+    ) as http:
+        yield http
 
 
 @pytest.fixture(autouse=True)
