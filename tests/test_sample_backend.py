@@ -5,80 +5,37 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import httpx
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class RunningBackend:
-    url: str
-    port: int
-    stderr: Path
+from harness import BackendServer
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+class _CleanBackend(BackendServer):
+    """The sample backend with none of a developer's SAMPLE_BACKEND_* settings."""
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
+        return {k: v for k, v in env.items() if not k.startswith("SAMPLE_BACKEND_")}
+
+    def output(self) -> list[str]:
+        """What the backend wrote (stdout and stderr), without the harness's start line."""
+        return [line for line in self.logs().splitlines() if line and not line.startswith("===")]
 
 
 @pytest.fixture(scope="module")
-def sample_backend_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBackend]:
+def sample_backend_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_CleanBackend]:
     tmp = tmp_path_factory.mktemp("sample_backend")
-    port = _free_port()
-    stderr_path = tmp / "stderr.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAMPLE_BACKEND_")}
-    with stderr_path.open("wb") as stderr:
-        process = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "sample_backend"),
-                *("--port", str(port), "--db", str(tmp / "ledger.sqlite3")),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"sample base_url exited early: {stderr_path.read_text()}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("sample base_url did not become healthy within 10 s")
-            time.sleep(0.05)
-        yield RunningBackend(url, port, stderr_path)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with _CleanBackend(tmp, db=tmp / "ledger.sqlite3", ready_timeout=10.0) as server:
+        yield server
 
 
 @pytest.fixture
-async def base_url(sample_backend_server: RunningBackend) -> str:
+async def base_url(sample_backend_server: _CleanBackend) -> str:
     """The backend's base URL, with an empty ledger."""
     async with httpx.AsyncClient() as client:
         reset = await client.post(f"{sample_backend_server.url}/v1/ledger/reset")
@@ -328,9 +285,10 @@ async def test_big_and_stream(base_url: str, session: aiohttp.ClientSession) -> 
         assert await response.read() == b"".join(b"chunk %d\n" % i for i in range(4))
 
 
-def test_stderr_holds_only_the_start_message(sample_backend_server: RunningBackend) -> None:
-    # Last in the module: drops, rejects and delays above must not have logged anything.
-    lines = sample_backend_server.stderr.read_text().splitlines()
+def test_stderr_holds_only_the_start_message(sample_backend_server: _CleanBackend) -> None:
+    # Last in the module: drops, rejects and delays above must not have logged anything
+    # (stdout included: the backend writes no access log).
+    lines = sample_backend_server.output()
     assert len(lines) == 1
     message = json.loads(lines[0])
     assert message["event"] == "sample_backend.started"
