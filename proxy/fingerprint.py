@@ -46,7 +46,8 @@ def canonical_query(query_string: bytes) -> bytes:
     # order, because a last-wins backend reads `amount=100&amount=1` as another amount.
     # Empty segments are nothing to any parser.
     pairs = [pair for pair in query_string.split(b"&") if pair]
-    return b"&".join(sorted(pairs, key=_name))
+    ordered = sorted(pairs, key=_name)
+    return b"&".join(ordered)
 
 
 def _name(pair: bytes) -> bytes:
