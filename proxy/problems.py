@@ -22,6 +22,7 @@ TITLES: dict[str, str] = {
     "unsupported-media-type": "This endpoint reads its idempotency key from another media type",
     "headers-too-large": "The request headers are too large",
     "target-invalid": "The request target is not a path this proxy forwards",
+    "request-invalid": "The request is not valid HTTP/1.1",
     "header-timeout": "The request headers did not arrive in time",
     "overloaded": "The proxy is at its concurrency limit; nothing was sent",
     "outcome-unknown": "The backend may or may not have executed this request",

@@ -6,9 +6,10 @@ counts the bytes of each head as they arrive and answers 431 once they pass the
 cap, and ends a connection whose head does not arrive within the header timeout:
 otherwise connections that never finish a head would hold the concurrency cap
 (`max_concurrency`, uvicorn's `limit_concurrency`) forever. Requests over that cap
-get a 503 problem instead of uvicorn's plain-text one, and CONNECT's authority-form
-target, which the parser refuses before the application sees it, gets the proxy's
-`target-invalid` problem instead of a plain-text 400.
+get a 503 problem instead of uvicorn's plain-text one, and whatever the parser refuses
+before the application sees it is a problem too, not a plain-text 400: CONNECT's
+authority-form and a target with no path (`http://host`) are `target-invalid`, other
+bad bytes `request-invalid`.
 """
 
 from __future__ import annotations
@@ -106,6 +107,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._head_bytes = 0
         self._stop_head_timer()
+        # Reads are counted as they come, but a head that arrives within one read (or
+        # behind a pipelined request in one) was never judged: its own size, exactly.
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self._head_cap:
+            self._refuse(
+                Problem("headers-too-large", 431, "the request head exceeds the limit"),
+                "headers_too_large",
+            )
+            raise _Refused  # stops the parser: nothing more of this connection is read
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -125,14 +135,24 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._count("overloaded")
 
     def send_400_response(self, msg: str) -> None:
-        try:
-            connect = self.parser.get_method() == b"CONNECT"
-        except Exception:  # nothing parsed yet
-            connect = False
-        if not connect:
-            super().send_400_response(msg)
+        """Whatever the parser refused (bad bytes, a target the server cannot split into a
+        path, such as `http://host` without one) is a problem, not plain text."""
+        if self.transport.is_closing():  # refused already (_Refused)
             return
-        self._refuse(target_invalid(), "target_invalid")
+        if self._method() == b"CONNECT" or (self.url and not self.url.startswith(b"/")):
+            self._refuse(target_invalid(), "target_invalid")
+            return
+        self._refuse(
+            Problem("request-invalid", 400, "the request is not valid HTTP/1.1", close=True),
+            "request_invalid",
+        )
+
+    def _method(self) -> bytes | None:
+        try:
+            method: bytes = self.parser.get_method()
+        except Exception:  # nothing parsed yet
+            return None
+        return method
 
     # -- the head's bounds -----------------------------------------------------------
 
@@ -170,6 +190,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
             lines += [name + b": " + value + b"\r\n" for name, value in headers]
             lines.append(b"connection: close\r\n\r\n")
+            if self._method() == b"HEAD":
+                body = b""  # the answer to HEAD has its headers only
             self.transport.write(b"".join(lines) + body)
         self.transport.close()
         # Closing stops the reads: nothing more of this connection is parsed.
@@ -179,6 +201,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _count(self, outcome: str) -> None:
         if self._metrics is not None:
             self._metrics.count("-", outcome)
+
+
+class _Refused(Exception):
+    """Raised from a parser callback after the protocol answered: the parser stops there."""
 
 
 def _reason(status: int) -> bytes:
