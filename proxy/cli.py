@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -13,6 +14,7 @@ import orjson
 
 from proxy.config import ENV_PREFIX, ConfigError, Settings, load_settings
 from proxy.errorformat import PRESETS
+from proxy.problems import Problem
 
 PROG = "idempotency-proxy"
 
@@ -294,6 +296,13 @@ async def _records(args: argparse.Namespace) -> int:
     settings = _store_settings(args)
     if settings.store.url.startswith("memory://"):
         raise ConfigError("records: needs --redis-url; the memory store lives inside the proxy")
+    if args.action == "resolve":
+        # What is stored here is replayed to clients as it is: a status no HTTP response
+        # can have, or a header with a line break, would break every replay of the record.
+        if not 200 <= args.status <= 599:
+            raise ConfigError(f"--status: {args.status} is not a final HTTP status (200-599)")
+        if not _PRINTABLE.fullmatch(args.content_type):
+            raise ConfigError("--content-type: must be printable ASCII")
     hasher = keys.KeyHasher(settings.key_hash_secret)
     if args.hash is not None:
         try:
@@ -315,11 +324,16 @@ async def _records(args: argparse.Namespace) -> int:
                 f"--key: the route {args.route!r} has a key of {wanted} part(s); "
                 f"give --key {wanted} time(s), in the route's order"
             )
-        given = [keys.validate(key) for key in args.key]
+        try:
+            given = [keys.validate(key) for key in args.key]
+        except Problem as problem:
+            raise ConfigError(f"--key: {problem.detail}") from None
         key = keys.join_parts(given) if parts is not None else given[0]
         tenant = args.tenant
         if tenant is None and not settings.tenant.header:
             tenant = keys.DEFAULT_TENANT
+        if tenant is not None and not _utf8(tenant):
+            raise ConfigError("--tenant: not valid UTF-8")
         storage_key = hasher.scope(tenant, namespaces[args.route], key).storage_key
         what = f"this key (route {args.route}, tenant {tenant})"
     store: Any = open_store(settings.store.url, timeout=settings.store.timeout, canary_interval=0)
@@ -338,7 +352,8 @@ async def _records(args: argparse.Namespace) -> int:
                 response = StoredResponse(
                     args.status,
                     ((b"content-type", args.content_type.encode("latin-1")),),
-                    args.body.encode(),
+                    # The bytes the shell passed, also when they are not UTF-8.
+                    args.body.encode("utf-8", "surrogateescape"),
                 )
                 done = await store.resolve(storage_key, response, args.force)
             else:
@@ -359,6 +374,17 @@ async def _records(args: argparse.Namespace) -> int:
         return 2
     finally:
         await store.close()
+
+
+_PRINTABLE = re.compile(r"[\x20-\x7e]+")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
+        return False
+    return True
 
 
 def _record_json(record: Any) -> dict[str, Any]:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+import redis
 from harness import BackendServer, ProxyFactory, pay_route, records_cli, wait_for_http
 
 ROUTE = "pay"
@@ -150,3 +153,80 @@ async def test_records_without_tenant_find_the_anonymous_scope(
     mine, theirs = await show(), await show("--tenant", "default")
     assert base64.b64decode(mine["response"]["body_base64"]) == anonymous.content
     assert base64.b64decode(theirs["response"]["body_base64"]) == named.content
+
+
+RAW_FF = os.fsdecode(b"\xff")  # a byte the terminal sent that is not UTF-8
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["show", "--key", "a\tb"],
+        ["show", "--key", "a\nb"],
+        ["show", "--key", "x" * 300],
+        ["show", "--key", ""],
+        ["show", "--key", "ok", "--tenant", RAW_FF],
+        ["show", "--key", RAW_FF],
+        ["resolve", "--key", "ok", "--status", "99999"],
+        ["resolve", "--key", "ok", "--status", "100"],
+        ["resolve", "--key", "ok", "--status", "201", "--content-type", "a/b\r\nSet-Cookie: x=1"],
+        ["resolve", "--key", "ok", "--status", "201", "--content-type", "caf\u00e9/json"],
+    ],
+    ids=[
+        "tab",
+        "newline",
+        "too-long",
+        "empty",
+        "tenant-not-utf8",
+        "key-not-utf8",
+        "status-not-http",
+        "status-informational",
+        "content-type-crlf",
+        "content-type-non-ascii",
+    ],
+)
+async def test_hostile_arguments_are_one_line_and_touch_nothing(
+    redis_url: str, tmp_path: Path, argv: list[str]
+) -> None:
+    """An operator's typo or a pasted log fragment: one line naming the flag, exit 2 (like
+    any config error), never a traceback, and nothing written (a stored status 99999 or a
+    header with a line break would break every later replay of the record)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(CONFIG))
+    action, *rest = argv
+    code, out, err = await records_cli(
+        action, "--redis-url", redis_url, "--config", str(config), "--route", ROUTE, *rest
+    )
+    assert code == 2, (out, err)
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("idempotency-proxy: config error: --"), err
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.dbsize() == 0
+    finally:
+        client.close()
+
+
+async def test_a_body_of_raw_bytes_is_stored_as_given(redis_url: str, tmp_path: Path) -> None:
+    """`--body` is bytes as the shell passed them; bytes that are not UTF-8 are not a
+    traceback (there is no record here, so: `no record`)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(CONFIG))
+    code, _out, err = await records_cli(
+        "resolve",
+        "--redis-url",
+        redis_url,
+        "--config",
+        str(config),
+        "--route",
+        ROUTE,
+        "--key",
+        "ok",
+        "--status",
+        "201",
+        "--body",
+        RAW_FF,
+    )
+    assert (code, "Traceback" in err) == (1, False), err
+    assert "no record" in err
