@@ -509,8 +509,8 @@ def test_new_settings_have_defaults() -> None:
     assert settings.max_concurrency == 1000
     assert settings.header_read_timeout == 10.0
     assert settings.upstream_pool.passthrough_max_connections == 100
-    assert settings.store.memory_max_entries == 100_000
-    assert settings.store.memory_max_bytes == 64 * 1024 * 1024
+    assert settings.store.memory_max_entries == 1_000_000
+    assert settings.store.memory_max_bytes == 256 * 1024 * 1024
 
 
 async def test_the_memory_store_byte_count_follows_every_transition() -> None:

@@ -27,8 +27,8 @@ SWEEP_EVERY = 1024
 # response object, the string objects): ~300 bytes measured with tracemalloc on
 # CPython 3.11. The byte cap counts it per record, so the cap is close to real memory.
 ENTRY_OVERHEAD = 320
-DEFAULT_MAX_ENTRIES = 100_000
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_ENTRIES = 1_000_000
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
 
 def _now_ms() -> int:
