@@ -74,6 +74,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        # After a chunk's size line and before its data: the last chunk's trailer fields
+        # come here, and their bytes are counted against the head's cap.
+        self._after_chunk_size = False
+        self._trailer_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -85,7 +89,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if not self._in_head:
+            if not self._after_chunk_size:
+                super().data_received(data)
+                return
+            # Possibly trailer fields, which the parser buffers: bounded like a head.
+            self._trailer_bytes += len(data)
             super().data_received(data)
+            if (
+                self._after_chunk_size
+                and self._trailer_bytes > self._head_cap
+                and not self.transport.is_closing()
+            ):
+                self._refuse(
+                    Problem("headers-too-large", 431, "the request trailers exceed the limit"),
+                    "headers_too_large",
+                )
             return
         # Counted before parsing, judged after: the chunk that ends a head may carry
         # body bytes, which must not count against the head.
@@ -118,9 +136,27 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             raise _Refused  # stops the parser: nothing more of this connection is read
         super().on_headers_complete()
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            # A trailer field (after a chunked body): dropped, never merged into the headers
+            # the application already holds. It comes after the body, past where the gateway
+            # sets the tenant header and strips the client's, so as a header it could name
+            # another tenant or reach the backend as anything (RFC 9110 6.5.1).
+            return
+        super().on_header(name, value)
+
+    def on_chunk_header(self) -> None:
+        self._after_chunk_size = True
+        self._trailer_bytes = 0
+
+    def on_body(self, body: bytes) -> None:
+        self._after_chunk_size = False
+        super().on_body(body)
+
     def on_message_complete(self) -> None:
         # What follows on this connection is the next request's head.
         self._in_head = True
+        self._after_chunk_size = False
         super().on_message_complete()
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:

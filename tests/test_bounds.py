@@ -153,6 +153,33 @@ def test_a_header_flood_is_cut_off_while_parsing_and_memory_stays_bounded(
     assert response.status_code == 201
 
 
+def test_a_trailer_flood_is_cut_off_like_a_header_flood(plain_proxy: ProxyServer) -> None:
+    """Trailer fields after a chunked body are buffered by the parser like a head: 50 MiB
+    of them is cut off once past the head's cap, and memory does not follow."""
+    pid = plain_proxy.pid
+    rss_before = _rss_kib(pid)
+    total = 50 * 1024 * 1024
+    batch = (b"X-Flood: " + b"a" * 4087 + b"\r\n") * 16
+    sent = 0
+    with socket.create_connection((HOST, plain_proxy.port), timeout=10) as sock:
+        sock.sendall(
+            b"PUT /v1/echo HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"1\r\nx\r\n0\r\n"
+        )
+        while sent < total:
+            try:
+                sock.sendall(batch)
+            except OSError:
+                break
+            sent += len(batch)
+        raw = _read_until_closed(sock, 15)
+    rss_after = _rss_kib(pid)
+    assert sent < total, "the proxy read the whole 50 MiB of trailers"
+    assert rss_after - rss_before < 16 * 1024, (rss_before, rss_after)
+    # The upload was already on its way to the backend: no answer, the connection closed.
+    assert raw == b"" or raw.startswith(b"HTTP/1.1 431"), raw[:300]
+
+
 def test_answers_made_before_a_route_is_known_follow_the_default_error_format(
     proxy_factory: ProxyFactory, ledger_backend: BackendServer
 ) -> None:
