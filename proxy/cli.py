@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -403,10 +404,12 @@ async def _records(args: argparse.Namespace) -> int:
         tenant = args.tenant
         if tenant is None and not settings.tenant.header:
             tenant = keys.DEFAULT_TENANT
-        if tenant is not None and not _utf8(tenant):
-            raise ConfigError("--tenant: not valid UTF-8")
-        storage_key = hasher.scope(tenant, namespaces[args.route], key).storage_key
-        what = f"this key (route {args.route}, tenant {tenant})"
+        # The proxy reads the tenant header's bytes as latin-1; the operator's terminal
+        # passes the same name's bytes (UTF-8 for `café`): read them the same way.
+        scoped_tenant = None if tenant is None else os.fsencode(tenant).decode("latin-1")
+        storage_key = hasher.scope(scoped_tenant, namespaces[args.route], key).storage_key
+        shown = None if tenant is None else os.fsencode(tenant).decode("utf-8", "replace")
+        what = f"this key (route {args.route}, tenant {shown})"
     store = _open_store(settings)
     try:
         await store.start()
@@ -456,14 +459,6 @@ async def _records(args: argparse.Namespace) -> int:
 
 
 _PRINTABLE = re.compile(r"[\x20-\x7e]+")
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
-        return False
-    return True
 
 
 def _record_json(record: Any) -> dict[str, Any]:
