@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--memory",
         action="store_true",
-        help="use the in-process memory store even if redis-server is installed",
+        help="use the in-process memory store even if redis-server is installed "
+        "(default: a private redis-server when one is on PATH)",
     )
     demo.add_argument(
         "--error-format",
@@ -151,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--upstream", metavar="URL", help=_flag_help("as for run", "UPSTREAM", "none")
     )
     check_config.add_argument(
-        "--quiet", "-q", action="store_true", help="print nothing when the config is valid"
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="print nothing when the config is valid (default: print the settings)",
     )
 
     check = commands.add_parser(
@@ -213,13 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name != "show":
             action.add_argument(
-                "--force", action="store_true", help="also act on non-UNKNOWN records"
+                "--force",
+                action="store_true",
+                help="also act on records that are not UNKNOWN (default: UNKNOWN only)",
             )
         if name == "resolve":
-            action.add_argument("--status", type=int, required=True, help="HTTP status to replay")
-            action.add_argument("--body", default="", help="response body to replay (text)")
             action.add_argument(
-                "--content-type", default="application/json", help="(default: application/json)"
+                "--status", type=int, required=True, help="HTTP status to replay (required)"
+            )
+            action.add_argument(
+                "--body", default="", help="response body to replay, as text (default: empty)"
+            )
+            action.add_argument(
+                "--content-type",
+                default="application/json",
+                help="Content-Type of the replayed response (default: application/json)",
             )
     return parser
 
