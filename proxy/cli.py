@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--key",
             action="append",
             help="the idempotency key as the client sent it; for a composite key, once per "
-            "part, in the route's order",
+            "part, in the route's order (required: --key or --hash)",
         )
         which.add_argument(
             "--hash",
@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
             help=(
                 "the key_hash from a log line instead of the key (needs the proxy's "
                 f"key_hash_secret: env {ENV_PREFIX}KEY_HASH_SECRET or the config file); "
-                "it names the record, so --route and --tenant are not needed"
+                "it names the record, so --route and --tenant are not needed (required: "
+                "--key or --hash)"
             ),
         )
         action.add_argument(
