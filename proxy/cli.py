@@ -374,7 +374,7 @@ async def _records(args: argparse.Namespace) -> int:
     from proxy.problems import Problem
     from proxy.records import StoredResponse
     from proxy.routes import RouteTable
-    from proxy.store import StoreUnavailable
+    from proxy.store import CorruptRecord, StoreUnavailable
 
     settings = _store_settings(args)
     if settings.store.url.startswith("memory://"):
@@ -414,7 +414,15 @@ async def _records(args: argparse.Namespace) -> int:
     try:
         await store.start()
         if args.action == "show":
-            record = await store.get(storage_key)
+            try:
+                record = await store.get(storage_key)
+            except CorruptRecord as exc:
+                print(
+                    f"the record exists but cannot be read ({exc}); duplicates get 409 until "
+                    "`records resolve --force` rewrites it or `records release --force` deletes it",
+                    file=sys.stderr,
+                )
+                return 1
             if record is None:
                 print(f"no record for {what}")
                 return 1

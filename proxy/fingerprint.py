@@ -29,8 +29,11 @@ def canonical_json(value: Any) -> bytes:
     try:
         return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     except TypeError:
-        # Integers wider than 64 bits: the standard library keeps them exact.
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        # Integers wider than 64 bits, or a lone surrogate escape ("\udc00", which the
+        # standard library's parser accepts): the standard library keeps them exact, and
+        # surrogatepass gives a lone surrogate bytes no real character has.
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return text.encode("utf-8", "surrogatepass")
 
 
 def canonical_query(query_string: bytes) -> bytes:

@@ -97,6 +97,11 @@ class Metrics:
             ["operation"],
             registry=self.registry,
         )
+        self.corrupt_records = Counter(
+            "idempotency_proxy_store_corrupt_records_total",
+            "Claims that found a record they could not read (answered 409, left as it is).",
+            registry=self.registry,
+        )
         self.replayed_bytes = Counter(
             "idempotency_proxy_replayed_bytes_total",
             "Body bytes answered from stored responses.",

@@ -38,7 +38,7 @@ from proxy.records import (
     decode_headers,
     encode_headers,
 )
-from proxy.store.base import StoreUnavailable
+from proxy.store.base import CorruptRecord, StoreUnavailable
 from proxy.store.guard import CANARY_KEY, CircuitBreaker, DataLossWatch, canary_keys
 from proxy.store.pool import ConnectionPool
 
@@ -205,8 +205,7 @@ class RedisStore:
             await self._client.ping()
             for script in self._scripts.values():
                 script.sha = await self._client.script_load(script.script)
-        except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
-            # RedisClusterException (no node reachable at all) is not a RedisError.
+        except Exception as exc:  # a cluster whose seed is down raises RedisClusterException
             raise StoreUnavailable(f"cannot reach {_safe_url(self.url)}: {exc}") from exc
         finally:
             if self._canary_interval > 0 and self._watch_task is None:
@@ -286,16 +285,28 @@ class RedisStore:
                 result, acknowledged = await self._run_pooled(name, key, args, wait)
             else:
                 result, acknowledged = await self._run_client(name, key, args, wait)
-        except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
-            # Only an unreachable store opens the circuit: one corrupt record (WRONGTYPE)
-            # must not take every other key down with it.
-            if isinstance(exc, _UNREACHABLE):
-                self.breaker.failure()
-            raise StoreUnavailable(type(exc).__name__) from exc
+        except Exception as exc:
+            raise self._failure(exc) from exc
         self.breaker.success()
         if wait and int(acknowledged) < self._wait_replicas:
             self.replica_shortfalls += 1
         return result
+
+    def _failure(self, exc: Exception) -> StoreUnavailable:
+        """Whatever the client raised, as the store's failure: never a 500.
+
+        A node down or coming back makes the cluster client raise more than RedisError
+        (RuntimeError and AttributeError from a closed transport, RedisClusterException):
+        all of it is an unreachable store. An error answer from Redis itself is not, and
+        must not open the circuit: one corrupt record (WRONGTYPE) would take every other
+        key down with it.
+        """
+        if isinstance(exc, ResponseError) and not isinstance(exc, _UNREACHABLE):
+            if str(exc).startswith("WRONGTYPE"):
+                return CorruptRecord("not a hash")
+            return StoreUnavailable(type(exc).__name__)
+        self.breaker.failure()
+        return StoreUnavailable(type(exc).__name__)
 
     async def _run_pooled(
         self, name: str, key: str, args: tuple[Any, ...], wait: bool
@@ -367,12 +378,19 @@ class RedisStore:
         try:
             fields, ttl = await asyncio.gather(self._client.hgetall(key), self._client.pttl(key))
             timing = await self._client.time()
-        except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
+        except ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):
+                raise CorruptRecord("not a hash") from exc
+            raise StoreUnavailable(type(exc).__name__) from exc
+        except Exception as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
         if not fields:
             return None
         now_ms = int(timing[0]) * 1000 + int(timing[1]) // 1000
-        return _record(fields, int(ttl), now_ms)
+        try:
+            return _record(fields, int(ttl), now_ms)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CorruptRecord(f"unreadable record ({type(exc).__name__})") from exc
 
     async def resolve(self, key: str, response: StoredResponse, force: bool) -> bool:
         reply = await self._run(
@@ -399,7 +417,7 @@ class RedisStore:
             policy = await self._client.config_get("maxmemory-policy")
             persistence = await self._client.info("persistence")
             replication = await self._client.info("replication")
-        except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
+        except Exception as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
         return {"config": policy, "persistence": persistence, "replication": replication}
 
@@ -409,24 +427,52 @@ def _text(value: Any) -> str:
 
 
 def _claim_result(reply: list[Any]) -> ClaimResult:
+    """The claim script's answer; a record that cannot be read raises CorruptRecord.
+
+    A field the script found missing cuts its reply short (Lua arrays end at the first
+    nil), so a short reply is as corrupt as a malformed field.
+    """
+    try:
+        return _parse_claim(reply)
+    except (IndexError, TypeError, ValueError, AttributeError) as exc:
+        # The type only: a field's content must not reach the logs.
+        raise CorruptRecord(f"unreadable claim reply ({type(exc).__name__})") from exc
+
+
+def _parse_claim(reply: list[Any]) -> ClaimResult:
     kind = _text(reply[0])
     if kind == "claimed":
         return ClaimResult(ClaimKind.CLAIMED, fence=int(reply[1]))
     if kind == "completed":
+        status = _status(reply[1])
+        body = reply[3] or b""
+        if status in (204, 304) and body:
+            raise ValueError("a body in a response that has none")
         response = StoredResponse(
-            status=int(reply[1]),
-            headers=decode_headers(reply[2]),
-            body=reply[3] or b"",
+            status=status,
+            headers=decode_headers(reply[2], strict=True),
+            body=body,
             replayable=reply[4] != b"0",
         )
         return ClaimResult(ClaimKind.COMPLETED, response=response, ttl_ms=int(reply[5]))
     if kind == "unknown":
         return ClaimResult(
-            ClaimKind.UNKNOWN, response=StoredResponse(status=int(reply[1])), reason=_text(reply[2])
+            ClaimKind.UNKNOWN,
+            response=StoredResponse(status=_status(reply[1])),
+            reason=_text(reply[2]),
         )
     if kind == "in_flight":
         return ClaimResult(ClaimKind.IN_FLIGHT, retry_after_ms=max(0, int(reply[1])))
-    return ClaimResult(ClaimKind.MISMATCH)
+    if kind == "mismatch":
+        return ClaimResult(ClaimKind.MISMATCH)
+    raise ValueError("unexpected claim reply")
+
+
+def _status(value: Any) -> int:
+    status = int(value)
+    if not 100 <= status <= 599:
+        raise ValueError("status out of range")
+    return status
 
 
 def _record(fields: dict[bytes, bytes], ttl_ms: int, now_ms: int) -> Record:
