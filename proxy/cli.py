@@ -27,7 +27,9 @@ def _flag_help(text: str, env: str, default: object) -> str:
     return f"{text} (env {ENV_PREFIX}{env}; default: {default})"
 
 
-def _add_store_flags(parser: argparse.ArgumentParser) -> None:
+def _add_store_flags(
+    parser: argparse.ArgumentParser, default: str = "the in-process memory store"
+) -> None:
     parser.add_argument(
         "--redis-url",
         metavar="URL",
@@ -35,7 +37,7 @@ def _add_store_flags(parser: argparse.ArgumentParser) -> None:
             "the shared store: redis://, rediss://, redis+sentinel://h:p/master, "
             "redis+cluster://h:p, or memory:// for one process",
             "REDIS_URL",
-            "the in-process memory store",
+            default,
         ),
     )
     parser.add_argument(
@@ -168,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
             "cannot be reached or the config is wrong."
         ),
     )
-    _add_store_flags(check)
+    _add_store_flags(check, "store.url from --config, else memory://, which has nothing to check")
 
     records = commands.add_parser(
         "records",
@@ -187,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("release", "delete the record so a retry executes (UNKNOWN only without --force)"),
     ):
         action = actions.add_parser(name, help=text, description=text)
-        _add_store_flags(action)
+        _add_store_flags(action, "store.url from --config; the memory store is refused")
         which = action.add_mutually_exclusive_group(required=True)
         which.add_argument(
             "--key",
