@@ -29,7 +29,9 @@ def _flag_help(text: str, env: str, default: object) -> str:
     return f"{text} (env {ENV_PREFIX}{env}; default: {default})"
 
 
-def _add_store_flags(parser: argparse.ArgumentParser) -> None:
+def _add_store_flags(
+    parser: argparse.ArgumentParser, default: str = "the in-process memory store"
+) -> None:
     parser.add_argument(
         "--redis-url",
         metavar="URL",
@@ -37,7 +39,7 @@ def _add_store_flags(parser: argparse.ArgumentParser) -> None:
             "the shared store: redis://, rediss://, redis+sentinel://h:p/master, "
             "redis+cluster://h:p, or memory:// for one process",
             "REDIS_URL",
-            "the in-process memory store",
+            default,
         ),
     )
     parser.add_argument(
@@ -129,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--memory",
         action="store_true",
-        help="use the in-process memory store even if redis-server is installed",
+        help="use the in-process memory store even if redis-server is installed "
+        "(default: a private redis-server when one is on PATH)",
     )
     demo.add_argument(
         "--error-format",
@@ -153,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--upstream", metavar="URL", help=_flag_help("as for run", "UPSTREAM", "none")
     )
     check_config.add_argument(
-        "--quiet", "-q", action="store_true", help="print nothing when the config is valid"
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="print nothing when the config is valid (default: print the settings)",
     )
 
     check = commands.add_parser(
@@ -166,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
             "cannot be reached or the config is wrong."
         ),
     )
-    _add_store_flags(check)
+    _add_store_flags(check, "store.url from --config, else memory://, which has nothing to check")
 
     records = commands.add_parser(
         "records",
@@ -185,13 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("release", "delete the record so a retry executes (UNKNOWN only without --force)"),
     ):
         action = actions.add_parser(name, help=text, description=text)
-        _add_store_flags(action)
+        _add_store_flags(action, "store.url from --config; the memory store is refused")
         which = action.add_mutually_exclusive_group(required=True)
         which.add_argument(
             "--key",
             action="append",
             help="the idempotency key as the client sent it; for a composite key, once per "
-            "part, in the route's order",
+            "part, in the route's order (required: --key or --hash)",
         )
         which.add_argument(
             "--hash",
@@ -199,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
             help=(
                 "the key_hash from a log line instead of the key (needs the proxy's "
                 f"key_hash_secret: env {ENV_PREFIX}KEY_HASH_SECRET or the config file); "
-                "it names the record, so --route and --tenant are not needed"
+                "it names the record, so --route and --tenant are not needed (required: "
+                "--key or --hash)"
             ),
         )
         action.add_argument(
@@ -215,13 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name != "show":
             action.add_argument(
-                "--force", action="store_true", help="also act on non-UNKNOWN records"
+                "--force",
+                action="store_true",
+                help="also act on records that are not UNKNOWN (default: UNKNOWN only)",
             )
         if name == "resolve":
-            action.add_argument("--status", type=int, required=True, help="HTTP status to replay")
-            action.add_argument("--body", default="", help="response body to replay (text)")
             action.add_argument(
-                "--content-type", default="application/json", help="(default: application/json)"
+                "--status", type=int, required=True, help="HTTP status to replay (required)"
+            )
+            action.add_argument(
+                "--body", default="", help="response body to replay, as text (default: empty)"
+            )
+            action.add_argument(
+                "--content-type",
+                default="application/json",
+                help="Content-Type of the replayed response (default: application/json)",
             )
     return parser
 
