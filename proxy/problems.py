@@ -15,7 +15,7 @@ TITLES: dict[str, str] = {
     "key-reused": "This idempotency key was already used for a different request",
     "key-missing": "This endpoint requires an idempotency key",
     "key-invalid": "The idempotency key is malformed",
-    "tenant-invalid": "The tenant header is ambiguous",
+    "tenant-invalid": "The tenant header is empty or was sent more than once",
     "body-too-large": "The request body is larger than this endpoint accepts",
     "body-invalid": "The request body cannot be read",
     "body-timeout": "The request body did not arrive in time",
