@@ -128,7 +128,7 @@ PROXY_ACL_RULES = (
     "+ping +hello +auth +select +readonly "
     "+evalsha +script|load "
     "+hgetall +pttl +time +get +set +wait "
-    "+hget +hmget +hset +hdel +hincrby +del +exists +pexpire "
+    "+hget +hmget +hset +hdel +hincrby +del +exists +type +pexpire "
     "+cluster|slots +cluster|shards +command +info"
 )
 

@@ -12,6 +12,7 @@ so that a renamed or re-defaulted key is caught in one place.
 from __future__ import annotations
 
 import base64
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -64,6 +65,9 @@ def parse_duration(value: Any) -> float:
         if not match:
             raise ValueError(f"{value!r} is not a duration (use 250ms, 10s, 5m, 24h or seconds)")
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds):
+        # `.inf` for "forever" cannot become a TTL or a timer: refused, not a traceback.
+        raise ValueError(f"{value!r} is not a finite duration")
     if seconds < 0:
         raise ValueError(f"{value!r} is negative")
     return seconds
@@ -83,6 +87,12 @@ def parse_size(value: Any) -> int:
     if size < 0:
         raise ValueError(f"{value!r} is negative")
     return size
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -224,6 +234,12 @@ class StoreSettings(BaseModel):
     # milliseconds, and the lease (not the client timeout) decides liveness.
     timeout: Duration = 0.5
     retries: int = Field(default=2, ge=0, le=5)
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        return _positive(value)
+
     max_connections: int = Field(default=64, ge=1)
     # COMPLETED records are immutable until they expire, so each process may keep
     # the hottest ones and answer duplicates without a round trip.
@@ -325,12 +341,12 @@ class Policy(BaseModel):
     # first requests and count what enforcement would have done with each duplicate.
     mode: Literal["enforce", "observe"] = "enforce"
 
-    @field_validator("lease", "retention")
+    # A zero upstream_timeout is no "no timeout": each request would time out after being
+    # sent, and become UNKNOWN.
+    @field_validator("lease", "retention", "upstream_timeout")
     @classmethod
     def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be greater than zero")
-        return value
+        return _positive(value)
 
 
 KeyFrom = Literal["header", "json", "form", "query", "path", "xml"]
@@ -437,6 +453,12 @@ class RouteSettings(BaseModel):
     replay_headers: tuple[str, ...] | None = None
     mode: Literal["enforce", "observe"] | None = None
     error_format: str | None = None
+
+    # A route's own values are not validated again as a Policy (policy() copies them in).
+    @field_validator("lease", "retention", "upstream_timeout")
+    @classmethod
+    def _positive(cls, value: float | None) -> float | None:
+        return None if value is None else _positive(value)
 
     @field_validator("methods", mode="before")
     @classmethod
