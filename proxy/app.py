@@ -36,6 +36,8 @@ Send = Any
 logger = logging.getLogger("idempotency_proxy")
 
 SHUTDOWN_GRACE_SECONDS = 30.0
+# How long recording abandoned late answers as UNKNOWN may take at shutdown.
+ABANDON_SECONDS = 5.0
 
 
 # Closing while request bytes are still unread makes the kernel reset the connection, and
@@ -98,6 +100,7 @@ class ProxyApp:
                 settings.store.replay_cache_ttl,
             ),
             date=http_date,
+            max_held_exchanges=settings.upstream_pool.max_held_exchanges,
         )
         self.ready = False
         self.draining = False
@@ -167,6 +170,12 @@ class ProxyApp:
         if pending:
             logger.info("waiting for in-flight requests", extra={"count": len(pending)})
             await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_SECONDS)
+        # Exchanges still waiting for a late answer after the grace period: their records
+        # turn UNKNOWN now (they were sent, so never released) rather than by lease expiry.
+        abandoned = self.lifecycle.late.abandon()
+        if abandoned:
+            logger.warning("abandoning late answers at shutdown", extra={"count": abandoned})
+            await asyncio.wait(set(self.lifecycle.tasks), timeout=ABANDON_SECONDS)
         await self.upstream.close()
         if self._owns_store:
             await self.store.close()

@@ -138,6 +138,10 @@ class UpstreamPool(BaseModel):
     # under us is an ambiguous failure for a POST.
     keepalive_expiry: Duration = 2.0
     connect_timeout: Duration = 2.0
+    # Exchanges kept open past the client's timeout to record a late answer
+    # (`outcome_wait`) each hold a pooled connection; past this many, a timeout turns the
+    # record UNKNOWN at once, as with `outcome_wait: 0`.
+    max_held_exchanges: int = Field(default=64, ge=0)
 
 
 class Tenant(BaseModel):
@@ -152,6 +156,9 @@ class Policy(BaseModel):
     retention: Duration = 24 * 3600.0
     lease: Duration = 10.0
     upstream_timeout: Duration = 30.0
+    # After the upstream timeout the client gets its 504 at once, but the exchange stays
+    # open this much longer so that a late answer is recorded and replayed; 0: give up.
+    outcome_wait: Duration = 120.0
     max_request_body: Size = 1024 * 1024
     # A client that trickles its body (slow loris) holds a connection and a buffer;
     # uvicorn has no body read timeout, so the proxy bounds the whole read (408).
@@ -210,6 +217,7 @@ class RouteSettings(BaseModel):
     retention: Duration | None = None
     lease: Duration | None = None
     upstream_timeout: Duration | None = None
+    outcome_wait: Duration | None = None
     max_request_body: Size | None = None
     max_body_read_time: Duration | None = None
     max_stored_response: Size | None = None

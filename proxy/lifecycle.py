@@ -22,6 +22,7 @@ from typing import TypeVar
 from proxy import keys, problems
 from proxy.fingerprint import fingerprint
 from proxy.metrics import Metrics
+from proxy.outcome import Held, LateAnswers, silence_bounded
 from proxy.problems import Problem
 from proxy.records import ClaimKind, ClaimResult, StoredResponse
 from proxy.replay import REPLAYED, ReplayCache, http_date, replay_headers, stored_headers
@@ -86,6 +87,16 @@ def outcome_unknown(status: int, reason: str) -> Problem:
     )
 
 
+def outcome_pending(wait: float) -> Problem:
+    return Problem(
+        "outcome-unknown",
+        504,
+        "the backend has not answered in time (timeout); the proxy keeps listening for its "
+        f"answer for up to {wait:g}s more and will not send the request again: retry with the "
+        "same key to get the answer",
+    )
+
+
 def replay_unavailable() -> Problem:
     return Problem(
         "replay-unavailable",
@@ -102,6 +113,7 @@ class _Attempt:
     storage_key: str
     token: str
     lease_ms: int
+    key_hash: str = ""
     renewal: asyncio.TimerHandle | None = None
     fenced: bool = False
     done: bool = False
@@ -119,6 +131,7 @@ class Lifecycle:
         tenant_header: str | None,
         cache: ReplayCache,
         date: Callable[[], bytes],
+        max_held_exchanges: int = 64,
     ) -> None:
         self.store = store
         self.upstream = upstream
@@ -129,6 +142,7 @@ class Lifecycle:
         # Forwards and completions run as tasks that outlive a client that hangs up;
         # shutdown waits for them.
         self.tasks: set[asyncio.Task[object]] = set()
+        self.late = LateAnswers(max_held_exchanges, metrics)
 
     # -- the story -------------------------------------------------------------------
 
@@ -148,7 +162,9 @@ class Lifecycle:
         if cached is not None:
             reply = self._duplicate_of_completed(cached[0] == fp, cached[1])
         else:
-            reply = await self._claim_and_execute(request, route, scoped.storage_key, fp)
+            reply = await self._claim_and_execute(
+                request, route, scoped.storage_key, fp, scoped.log_hash
+            )
         reply.key_hash = scoped.log_hash
         return reply
 
@@ -158,6 +174,7 @@ class Lifecycle:
         route: Route,
         storage_key: str,
         fp: str,
+        key_hash: str = "",
     ) -> Reply:
         token = next(_tokens)
         lease_ms = route.lease_ms
@@ -171,7 +188,7 @@ class Lifecycle:
         store_ms = (time.perf_counter() - started) * 1000
         if claim.kind is ClaimKind.CLAIMED:
             self.metrics.transition("CLAIMED")
-            attempt = _Attempt(route, storage_key, token, lease_ms)
+            attempt = _Attempt(route, storage_key, token, lease_ms, key_hash)
             reply = await self._shielded(self._execute(attempt, request, fp))
         else:
             reply = self._duplicate(claim, storage_key, fp)
@@ -278,15 +295,26 @@ class Lifecycle:
         self._schedule_renewal(attempt)
         self.metrics.in_flight.inc()
         upstream_started = time.perf_counter()
-        try:
-            response = await self.upstream.send(
+        wait = policy.outcome_wait
+        # One exchange, whose own deadline includes the outcome wait: the client's timeout
+        # only stops waiting for it here (proxy.outcome).
+        exchange = self.late.start(
+            self.upstream.send(
                 request.method,
                 _target(request),
                 _forward_headers(request),
                 request.body,
-                timeout=policy.upstream_timeout,
+                timeout=policy.upstream_timeout + wait,
                 read_limit=policy.max_stored_response,
             )
+        )
+        try:
+            response = await self.late.answer(exchange, policy.upstream_timeout, wait)
+        except Held as held:
+            # The lease keeps being renewed: the record stays SENT while the proxy listens.
+            self._track(asyncio.ensure_future(self._follow_late(attempt, held.exchange, fp)))
+            reply = problem_reply(outcome_pending(wait), "outcome_unknown", self.date())
+            return _timed_reply(reply, upstream_started, store_ms)
         except NotSent as exc:
             self._stop_renewal(attempt)
             await self._settle("release", attempt, lambda: self.store.release(key, token))
@@ -318,12 +346,27 @@ class Lifecycle:
             self.metrics.upstream_call(route.name, time.perf_counter() - upstream_started)
         self._stop_renewal(attempt)
         headers = response_headers(response.headers)
+        outcome = await self._record(attempt, response, headers, fp)
+        if response.rest is not None and wait > 0:
+            response.rest = silence_bounded(response.rest, policy.upstream_timeout)
+        reply = _reply_from(response, headers, outcome)
+        return _timed_reply(reply, upstream_started, store_ms)
 
+    async def _record(
+        self,
+        attempt: _Attempt,
+        response: UpstreamResponse,
+        headers: list[tuple[bytes, bytes]],
+        fp: str,
+        how: str = "",
+    ) -> str:
+        """Store the backend's answer for replays (or release the record for a
+        `release_statuses` status); the same for an on-time and a late answer."""
+        route, key, token = attempt.route, attempt.storage_key, attempt.token
+        policy = route.policy
         if response.status in policy.release_statuses:
             await self._settle("release", attempt, lambda: self.store.release(key, token))
-            reply = _reply_from(response, headers, "released")
-            return _timed_reply(reply, upstream_started, store_ms)
-
+            return "released"
         if response.complete and len(response.body) <= policy.max_stored_response:
             stored = StoredResponse(
                 response.status, stored_headers(headers, route.replay_headers), response.body
@@ -331,12 +374,61 @@ class Lifecycle:
         else:
             stored = StoredResponse(response.status, replayable=False)
         completed = await self._settle(
-            "complete", attempt, lambda: self.store.complete(key, token, stored)
+            "complete", attempt, lambda: self.store.complete(key, token, stored, how)
         )
         if completed and stored.replayable:
             self.cache.put(key, fp, stored, route.retention_ms)
-        reply = _reply_from(response, headers, "forwarded")
-        return _timed_reply(reply, upstream_started, store_ms)
+        return "forwarded"
+
+    async def _follow_late(
+        self, attempt: _Attempt, exchange: asyncio.Future[UpstreamResponse], fp: str
+    ) -> None:
+        """After the client got its 504: record the late answer like an on-time one, or
+        turn the record UNKNOWN when the exchange breaks, the wait runs out or shutdown
+        abandons it. (If this process dies, the lease runs out: UNKNOWN as well.)"""
+        key, token = attempt.storage_key, attempt.token
+        await asyncio.wait({exchange})
+        try:
+            try:
+                response = exchange.result()
+            except NotSent:
+                # Still connecting when the client's timeout fired: nothing was sent.
+                await self._settle("release", attempt, lambda: self.store.release(key, token))
+                self._resolved(attempt, "released", "not sent")
+                return
+            except (OutcomeUnknown, asyncio.CancelledError) as exc:
+                reason = exc.reason if isinstance(exc, OutcomeUnknown) else "timeout"
+                status = 504 if reason == "timeout" else 502
+                await self._settle(
+                    "mark_unknown",
+                    attempt,
+                    lambda: self.store.mark_unknown(key, token, status, reason),
+                )
+                result = "abandoned" if isinstance(exc, asyncio.CancelledError) else reason
+                self._resolved(attempt, "unknown", result)
+                return
+            try:
+                headers = response_headers(response.headers)
+                outcome = await self._record(attempt, response, headers, fp, "late-answer")
+            finally:
+                response.close()
+            result = "released" if outcome == "released" else "executed"
+            self._resolved(attempt, result, str(response.status))
+        finally:
+            self._stop_renewal(attempt)
+
+    def _resolved(self, attempt: _Attempt, result: str, detail: str) -> None:
+        self.metrics.resolution("late_answer", result)
+        logger.info(
+            "late answer: %s",
+            result,
+            extra={
+                "route": attempt.route.name,
+                "key_hash": attempt.key_hash,
+                "result": result,
+                "detail": detail,
+            },
+        )
 
     async def _forward_unrecorded(
         self,

@@ -434,13 +434,32 @@ async def test_redis_restart_mid_burst_fails_closed_then_every_order_completes_o
 # --------------------------------------------------------------------------- (d) slow backend
 
 
+def unknown_share(title: str, finals: Iterable[Outcome]) -> float:
+    """Print and return the share of orders whose final answer is outcome-unknown."""
+    outcomes = list(finals)
+    unknown = sum(o.problem == "outcome-unknown" for o in outcomes)
+    share = unknown / len(outcomes)
+    print(f"\n[{title}] final outcome-unknown: {unknown}/{len(outcomes)} = {share:.0%}")
+    return share
+
+
+@pytest.mark.parametrize("outcome_wait", ["0", "20s"])
 async def test_backend_slower_than_the_lease_and_than_the_upstream_timeout(
-    redis_factory: RedisFactory, ledger_backend: BackendServer, proxy_factory: ProxyFactory
+    redis_factory: RedisFactory,
+    ledger_backend: BackendServer,
+    proxy_factory: ProxyFactory,
+    outcome_wait: str,
 ) -> None:
-    """Renewal keeps a slow owner alive; a timeout becomes UNKNOWN and is never re-sent."""
+    """Renewal keeps a slow owner alive; a timeout is never re-sent. Without an outcome
+    wait it becomes UNKNOWN; with one, the late answer is recorded and replayed."""
     redis = redis_factory(appendonly=True)
     proxies = start_replicas(
-        proxy_factory, ledger_backend.url, redis.url, lease="1200ms", upstream_timeout="3500ms"
+        proxy_factory,
+        ledger_backend.url,
+        redis.url,
+        lease="1200ms",
+        upstream_timeout="3500ms",
+        outcome_wait=outcome_wait,
     )
     slow = [f"slow-{i}" for i in range(15)]  # 2.5 s: twice the lease, under the timeout
     late = [f"late-{i}" for i in range(10)]  # charged, then 4.5 s: past the timeout
@@ -466,9 +485,11 @@ async def test_backend_slower_than_the_lease_and_than_the_upstream_timeout(
             )
         )
         first = {o: await task for o, task in firsts.items()}
-        finals = await gather(
-            *(pay(http, proxies[(i + 3) % REPLICAS], o) for i, o in enumerate(orders))
+        # A retrying client: again while the answer is still being waited for.
+        tries = await gather(
+            *(pay_until(http, proxies[(i + 3) % REPLICAS], o) for i, o in enumerate(orders))
         )
+        finals = [seen[-1] for seen in tries]
         # The stuck requests' handlers still run in the backend after the proxy gave up.
         book = await charged(http, ledger_backend, orders, timeout=15.0)
     kill_all(proxies)
@@ -476,6 +497,7 @@ async def test_backend_slower_than_the_lease_and_than_the_upstream_timeout(
     tally("first copies", first.values())
     tally("copies while in flight", copies)
     tally("copies afterwards", finals)
+    share = unknown_share(f"slow backend, outcome_wait {outcome_wait}", finals)
     assert_never_twice(book)
     assert all(times_charged(book, o) == 1 for o in orders)
     assert book["requests_seen"] == ORDERS
@@ -484,7 +506,13 @@ async def test_backend_slower_than_the_lease_and_than_the_upstream_timeout(
     assert all(first[o].label == "504 outcome-unknown" for o in late + stuck)
     final = {o.order: o for o in finals}
     assert all(final[o].label == "201 (replayed)" for o in slow)
-    assert all(final[o].label == "504 outcome-unknown (replayed)" for o in late + stuck)
+    if outcome_wait == "0":
+        assert all(final[o].label == "504 outcome-unknown (replayed)" for o in late + stuck)
+        assert share == 0.5
+    else:
+        # The one real charge, answered late, replayed to the retrying client.
+        assert all(final[o].label == "201 (replayed)" for o in late + stuck)
+        assert share == 0.0
 
 
 # --------------------------------------------------------------------------- (e) dropped connection

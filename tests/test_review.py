@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -368,7 +369,7 @@ async def test_waiting_duplicate_gets_unknown_or_executes_after_a_release(
     from harness import JSON_HEADERS, body_of, eventually, pay, pay_route
 
     redis_url = request.getfixturevalue("redis_url") if store == "redis" else None
-    route = pay_route(in_flight="wait", wait_timeout="20s", upstream_timeout="1s")
+    route = pay_route(in_flight="wait", wait_timeout="20s", upstream_timeout="1s", outcome_wait="0")
     proxy = proxy_factory(
         ledger_backend.url, redis_url, config={"admin": {"host": HOST}, "routes": [route]}
     )
@@ -448,3 +449,17 @@ async def test_backend_that_stalls_mid_body_does_not_hold_the_client_forever(
     async with httpx.AsyncClient(timeout=20.0, trust_env=False) as http:
         with pytest.raises(httpx.RemoteProtocolError):
             await http.get(proxy.url + "/stall")
+
+
+async def test_a_protected_stream_that_stalls_is_cut_at_the_upstream_timeout(
+    proxy_factory: ProxyFactory, raw_upstream: str
+) -> None:
+    # The exchange's own deadline includes the outcome wait (for a late answer), but once
+    # the answer is streaming to its client a silent backend is cut at the upstream timeout.
+    defaults = {"upstream_timeout": "1s", "outcome_wait": "60s", "max_stored_response": 5}
+    proxy = proxy_factory(raw_upstream, config={"admin": {"host": HOST}, "defaults": defaults})
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=20.0, trust_env=False) as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.post(proxy.url + "/stall", headers={"Idempotency-Key": "stall-1"})
+    assert time.monotonic() - started < 8.0

@@ -244,6 +244,34 @@ async def test_complete_is_idempotent_for_the_same_token(store: Store) -> None:
     assert record is not None and record.state == "COMPLETED" and record.response == RESPONSE
 
 
+async def test_a_late_answer_completes_a_renewed_record_and_says_so(store: Store) -> None:
+    """The outcome wait: the owner renews past its first lease, then completes with
+    `how='late-answer'`, which `records show` displays as the reason."""
+    key, owner = _key(), _token()
+    await _claim(store, key, owner, lease_ms=SHORT_LEASE_MS)
+    assert await store.mark_sent(key, owner, SHORT_LEASE_MS)
+    for _ in range(3):
+        await asyncio.sleep(SHORT_LEASE_MS / 2000)
+        assert await store.renew(key, owner, SHORT_LEASE_MS)
+        assert (await _claim(store, key, _token())).kind is ClaimKind.IN_FLIGHT
+    assert await store.complete(key, owner, RESPONSE, "late-answer")
+    record = await store.get(key)
+    assert record is not None and record.state == "COMPLETED"
+    assert record.reason == "late-answer" and record.response == RESPONSE
+
+
+async def test_a_late_answer_never_overwrites_unknown(store: Store) -> None:
+    """An owner that stopped renewing (frozen) and answers after its SENT record turned
+    UNKNOWN is fenced: UNKNOWN then belongs to the status check and the operator."""
+    key, owner = _key(), _token()
+    await _claim(store, key, owner, lease_ms=SHORT_LEASE_MS)
+    assert await store.mark_sent(key, owner, SHORT_LEASE_MS)
+    assert (await _claim_until_not_in_flight(store, key, _token())).kind is ClaimKind.UNKNOWN
+    assert not await store.complete(key, owner, RESPONSE, "late-answer")
+    record = await store.get(key)
+    assert record is not None and record.state == "UNKNOWN" and record.reason == "owner-lost"
+
+
 async def test_complete_needs_sent(store: Store) -> None:
     key, owner = _key(), _token()
     await _claim(store, key, owner)

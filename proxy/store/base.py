@@ -37,8 +37,9 @@ class Store(Protocol):
     async def renew(self, key: str, token: str, lease_ms: int) -> bool:
         """Push the lease deadline while the backend works. False: fenced."""
 
-    async def complete(self, key: str, token: str, response: StoredResponse) -> bool:
-        """SENT -> COMPLETED with the response to replay. False: fenced."""
+    async def complete(self, key: str, token: str, response: StoredResponse, how: str = "") -> bool:
+        """SENT -> COMPLETED with the response to replay. False: fenced. `how`: shown as
+        the record's reason ('late-answer' when it came during the outcome wait)."""
 
     async def mark_unknown(self, key: str, token: str, status: int, reason: str) -> bool:
         """SENT -> UNKNOWN: the backend may have executed it. False: fenced."""

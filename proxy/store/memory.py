@@ -127,7 +127,7 @@ class MemoryStore:
         entry.lease_ms = _now_ms() + lease_ms
         return True
 
-    async def complete(self, key: str, token: str, response: StoredResponse) -> bool:
+    async def complete(self, key: str, token: str, response: StoredResponse, how: str = "") -> bool:
         entry = self._owned(key, token)
         if entry is None:
             return False
@@ -138,6 +138,8 @@ class MemoryStore:
         entry.state = State.COMPLETED
         entry.response = response
         entry.lease_ms = None
+        if how:
+            entry.reason = how
         return True
 
     async def mark_unknown(self, key: str, token: str, status: int, reason: str) -> bool:

@@ -249,7 +249,7 @@ class RedisStore:
     async def renew(self, key: str, token: str, lease_ms: int) -> bool:
         return bool(await self._run("renew", key, token, lease_ms))
 
-    async def complete(self, key: str, token: str, response: StoredResponse) -> bool:
+    async def complete(self, key: str, token: str, response: StoredResponse, how: str = "") -> bool:
         reply = await self._run(
             "complete",
             key,
@@ -258,6 +258,7 @@ class RedisStore:
             encode_headers(response.headers),
             response.body,
             b"1" if response.replayable else b"0",
+            how,
             wait=True,
         )
         return bool(reply)
