@@ -166,6 +166,7 @@ class ProxyApp:
     async def shutdown(self) -> None:
         """Let forwards and completions that are still running finish, then close."""
         self.draining = True
+        self.lifecycle.checker.stop()
         pending = set(self.lifecycle.tasks)
         if pending:
             logger.info("waiting for in-flight requests", extra={"count": len(pending)})

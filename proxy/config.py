@@ -204,6 +204,44 @@ class KeySpec(BaseModel):
         return self.name or self.field or "Idempotency-Key"
 
 
+class StatusCheck(BaseModel):
+    """A read-only request that asks the backend whether an UNKNOWN request executed."""
+
+    model_config = _FROZEN
+    method: Literal["GET", "HEAD"] = "GET"
+    # Placeholders: {key} (the idempotency key), a path parameter of the route, or a
+    # top-level field of the request's JSON or form body; each value is percent-encoded.
+    path: str
+    executed: tuple[HttpStatus, ...] = (200,)
+    not_executed: tuple[HttpStatus, ...] = (404,)
+    # What duplicates get once executed: the check's own answer (status, content type,
+    # body), or this status with the check's body.
+    replay_status: HttpStatus | None = None
+    # The first check no sooner than this after the request arrived: longer than the
+    # backend may take to act on a request it already holds (a check must not say
+    # "not executed" about a request the backend is still working on).
+    after: Duration = 60.0
+    backoff: Duration = 10.0  # before the 2nd check; doubled for each next one
+    max_checks: int = Field(default=6, ge=1, le=100)
+    timeout: Duration = 5.0
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r} must start with '/'")
+        return value
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> StatusCheck:
+        both = set(self.executed) & set(self.not_executed)
+        if both:
+            raise ValueError(f"status {min(both)} cannot mean both executed and not executed")
+        if self.timeout <= 0 or self.backoff <= 0:
+            raise ValueError("timeout and backoff must be greater than zero")
+        return self
+
+
 class RouteSettings(BaseModel):
     model_config = _FROZEN
     name: str
@@ -227,6 +265,8 @@ class RouteSettings(BaseModel):
     failure_mode: Literal["closed", "open"] | None = None
     replay_headers: tuple[str, ...] | None = None
     error_format: str | None = None
+    # Resolves this route's UNKNOWN records by asking the backend (proxy/resolution.py).
+    status_check: StatusCheck | None = None
 
     @field_validator("methods", mode="before")
     @classmethod

@@ -27,6 +27,7 @@ from proxy.problems import Problem
 from proxy.records import ClaimKind, ClaimResult, StoredResponse
 from proxy.replay import REPLAYED, ReplayCache, http_date, replay_headers, stored_headers
 from proxy.request import ProxyRequest
+from proxy.resolution import StatusChecker, render_target
 from proxy.routes import Route
 from proxy.store import Store, StoreUnavailable
 from proxy.upstream import (
@@ -114,6 +115,8 @@ class _Attempt:
     token: str
     lease_ms: int
     key_hash: str = ""
+    # The status check's target for this request ('' without one), kept at mark_sent.
+    check: str = ""
     renewal: asyncio.TimerHandle | None = None
     fenced: bool = False
     done: bool = False
@@ -143,6 +146,7 @@ class Lifecycle:
         # shutdown waits for them.
         self.tasks: set[asyncio.Task[object]] = set()
         self.late = LateAnswers(max_held_exchanges, metrics)
+        self.checker = StatusChecker(store, upstream, metrics)
 
     # -- the story -------------------------------------------------------------------
 
@@ -162,8 +166,13 @@ class Lifecycle:
         if cached is not None:
             reply = self._duplicate_of_completed(cached[0] == fp, cached[1])
         else:
+            check = (
+                render_target(route.status_check, key, params, request)
+                if route.status_check is not None
+                else ""
+            )
             reply = await self._claim_and_execute(
-                request, route, scoped.storage_key, fp, scoped.log_hash
+                request, route, scoped.storage_key, fp, scoped.log_hash, check
             )
         reply.key_hash = scoped.log_hash
         return reply
@@ -175,6 +184,7 @@ class Lifecycle:
         storage_key: str,
         fp: str,
         key_hash: str = "",
+        check: str = "",
     ) -> Reply:
         token = next(_tokens)
         lease_ms = route.lease_ms
@@ -188,10 +198,14 @@ class Lifecycle:
         store_ms = (time.perf_counter() - started) * 1000
         if claim.kind is ClaimKind.CLAIMED:
             self.metrics.transition("CLAIMED")
-            attempt = _Attempt(route, storage_key, token, lease_ms, key_hash)
+            attempt = _Attempt(route, storage_key, token, lease_ms, key_hash, check)
             reply = await self._shielded(self._execute(attempt, request, fp))
         else:
             reply = self._duplicate(claim, storage_key, fp)
+            if claim.kind is ClaimKind.UNKNOWN:
+                # Any replica that meets an UNKNOWN record may check it (the store lets
+                # one at a time, when due): also the records of owners that died.
+                self.checker.soon(route, storage_key, key_hash)
         reply.store_ms += store_ms
         return reply
 
@@ -278,7 +292,7 @@ class Lifecycle:
         store_started = time.perf_counter()
         try:
             sent = await self._timed(
-                "mark_sent", self.store.mark_sent(key, token, attempt.lease_ms)
+                "mark_sent", self.store.mark_sent(key, token, attempt.lease_ms, attempt.check)
             )
         except StoreUnavailable:
             # Nothing was sent, but the mark may have been applied before its answer was
@@ -337,6 +351,7 @@ class Lifecycle:
                 attempt,
                 lambda: self.store.mark_unknown(key, token, status, reason),
             )
+            self.checker.soon(route, key, attempt.key_hash)
             reply = problem_reply(
                 outcome_unknown(exc.status, exc.reason), "outcome_unknown", self.date()
             )
@@ -406,6 +421,7 @@ class Lifecycle:
                 )
                 result = "abandoned" if isinstance(exc, asyncio.CancelledError) else reason
                 self._resolved(attempt, "unknown", result)
+                self.checker.soon(attempt.route, key, attempt.key_hash)
                 return
             try:
                 headers = response_headers(response.headers)

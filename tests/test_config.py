@@ -490,3 +490,36 @@ def test_cli_run_help_mentions_every_flag_and_env_var() -> None:
         assert ENV_PREFIX + env in text, env
     assert "default" in text
     assert "memory" in text
+
+
+def test_outcome_wait_and_status_check_are_read_and_checked(tmp_path: Path) -> None:
+    check = {"path": "/v1/orders/{order_id}/status", "after": "30s", "max_checks": 4}
+    route = {
+        "name": "pay",
+        "path": "/v1/orders/pay",
+        "key": {"from": "json", "field": "order_id"},
+        "outcome_wait": "45s",
+        "status_check": check,
+    }
+    settings = _load(tmp_path, {"routes": [route]})
+    assert settings.defaults.outcome_wait == 120.0  # 2m by default
+    assert settings.upstream_pool.max_held_exchanges == 64
+    (compiled,) = RouteTable(settings).routes
+    assert compiled.policy.outcome_wait == 45.0
+    assert compiled.status_check is not None and compiled.status_check.after == 30.0
+    assert compiled.status_check.executed == (200,)
+
+    both = {**check, "executed": [200], "not_executed": [200]}
+    message = _error(tmp_path, {"routes": [{**route, "status_check": both}]})
+    assert message.startswith("routes['pay'].status_check") and "200" in message
+    assert _error(tmp_path, {"routes": [{**route, "outcome_wait": "soon"}]}).startswith(
+        "routes['pay'].outcome_wait"
+    )
+    header_keyed = {
+        **route,
+        "key": {"from": "header"},
+        "status_check": {"path": "/v1/orders/{order_id}"},
+    }
+    with pytest.raises(ConfigError) as exc:
+        RouteTable(_load(tmp_path, {"routes": [header_keyed]}))
+    assert str(exc.value).startswith("routes['pay'].status_check.path: {order_id}")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from proxy.keys import scope
-from proxy.records import ClaimKind, ClaimResult, StoredResponse
+from proxy.records import CheckClaim, CheckResult, ClaimKind, ClaimResult, StoredResponse
 from proxy.store.base import Store, StoreUnavailable
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
@@ -645,3 +645,109 @@ async def test_redis_unreadable_record_is_alive_never_overwritten(
     assert await answers(redis_store.complete(key, stranger, RESPONSE)) in (False, "unavailable")
     assert await answers(redis_store.release(key, _token())) in (False, "unavailable")
     assert await client.dump(key) == before
+
+
+# --------------------------------------------------------------------------- status checks
+
+TARGET = "/v1/orders/ord-1/status"
+CHECK_LEASE_MS = 5_000
+
+
+async def _unknown_with_check(store: Store, key: str) -> str:
+    token = _token()
+    assert (await _claim(store, key, token)).kind is ClaimKind.CLAIMED
+    assert await store.mark_sent(key, token, LEASE_MS, TARGET)
+    assert await store.mark_unknown(key, token, 502, "reset")
+    return token
+
+
+async def _check(store: Store, key: str, token: str, max_checks: int = 3, min_age_ms: int = 0):  # type: ignore[no-untyped-def]
+    return await store.claim_check(key, token, CHECK_LEASE_MS, max_checks, min_age_ms)
+
+
+async def test_only_unknown_records_with_a_target_are_checked(store: Store) -> None:
+    key, owner = _key(), _token()
+    await _claim(store, key, owner)
+    assert await _check(store, key, _token()) is None  # CLAIMED
+    assert await store.mark_sent(key, owner, LEASE_MS, TARGET)
+    # SENT belongs to its owner, who may still get a late answer: never checked.
+    assert await _check(store, key, _token()) is None
+    assert await store.mark_unknown(key, owner, 504, "timeout")
+    assert isinstance(await _check(store, key, _token()), CheckClaim)
+    plain = _key()
+    await _unknown(store, plain)  # sent without a target: nothing to check
+    assert await _check(store, plain, _token()) is None
+    assert await _check(store, _key(), _token()) is None  # absent
+
+
+async def test_one_checker_at_a_time_and_a_stale_one_is_fenced(store: Store) -> None:
+    key = _key()
+    await _unknown_with_check(store, key)
+    first, second = _token(), _token()
+    claimed = await _check(store, key, first)
+    assert claimed == CheckClaim(TARGET, 1)
+    busy = await _check(store, key, second)
+    assert isinstance(busy, int) and 0 < busy <= CHECK_LEASE_MS
+    assert not await store.finish_check(key, second, CheckResult.EXECUTED, RESPONSE, 0)
+    record = await store.get(key)
+    assert record is not None and record.state == "UNKNOWN" and record.checks == 1
+
+
+async def test_executed_completes_with_the_checks_answer(store: Store) -> None:
+    key, checker = _key(), _token()
+    owner = await _unknown_with_check(store, key)
+    await _check(store, key, checker)
+    assert await store.finish_check(key, checker, CheckResult.EXECUTED, RESPONSE, 0)
+    result = await _claim(store, key, _token())
+    assert result.kind is ClaimKind.COMPLETED and result.response == RESPONSE
+    record = await store.get(key)
+    assert record is not None and record.reason == "status-check"
+    assert record.response == RESPONSE
+    # The old owner cannot change it any more, nor can the checker again.
+    await store.complete(key, owner, StoredResponse(500))
+    assert not await store.mark_unknown(key, owner, 504, "timeout")
+    assert not await store.release(key, owner)
+    assert not await store.finish_check(key, checker, CheckResult.NOT_EXECUTED, None, 0)
+    assert await _check(store, key, _token()) is None
+
+
+async def test_not_executed_releases_so_the_retry_executes(store: Store) -> None:
+    key, checker = _key(), _token()
+    await _unknown_with_check(store, key)
+    await _check(store, key, checker)
+    assert await store.finish_check(key, checker, CheckResult.NOT_EXECUTED, None, 0)
+    assert await store.get(key) is None
+    assert (await _claim(store, key, _token())).kind is ClaimKind.CLAIMED
+
+
+async def test_dont_know_backs_off_and_stops_at_the_limit(store: Store) -> None:
+    key = _key()
+    await _unknown_with_check(store, key)
+    for attempt in (1, 2):
+        checker = _token()
+        claimed = await _check(store, key, checker, max_checks=2)
+        assert claimed == CheckClaim(TARGET, attempt)
+        assert await store.finish_check(key, checker, CheckResult.UNKNOWN, None, 150)
+        wait = await _check(store, key, _token(), max_checks=2)
+        assert attempt == 2 or (isinstance(wait, int) and 0 < wait <= 150)
+        await asyncio.sleep(0.3)
+    assert await _check(store, key, _token(), max_checks=2) is None  # the limit
+    record = await store.get(key)
+    assert record is not None and record.state == "UNKNOWN" and record.checks == 2
+
+
+async def test_a_young_record_is_not_checked_yet(store: Store) -> None:
+    key = _key()
+    await _unknown_with_check(store, key)
+    wait = await _check(store, key, _token(), min_age_ms=60_000)
+    assert isinstance(wait, int) and 50_000 < wait <= 60_000
+
+
+async def test_an_operator_decision_fences_the_check(store: Store) -> None:
+    key, checker = _key(), _token()
+    await _unknown_with_check(store, key)
+    await _check(store, key, checker)
+    assert await store.resolve(key, RESPONSE, False)
+    assert not await store.finish_check(key, checker, CheckResult.NOT_EXECUTED, None, 0)
+    record = await store.get(key)
+    assert record is not None and record.state == "COMPLETED" and record.reason == "resolved"

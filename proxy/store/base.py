@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from proxy.records import ClaimResult, Record, StoredResponse
+from proxy.records import CheckClaim, CheckResult, ClaimResult, Record, StoredResponse
 
 
 class StoreUnavailable(Exception):
@@ -31,8 +31,9 @@ class Store(Protocol):
         whose lease expired, or report what stands in the way (and turn a SENT record whose
         lease expired into UNKNOWN)."""
 
-    async def mark_sent(self, key: str, token: str, lease_ms: int) -> bool:
-        """CLAIMED -> SENT, before the first byte goes upstream. False: fenced, do not send."""
+    async def mark_sent(self, key: str, token: str, lease_ms: int, check: str = "") -> bool:
+        """CLAIMED -> SENT, before the first byte goes upstream. False: fenced, do not send.
+        `check`: the route's status-check target for this request, kept for `claim_check`."""
 
     async def renew(self, key: str, token: str, lease_ms: int) -> bool:
         """Push the lease deadline while the backend works. False: fenced."""
@@ -46,6 +47,26 @@ class Store(Protocol):
 
     async def release(self, key: str, token: str) -> bool:
         """CLAIMED/SENT -> (absent): the backend provably did not act. False: fenced."""
+
+    async def claim_check(
+        self, key: str, token: str, lease_ms: int, max_checks: int, min_age_ms: int
+    ) -> CheckClaim | int | None:
+        """UNKNOWN: take the record's status check for `lease_ms`. A CheckClaim when the
+        caller checks now; the milliseconds until a check may start when another holds
+        it or it is not due; None when there is nothing to check (not UNKNOWN, no target,
+        `max_checks` made)."""
+
+    async def finish_check(
+        self,
+        key: str,
+        token: str,
+        result: CheckResult,
+        response: StoredResponse | None,
+        backoff_ms: int,
+    ) -> bool:
+        """Holder of the check on an UNKNOWN record: executed -> COMPLETED with `response`
+        (reason 'status-check'); not executed -> (absent); unknown -> next check after
+        `backoff_ms`. False: fenced."""
 
     async def get(self, key: str) -> Record | None:
         """The record as it is, for operators."""

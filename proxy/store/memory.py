@@ -10,7 +10,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from proxy.records import ClaimKind, ClaimResult, Record, State, StoredResponse
+from proxy.records import (
+    CheckClaim,
+    CheckResult,
+    ClaimKind,
+    ClaimResult,
+    Record,
+    State,
+    StoredResponse,
+)
 
 SWEEP_EVERY = 1024
 
@@ -31,6 +39,12 @@ class _Entry:
     response: StoredResponse | None = None
     reason: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    # The status check (check_claim.lua / check_done.lua).
+    check: str = ""
+    checks: int = 0
+    check_token: str = ""
+    check_lease_ms: int = 0
+    check_next_ms: int = 0
 
 
 class MemoryStore:
@@ -108,7 +122,7 @@ class MemoryStore:
             )
         return ClaimResult(ClaimKind.IN_FLIGHT, retry_after_ms=deadline - now)
 
-    async def mark_sent(self, key: str, token: str, lease_ms: int) -> bool:
+    async def mark_sent(self, key: str, token: str, lease_ms: int, check: str = "") -> bool:
         entry = self._owned(key, token)
         if entry is None:
             return False
@@ -118,6 +132,8 @@ class MemoryStore:
             return False
         entry.state = State.SENT
         entry.lease_ms = _now_ms() + lease_ms
+        if check:
+            entry.check = check
         return True
 
     async def renew(self, key: str, token: str, lease_ms: int) -> bool:
@@ -165,6 +181,50 @@ class MemoryStore:
         del self._records[key]
         return True
 
+    async def claim_check(
+        self, key: str, token: str, lease_ms: int, max_checks: int, min_age_ms: int
+    ) -> CheckClaim | int | None:
+        now = _now_ms()
+        entry = self._live(key, now)
+        if entry is None or entry.state is not State.UNKNOWN or not entry.check:
+            return None
+        if entry.checks >= max_checks:
+            return None
+        due = max(entry.check_lease_ms, entry.check_next_ms, entry.created_ms + min_age_ms)
+        if due > now:
+            return due - now
+        entry.check_token = token
+        entry.check_lease_ms = now + lease_ms
+        entry.checks += 1
+        return CheckClaim(entry.check, entry.checks)
+
+    async def finish_check(
+        self,
+        key: str,
+        token: str,
+        result: CheckResult,
+        response: StoredResponse | None,
+        backoff_ms: int,
+    ) -> bool:
+        now = _now_ms()
+        entry = self._live(key, now)
+        if entry is None or entry.state is not State.UNKNOWN or entry.check_token != token:
+            return False
+        if result is CheckResult.EXECUTED:
+            entry.state = State.COMPLETED
+            entry.response = response or StoredResponse(0)
+            entry.reason = "status-check"
+            entry.lease_ms = None
+            entry.check = entry.check_token = ""
+            entry.check_lease_ms = entry.check_next_ms = 0
+        elif result is CheckResult.NOT_EXECUTED:
+            del self._records[key]
+        else:
+            entry.check_next_ms = now + backoff_ms
+            entry.check_token = ""
+            entry.check_lease_ms = 0
+        return True
+
     async def get(self, key: str) -> Record | None:
         now = _now_ms()
         entry = self._live(key, now)
@@ -180,6 +240,7 @@ class MemoryStore:
             ttl_ms=entry.expires_ms - now,
             reason=entry.reason,
             response=entry.response if entry.state is State.COMPLETED else None,
+            checks=entry.checks,
         )
 
     async def resolve(self, key: str, response: StoredResponse, force: bool) -> bool:

@@ -29,6 +29,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.records import (
+    CheckClaim,
+    CheckResult,
     ClaimKind,
     ClaimResult,
     Record,
@@ -58,6 +60,8 @@ SCRIPTS = (
     "release",
     "resolve",
     "discard",
+    "check_claim",
+    "check_done",
 )
 
 
@@ -241,10 +245,43 @@ class RedisStore:
         reply = await self._run("claim", key, token, fingerprint, lease_ms, retention_ms, wait=True)
         return _claim_result(reply)
 
-    async def mark_sent(self, key: str, token: str, lease_ms: int) -> bool:
+    async def mark_sent(self, key: str, token: str, lease_ms: int, check: str = "") -> bool:
         # WAIT here too: SENT is the write that must reach a replica before the first byte
         # goes out, or a failover leaves CLAIMED behind and a take-over sends again.
-        return bool(await self._run("mark_sent", key, token, lease_ms, wait=True))
+        return bool(await self._run("mark_sent", key, token, lease_ms, check, wait=True))
+
+    async def claim_check(
+        self, key: str, token: str, lease_ms: int, max_checks: int, min_age_ms: int
+    ) -> CheckClaim | int | None:
+        reply = await self._run("check_claim", key, token, lease_ms, max_checks, min_age_ms)
+        kind = _text(reply[0])
+        if kind == "claimed":
+            return CheckClaim(_text(reply[1]), int(reply[2]))
+        if kind == "later":
+            return max(0, int(reply[1]))
+        return None
+
+    async def finish_check(
+        self,
+        key: str,
+        token: str,
+        result: CheckResult,
+        response: StoredResponse | None,
+        backoff_ms: int,
+    ) -> bool:
+        response = response or StoredResponse(0)
+        reply = await self._run(
+            "check_done",
+            key,
+            token,
+            result.value,
+            response.status,
+            encode_headers(response.headers),
+            response.body,
+            backoff_ms,
+            wait=True,
+        )
+        return bool(reply)
 
     async def renew(self, key: str, token: str, lease_ms: int) -> bool:
         return bool(await self._run("renew", key, token, lease_ms))
@@ -357,6 +394,7 @@ def _record(fields: dict[bytes, bytes], ttl_ms: int, now_ms: int) -> Record:
         ttl_ms=ttl_ms,
         reason=_text(get(b"reason", b"")),
         response=response,
+        checks=int(get(b"checks", b"0")),
     )
 
 
