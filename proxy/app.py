@@ -101,6 +101,7 @@ class ProxyApp:
             ),
             date=http_date,
             max_held_exchanges=settings.upstream_pool.max_held_exchanges,
+            wake_waiters=settings.store.wake_waiters,
         )
         self.ready = False
         self.draining = False

@@ -120,6 +120,9 @@ class StoreSettings(BaseModel):
     breaker_cooldown: Duration = 1.0
     # How often each process reads the canary that reveals a store which lost data.
     canary_interval: Duration = 1.0
+    # Wake `in_flight: wait` duplicates when their record settles (Redis pub/sub across
+    # replicas) instead of polling every 250 ms; polling stays the fallback (each second).
+    wake_waiters: bool = True
 
     @field_validator("url")
     @classmethod

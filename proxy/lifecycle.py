@@ -49,6 +49,8 @@ _tokens = (f"{_TOKEN_PREFIX}.{n}" for n in itertools.count(1))
 
 # How long background completion keeps trying after the store failed at the end.
 BACKGROUND_RETRY_SECONDS = 60.0
+# With wake-ups, a waiting duplicate still claims again at least this often.
+WAKE_POLL_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -135,6 +137,7 @@ class Lifecycle:
         cache: ReplayCache,
         date: Callable[[], bytes],
         max_held_exchanges: int = 64,
+        wake_waiters: bool = True,
     ) -> None:
         self.store = store
         self.upstream = upstream
@@ -147,6 +150,7 @@ class Lifecycle:
         self.tasks: set[asyncio.Task[object]] = set()
         self.late = LateAnswers(max_held_exchanges, metrics)
         self.checker = StatusChecker(store, upstream, metrics)
+        self.wake = wake_waiters
 
     # -- the story -------------------------------------------------------------------
 
@@ -217,20 +221,32 @@ class Lifecycle:
         claimed by the waiter, which then executes as a retry would."""
         policy = route.policy
         retention_ms = route.retention_ms
+        waiting = policy.in_flight == "wait"
         deadline = time.monotonic() + policy.wait_timeout
         delay = 0.02
         while True:
-            claim = await self._timed(
-                "claim", self.store.claim(storage_key, token, fp, lease_ms, retention_ms)
-            )
-            if claim.kind is not ClaimKind.IN_FLIGHT or policy.in_flight != "wait":
+            if waiting and self.wake:  # the settling transition must wake this waiter
+                call = self.store.claim(
+                    storage_key, token, fp, lease_ms, retention_ms, waiting=True
+                )
+            else:
+                call = self.store.claim(storage_key, token, fp, lease_ms, retention_ms)
+            claim = await self._timed("claim", call)
+            if claim.kind is not ClaimKind.IN_FLIGHT or not waiting:
                 return claim
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return claim
-            # Poll gently: a waiting duplicate must not hammer the store.
-            await asyncio.sleep(min(delay, remaining, max(claim.retry_after_ms, 1) / 1000))
-            delay = min(delay * 2, 0.25)
+            pause = min(delay, remaining, max(claim.retry_after_ms, 1) / 1000)
+            if self.wake:
+                # Woken when the record settles, on whichever replica; polling only as
+                # the fallback for a lost notification, so it can be slow.
+                await self.store.settled(storage_key, pause)
+                delay = min(delay * 2, WAKE_POLL_SECONDS)
+            else:
+                # Poll gently: a waiting duplicate must not hammer the store.
+                await asyncio.sleep(pause)
+                delay = min(delay * 2, 0.25)
 
     def _tenant(self, request: ProxyRequest) -> str:
         if self.tenant_header is None:

@@ -751,3 +751,39 @@ async def test_an_operator_decision_fences_the_check(store: Store) -> None:
     assert not await store.finish_check(key, checker, CheckResult.NOT_EXECUTED, None, 0)
     record = await store.get(key)
     assert record is not None and record.state == "COMPLETED" and record.reason == "resolved"
+
+
+# --------------------------------------------------------------------------- wake-ups
+
+
+@pytest.mark.parametrize("settle", ["complete", "mark_unknown", "release"])
+async def test_a_waiter_is_woken_when_the_record_settles(store: Store, settle: str) -> None:
+    key, owner = _key(), _token()
+    await _claim(store, key, owner)
+    assert await store.mark_sent(key, owner, LEASE_MS)
+    waiter = await store.claim(key, _token(), FP, LEASE_MS, RETENTION_MS, waiting=True)
+    assert waiter.kind is ClaimKind.IN_FLIGHT
+    woken = asyncio.ensure_future(store.settled(key, 10.0))
+    await asyncio.sleep(0.3)  # subscribed by now (Redis: one subscription per store)
+    assert not woken.done()
+    started = time.monotonic()
+    if settle == "complete":
+        assert await store.complete(key, owner, RESPONSE)
+    elif settle == "mark_unknown":
+        assert await store.mark_unknown(key, owner, 502, "reset")
+    else:
+        assert await store.release(key, owner)
+    assert await woken is True
+    assert time.monotonic() - started < 2.0
+
+
+async def test_without_a_notification_a_waiter_times_out_to_poll(store: Store) -> None:
+    key, owner = _key(), _token()
+    await _claim(store, key, owner)
+    assert await store.mark_sent(key, owner, LEASE_MS)
+    started = time.monotonic()
+    assert await store.settled(key, 0.2) is False
+    assert time.monotonic() - started >= 0.2
+    # A renewal settles nothing: still no wake-up.
+    assert await store.renew(key, owner, LEASE_MS)
+    assert await store.settled(key, 0.1) is False

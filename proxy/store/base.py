@@ -25,11 +25,23 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def claim(
-        self, key: str, token: str, fingerprint: str, lease_ms: int, retention_ms: int
+        self,
+        key: str,
+        token: str,
+        fingerprint: str,
+        lease_ms: int,
+        retention_ms: int,
+        *,
+        waiting: bool = False,
     ) -> ClaimResult:
         """Create a CLAIMED record, recognise our own earlier claim, take over a CLAIMED record
         whose lease expired, or report what stands in the way (and turn a SENT record whose
-        lease expired into UNKNOWN)."""
+        lease expired into UNKNOWN). `waiting`: the caller will wait for the record to settle
+        (`settled`), so the transition that settles it must wake it."""
+
+    async def settled(self, key: str, timeout: float) -> bool:
+        """Wait until a record this process waits on settles (True: woken) or `timeout`
+        passes (False: poll). A hint only: the caller claims again either way."""
 
     async def mark_sent(self, key: str, token: str, lease_ms: int, check: str = "") -> bool:
         """CLAIMED -> SENT, before the first byte goes upstream. False: fenced, do not send.

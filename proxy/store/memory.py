@@ -19,6 +19,7 @@ from proxy.records import (
     State,
     StoredResponse,
 )
+from proxy.store.wake import Waiters
 
 SWEEP_EVERY = 1024
 
@@ -53,6 +54,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._records: dict[str, _Entry] = {}
         self._ops = 0
+        self.waiters = Waiters()
 
     async def start(self) -> None:
         return None
@@ -79,8 +81,18 @@ class MemoryStore:
         entry = self._live(key, _now_ms())
         return entry if entry is not None and entry.token == token else None
 
+    async def settled(self, key: str, timeout: float) -> bool:
+        return await self.waiters.wait(key, timeout)
+
     async def claim(
-        self, key: str, token: str, fingerprint: str, lease_ms: int, retention_ms: int
+        self,
+        key: str,
+        token: str,
+        fingerprint: str,
+        lease_ms: int,
+        retention_ms: int,
+        *,
+        waiting: bool = False,
     ) -> ClaimResult:
         now = _now_ms()
         self._sweep(now)
@@ -117,6 +129,7 @@ class MemoryStore:
             entry.response = StoredResponse(status=502)
             entry.reason = "owner-lost"
             entry.lease_ms = None
+            self.waiters.notify(key)
             return ClaimResult(
                 ClaimKind.UNKNOWN, response=StoredResponse(status=502), reason="owner-lost"
             )
@@ -156,6 +169,7 @@ class MemoryStore:
         entry.lease_ms = None
         if how:
             entry.reason = how
+        self.waiters.notify(key)
         return True
 
     async def mark_unknown(self, key: str, token: str, status: int, reason: str) -> bool:
@@ -170,6 +184,7 @@ class MemoryStore:
         entry.response = StoredResponse(status=status)
         entry.reason = reason
         entry.lease_ms = None
+        self.waiters.notify(key)
         return True
 
     async def release(self, key: str, token: str) -> bool:
@@ -179,6 +194,7 @@ class MemoryStore:
         if entry.token != token or entry.state not in (State.CLAIMED, State.SENT):
             return False
         del self._records[key]
+        self.waiters.notify(key)
         return True
 
     async def claim_check(

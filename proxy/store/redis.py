@@ -41,6 +41,7 @@ from proxy.records import (
 from proxy.store.base import StoreUnavailable
 from proxy.store.guard import CircuitBreaker, DataLossWatch
 from proxy.store.pool import ConnectionPool
+from proxy.store.wake import Subscription, Waiters
 
 _UNREACHABLE = (
     TimeoutError,
@@ -126,6 +127,8 @@ class RedisStore:
         self.url = url
         self.cluster = url.startswith("redis+cluster://")
         self._client = _client(url, timeout, retries, max_connections)
+        self.waiters = Waiters()
+        self.subscription = _subscription(url, timeout, self._client, self.waiters)
         self._scripts = {name: self._client.register_script(_source(name)) for name in SCRIPTS}
         # A single node gets the lean hot path; Cluster and Sentinel keep the full client.
         self._pool = (
@@ -161,6 +164,7 @@ class RedisStore:
                 self._watch_task = asyncio.create_task(self._watch_canary())
 
     async def close(self) -> None:
+        await self.subscription.close()
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
@@ -238,12 +242,33 @@ class RedisStore:
         return result, int(acknowledged)
 
     async def claim(
-        self, key: str, token: str, fingerprint: str, lease_ms: int, retention_ms: int
+        self,
+        key: str,
+        token: str,
+        fingerprint: str,
+        lease_ms: int,
+        retention_ms: int,
+        *,
+        waiting: bool = False,
     ) -> ClaimResult:
         if self.watch.active:
             raise StoreUnavailable("safe-mode")
-        reply = await self._run("claim", key, token, fingerprint, lease_ms, retention_ms, wait=True)
+        if waiting:
+            self.subscription.ensure()
+        reply = await self._run(
+            "claim",
+            key,
+            token,
+            fingerprint,
+            lease_ms,
+            retention_ms,
+            b"1" if waiting else b"0",
+            wait=True,
+        )
         return _claim_result(reply)
+
+    async def settled(self, key: str, timeout: float) -> bool:
+        return await self.waiters.wait(key, timeout)
 
     async def mark_sent(self, key: str, token: str, lease_ms: int, check: str = "") -> bool:
         # WAIT here too: SENT is the write that must reach a replica before the first byte
@@ -349,6 +374,18 @@ class RedisStore:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _subscription(url: str, timeout: float, client: Any, waiters: Waiters) -> Subscription:
+    """Sentinel: the master's client (it follows failovers). Cluster: one node, since a
+    classic PUBLISH reaches every node. A single node: its own connection."""
+    if url.startswith("redis+sentinel://"):
+        return Subscription(lambda: client, waiters, owned=False)
+    if url.startswith("redis+cluster://"):
+        url = "redis://" + url.removeprefix("redis+cluster://").split(",", 1)[0]
+    return Subscription(
+        lambda: Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=None), waiters
+    )
 
 
 def _claim_result(reply: list[Any]) -> ClaimResult:

@@ -5,6 +5,9 @@
 -- ARGV[2]  request fingerprint
 -- ARGV[3]  lease in milliseconds
 -- ARGV[4]  retention in milliseconds (the record's TTL, set once at creation)
+-- ARGV[5]  '1' when the caller will wait for the record to settle (in_flight: wait): an
+--          'in_flight' answer then marks the record 'waiters', so that the transition
+--          that settles it publishes on idem:settled
 --
 -- Returns one of:
 --   {'claimed', fence}                                   the caller owns the record
@@ -69,7 +72,13 @@ elseif state == 'SENT' then
   if deadline <= now then
     redis.call('HSET', key, 'state', 'UNKNOWN', 'status', 502, 'reason', 'owner-lost')
     redis.call('HDEL', key, 'lease')
+    if redis.call('HEXISTS', key, 'waiters') == 1 then
+      redis.call('PUBLISH', 'idem:settled', key)
+    end
     return {'unknown', '502', 'owner-lost'}
   end
+end
+if ARGV[5] == '1' then
+  redis.call('HSET', key, 'waiters', 1)
 end
 return {'in_flight', deadline - now}

@@ -9,6 +9,9 @@
 -- ARGV[6]  how the answer came, shown by `records show` ('' on time, 'late-answer' when
 --          it arrived after the client's timeout, during the route's outcome_wait)
 --
+-- Wakes the record's waiting duplicates on every replica (PUBLISH idem:settled <key>)
+-- when claim.lua marked it 'waiters'; a lost message only costs them a poll.
+--
 -- Returns 1 when stored (or already stored by this token: a retried call); 0 when
 -- fenced. The TTL set at claim time is kept: retention runs from the first write.
 local r = redis.call('HMGET', KEYS[1], 'state', 'token')
@@ -26,5 +29,8 @@ redis.call('HSET', KEYS[1], 'state', 'COMPLETED', 'status', ARGV[2], 'headers', 
 redis.call('HDEL', KEYS[1], 'lease')
 if ARGV[6] and ARGV[6] ~= '' then
   redis.call('HSET', KEYS[1], 'reason', ARGV[6])
+end
+if redis.call('HEXISTS', KEYS[1], 'waiters') == 1 then
+  redis.call('PUBLISH', 'idem:settled', KEYS[1])
 end
 return 1
