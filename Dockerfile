@@ -19,9 +19,10 @@ COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY sample_backend ./sample_backend
 
-# Every runtime dependency ships manylinux wheels, so no compiler is needed.
+# Every runtime dependency ships manylinux wheels, so no compiler is needed. The `tracing`
+# extra (OpenTelemetry) is in the image; it stays off unless OTEL_* asks for traces.
 RUN /opt/venv/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
-    && /opt/venv/bin/pip install --no-cache-dir /wheels/*.whl
+    && for wheel in /wheels/*.whl; do /opt/venv/bin/pip install --no-cache-dir "${wheel}[tracing]"; done
 
 # --- runtime: the same Python, the venv, nothing else
 FROM python:3.11-slim

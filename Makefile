@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv redis demo test lint typecheck bench loadtest-smoke k8s-validate clean
+.PHONY: help venv redis demo test lint typecheck bench bench-tracing loadtest-smoke k8s-validate clean
 
 help:
 	@echo "make demo            the double-charge stories, direct and through five proxy replicas"
@@ -15,6 +15,7 @@ help:
 	@echo "make lint            ruff check + format check"
 	@echo "make typecheck       mypy on proxy/"
 	@echo "make bench           the benchmark (writes docs/benchmarks.md)"
+	@echo "make bench-tracing   what tracing costs per request (writes docs/benchmarks-tracing.md)"
 	@echo "make loadtest-smoke  a short headless locust run against local replicas"
 
 $(STAMP): pyproject.toml
@@ -47,6 +48,9 @@ typecheck: venv
 
 bench: venv redis
 	$(BIN)/python scripts/bench.py --write docs/benchmarks.md
+
+bench-tracing: venv
+	PYTHONPATH=. $(BIN)/python scripts/bench_tracing.py --write docs/benchmarks-tracing.md
 
 k8s-validate: venv
 	./scripts/validate-k8s.sh

@@ -1,6 +1,7 @@
 """Load tests for the idempotency proxy: payment traffic with the duplicates real clients send.
 
-Four user classes, each tagged so it can run alone (``--tags unique|double_click|retry|tamper``):
+Five user classes, each tagged so it can run alone
+(``--tags unique|double_click|retry|tamper|soap``):
 
 * ``unique``: every payment a new order; the backend must charge each exactly once.
 * ``double_click``: the same order twice at the same moment through two replicas; one charge,
@@ -8,6 +9,9 @@ Four user classes, each tagged so it can run alone (``--tags unique|double_click
 * ``retry``: the backend is slow for the order (``X-Sample-Delay``), the client gives up early
   and retries through another replica: 409 while the first runs, then the replay.
 * ``tamper``: the same order again with another amount: 422, never a second charge.
+* ``soap``: a legacy SOAP client submits one ``/soap/payments`` envelope twice (the second
+  re-serialised) through two replicas; the key is the order id inside the envelope: one charge,
+  the second submit gets the replay (or 409 while the first still runs).
 
 Targets: ``PROXY_HOSTS`` (comma-separated base URLs) if set, else ``--host``, which may also be
 a comma-separated list; each user sticks to one replica, retries and second clicks go to
@@ -40,6 +44,8 @@ from locust.runners import WorkerRunner
 logger = logging.getLogger("loadtest")
 
 PAY = "/v1/orders/pay"
+SOAP_PAY = "/soap/payments"
+SOAP_HEADERS = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '"urn:Pay"'}
 ORDER_PREFIX = "lt-"
 # Unique per process (master, each worker), so order ids never collide across workers or runs.
 RUN = f"{ORDER_PREFIX}{secrets.token_hex(4)}"
@@ -77,7 +83,7 @@ def outcome_of(response: Any) -> str:
         if isinstance(error, TimeoutError | socket.timeout | gevent.Timeout):
             return "timeout"
         return f"error:{type(error).__name__}"
-    if status == 201 and (response.headers or {}).get("Idempotent-Replayed") == "true":
+    if status in (200, 201) and (response.headers or {}).get("Idempotent-Replayed") == "true":
         return "replay"
     return str(status)
 
@@ -102,6 +108,20 @@ class PaymentUser(FastHttpUser):
         """Another replica than this user's own (the same one if there is only one)."""
         return self.hosts[(self.index + offset) % len(self.hosts)]
 
+    def record(self, response: Any, kind: str, allowed: set[str]) -> str:
+        """Count the outcome; fail the request if it is not in `allowed`."""
+        outcome = outcome_of(response)
+        key = (type(self).__name__, kind, outcome)
+        with _lock:
+            outcomes[key] += 1
+            if outcome not in allowed:
+                _unexpected[key] += 1
+        if outcome in allowed:
+            response.success()
+        else:
+            response.failure(f"unexpected {outcome} (allowed: {', '.join(sorted(allowed))})")
+        return outcome
+
     def pay(
         self,
         kind: str,
@@ -124,17 +144,7 @@ class PaymentUser(FastHttpUser):
             name=f"{PAY} [{self.story}: {kind}]",
             catch_response=True,
         ) as response:
-            outcome = outcome_of(response)
-            key = (type(self).__name__, kind, outcome)
-            with _lock:
-                outcomes[key] += 1
-                if outcome not in allowed:
-                    _unexpected[key] += 1
-            if outcome in allowed:
-                response.success()
-            else:
-                response.failure(f"unexpected {outcome} (allowed: {', '.join(sorted(allowed))})")
-        return outcome
+            return self.record(response, kind, allowed)
 
     def flag(self, kind: str, what: str) -> None:
         """An unexpected sequence (not one status): counted and reported as a failure."""
@@ -238,7 +248,46 @@ class Tamperer(PaymentUser):
         self.pay("changed amount", {"422"}, order, 5001, host=self.other_host())
 
 
-STORIES = {cls.story: cls for cls in (UniquePayer, DoubleClicker, Retrier, Tamperer)}
+def soap_envelope(order: str, amount: int, *, pretty: bool) -> bytes:
+    """A SOAP 1.1 Pay request for the sample backend's /soap/payments."""
+    gap = "\n  " if pretty else ""
+    return (
+        '<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/" '
+        f'xmlns:p="urn:idempotency-proxy:sample:payments">{gap}<soap:Body>{gap}<p:Pay>{gap}'
+        f"<p:OrderId>{order}</p:OrderId>{gap}<p:Amount>{amount}</p:Amount>{gap}"
+        f"<p:Currency>EUR</p:Currency>{gap}</p:Pay>{gap}</soap:Body></soap:Envelope>"
+    ).encode()
+
+
+class SoapPayer(PaymentUser):
+    """A legacy SOAP client: one payment submitted twice, the second re-serialised."""
+
+    weight = 1
+    story = "soap"
+
+    def soap_pay(self, kind: str, allowed: set[str], order: str, host: str, pretty: bool) -> str:
+        with self.client.post(
+            f"{host}{SOAP_PAY}",
+            data=soap_envelope(order, 3100, pretty=pretty),
+            headers=SOAP_HEADERS,
+            name=f"{SOAP_PAY} [{self.story}: {kind}]",
+            catch_response=True,
+        ) as response:
+            return self.record(response, kind, allowed)
+
+    @tag("soap")
+    @task
+    def submit_twice(self) -> None:
+        order = new_order()
+        self.soap_pay("submit", {"200"}, order, self.host, pretty=False)
+        again = self.soap_pay(
+            "submit again", {"replay", "409"}, order, self.other_host(), pretty=True
+        )
+        if again == "200":
+            self.flag("submit again", "the second submit executed")
+
+
+STORIES = {cls.story: cls for cls in (UniquePayer, DoubleClicker, Retrier, Tamperer, SoapPayer)}
 
 
 # --------------------------------------------------------------------------- checks

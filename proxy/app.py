@@ -17,16 +17,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from proxy import logs, problems
-from proxy.config import Settings
+from proxy.config import Settings, redact_url
 from proxy.errorformat import REQUEST_ID
+from proxy.keys import KeyHasher
 from proxy.lifecycle import Lifecycle, Reply, forward_unrecorded, problem_reply, with_request_id
 from proxy.metrics import Metrics
 from proxy.problems import Problem
+from proxy.protocol import HeadLimits
 from proxy.replay import ReplayCache, http_date
 from proxy.request import ProxyRequest
 from proxy.routes import RouteTable
 from proxy.safety import check_store
 from proxy.store import Store, StoreUnavailable, open_store
+from proxy.tracing import Tracing
 from proxy.upstream import make_upstream, request_headers
 
 Scope = dict[str, Any]
@@ -58,7 +61,9 @@ _rid_counter = itertools.count(1)
 class ProxyApp:
     """The traffic port's ASGI application."""
 
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: Store | None = None, tracing: Tracing | None = None
+    ) -> None:
         if not settings.upstream:
             raise ValueError("an upstream URL is required")
         self.settings = settings
@@ -74,6 +79,8 @@ class ProxyApp:
             breaker_threshold=settings.store.breaker_threshold,
             breaker_cooldown=settings.store.breaker_cooldown,
             canary_interval=settings.store.canary_interval,
+            memory_max_entries=settings.store.memory_max_entries,
+            memory_max_bytes=settings.store.memory_max_bytes,
             # After a data loss, fail closed until every request that may have been
             # in flight has finished or timed out.
             safe_mode_seconds=max(
@@ -89,6 +96,15 @@ class ProxyApp:
             keepalive_expiry=pool.keepalive_expiry,
             connect_timeout=pool.connect_timeout,
         )
+        # Pass-through traffic has a pool of its own: slow uploads to unprotected paths
+        # must not take the connections that protected routes need.
+        self.passthrough_upstream = make_upstream(
+            pool.client,
+            settings.upstream,
+            max_connections=pool.passthrough_max_connections,
+            keepalive_expiry=pool.keepalive_expiry,
+            connect_timeout=pool.connect_timeout,
+        )
         self.lifecycle = Lifecycle(
             self.store,
             self.upstream,
@@ -100,13 +116,35 @@ class ProxyApp:
                 settings.store.replay_cache_ttl,
             ),
             date=http_date,
+            hasher=KeyHasher(settings.key_hash_secret),
+            tracing=tracing,
             max_held_exchanges=settings.upstream_pool.max_held_exchanges,
             wake_waiters=settings.store.wake_waiters,
         )
+        self.tracing = tracing
+        self.metrics.health.attach(self.store, self.lifecycle.cache)
         self.ready = False
         self.draining = False
         self._max_header_bytes = settings.max_header_bytes
+        # Read by the traffic port's protocol (proxy/protocol.py) for every connection. The
+        # wire also carries the request line and each line's framing, hence the slack.
+        self.head_limits = HeadLimits(
+            max_bytes=2 * settings.max_header_bytes + 8192,
+            timeout=settings.header_read_timeout,
+        )
         self._passthrough_timeout = settings.defaults.upstream_timeout
+        self._passthrough_read_time = settings.defaults.max_body_read_time
+
+    def render_problem(
+        self, problem: Problem, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """An answer the protocol makes before any route is known (a head over its cap or
+        its deadline, the concurrency cap), in the default error format, with a request id."""
+        reply = problem_reply(problem, "", http_date())
+        status, out, rendered = self.routes.default_error_format.render(
+            problem, reply.headers, _request_id(headers or [])
+        )
+        return status, out, reply.body if rendered is None else rendered
 
     # -- ASGI ------------------------------------------------------------------------
 
@@ -147,12 +185,20 @@ class ProxyApp:
             )
         else:
             await check_store(self.store, self.settings)
+        if not self.settings.key_hash_secret:
+            logger.warning(
+                "key_hash_secret is not set: the key_hash in the logs is an unkeyed hash, "
+                "and a guessable key (an order id) can be recovered from one log line; set "
+                "key_hash_secret or key_hash_secret_file, or their environment variables "
+                "(docs/security.md)"
+            )
         await self.upstream.start()
+        await self.passthrough_upstream.start()
         self.ready = True
         logger.info(
             "proxy started",
             extra={
-                "upstream": self.settings.upstream,
+                "upstream": redact_url(self.settings.upstream or ""),
                 "listen": f"{self.settings.listen.host}:{self.settings.listen.port}",
                 "admin": (
                     f"{self.settings.admin.host}:{self.settings.admin.port}"
@@ -179,8 +225,12 @@ class ProxyApp:
             logger.warning("abandoning late answers at shutdown", extra={"count": abandoned})
             await asyncio.wait(set(self.lifecycle.tasks), timeout=ABANDON_SECONDS)
         await self.upstream.close()
+        await self.passthrough_upstream.close()
         if self._owns_store:
             await self.store.close()
+        if self.tracing is not None:
+            # Flushes the spans still queued; an exporter may block on its network.
+            await asyncio.to_thread(self.tracing.shutdown)
 
     # -- one request -----------------------------------------------------------------
 
@@ -195,8 +245,10 @@ class ProxyApp:
         try:
             if sum(len(k) + len(v) for k, v in headers) > self._max_header_bytes:
                 raise Problem("headers-too-large", 431, "the request headers exceed the limit")
-            match = self.routes.match(method, path)
-            if match is None:
+            raw_path: bytes = scope.get("raw_path") or path.encode("latin-1")
+            if not raw_path.startswith(b"/") or method == "CONNECT":
+                reply = _not_origin_form(method, raw_path)
+            elif (match := self.routes.match(method, path)) is None:
                 reply = await self.passthrough(scope, receive, request_id)
             else:
                 route, params = match
@@ -211,7 +263,7 @@ class ProxyApp:
                 request = ProxyRequest(
                     method=method,
                     path=path,
-                    raw_path=scope.get("raw_path") or b"",
+                    raw_path=raw_path,
                     query_string=scope.get("query_string", b""),
                     headers=headers,
                     body=body,
@@ -234,8 +286,11 @@ class ProxyApp:
             reply.headers.append((REQUEST_ID, request_id))
         await _send_reply(send, reply)
         self.metrics.count(route_name, reply.outcome)
-        if logs.access.isEnabledFor(logging.INFO):
-            logs.access.info(
+        # An answer nobody knows the outcome of needs an operator: warning, not info.
+        level = logging.WARNING if reply.outcome == "outcome_unknown" else logging.INFO
+        if logs.access.isEnabledFor(level):
+            logs.access.log(
+                level,
                 "request",
                 extra={
                     "request_id": request_id.decode("ascii"),
@@ -243,10 +298,11 @@ class ProxyApp:
                     "method": method,
                     "outcome": reply.outcome,
                     "status": reply.status,
-                    "key_hash": reply.key_hash or None,
+                    "key_hash": reply.scoped.log_hash if reply.scoped else None,
                     "upstream_ms": _round(reply.upstream_ms),
                     "store_ms": _round(reply.store_ms) if reply.store_ms else None,
                     "total_ms": _round((time.perf_counter() - started) * 1000),
+                    **reply.extra,
                 },
             )
 
@@ -257,7 +313,8 @@ class ProxyApp:
             target += "?" + scope["query_string"].decode("latin-1")
         framing = [(k, v) for k, v in scope["headers"] if k == b"content-length"]
         has_body = bool(framing) or any(k == b"transfer-encoding" for k, _ in scope["headers"])
-        body: bytes | AsyncIterator[bytes] = _stream_body(receive) if has_body else b""
+        read = _BodyRead(self._passthrough_read_time)
+        body: bytes | AsyncIterator[bytes] = _stream_body(receive, read) if has_body else b""
         # A streamed body keeps its declared length: some legacy backends refuse chunked
         # requests, and the client's framing is not the proxy's to change.
         forward = request_headers(
@@ -265,8 +322,8 @@ class ProxyApp:
         )
         forward = with_request_id(forward, request_id)
         forward += framing[:1]
-        return await forward_unrecorded(
-            self.upstream,
+        reply = await forward_unrecorded(
+            self.passthrough_upstream,
             scope["method"],
             target,
             forward,
@@ -274,6 +331,12 @@ class ProxyApp:
             timeout=self._passthrough_timeout,
             outcome="passthrough",
         )
+        if read.timed_out:
+            # The backend got part of the body and no end: the upload was aborted.
+            if reply.close is not None:
+                reply.close()
+            raise problems.body_timeout()
+        return reply
 
 
 async def _read_body(
@@ -337,11 +400,34 @@ async def _drain(receive: Receive) -> None:
                     return
 
 
-async def _stream_body(receive: Receive) -> AsyncIterator[bytes]:
+class _BodyAborted(Exception):
+    """Raised into the upstream client so that it aborts the request instead of ending a
+    body the client never finished (a chunked body would otherwise look complete)."""
+
+
+class _BodyRead:
+    """A streamed body's deadline, and whether it passed."""
+
+    __slots__ = ("read_time", "timed_out")
+
+    def __init__(self, read_time: float) -> None:
+        self.read_time = read_time
+        self.timed_out = False
+
+
+async def _stream_body(receive: Receive, read: _BodyRead) -> AsyncIterator[bytes]:
+    """The client's body as it arrives, within `read.read_time` seconds in all (0: no limit):
+    a trickled upload must not hold an upstream connection for as long as it likes."""
+    deadline = asyncio.get_running_loop().time() + read.read_time if read.read_time else None
     while True:
-        message = await receive()
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            read.timed_out = True
+            raise _BodyAborted("body-timeout") from None
         if message["type"] == "http.disconnect":
-            return
+            raise _BodyAborted("disconnect")
         chunk = message.get("body", b"")
         if chunk:
             yield chunk
@@ -368,6 +454,15 @@ async def _send_reply(send: Send, reply: Reply) -> None:
     finally:
         if reply.close is not None:
             reply.close()
+
+
+def _not_origin_form(method: str, raw_path: bytes) -> Reply:
+    """Only a path and query ever travel upstream; absolute-form reaches the app as its path
+    already. `OPTIONS *` asks about the server itself, so the proxy answers it; any other
+    asterisk-form, and CONNECT's authority-form, would name no path or another host."""
+    if raw_path == b"*" and method == "OPTIONS":
+        return Reply(204, [(b"date", http_date())], outcome="options")
+    raise problems.target_invalid()
 
 
 def _request_id(headers: list[tuple[bytes, bytes]]) -> bytes:

@@ -90,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument(
+        "--mode",
+        choices=["enforce", "observe"],
+        type=str.lower,
+        help=_flag_help(
+            "enforce, or observe: forward everything and count what enforcement would have "
+            "blocked or replayed (routes may override it)",
+            "MODE",
+            "enforce",
+        ),
+    )
+    run.add_argument(
         "--log-level",
         metavar="L",
         choices=["debug", "info", "warning", "error", "critical"],
@@ -134,9 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
         "records",
         help="inspect or resolve one record (operators, for UNKNOWN outcomes)",
         description=(
-            "Find a record by tenant, route and key, show it, resolve an UNKNOWN record to a "
-            "response after checking the payment system's ledger, or release it so the "
-            "client's retry executes. Records in other states need --force."
+            "Find a record by tenant, route and key (or by the key_hash of a log line), "
+            "show it, resolve an UNKNOWN record to a response after checking the payment "
+            "system's ledger, or release it so the client's retry executes. Records in "
+            "other states need --force."
         ),
     )
     actions = records.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -147,8 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         action = actions.add_parser(name, help=text, description=text)
         _add_store_flags(action)
-        action.add_argument(
-            "--key", required=True, help="the idempotency key as the client sent it"
+        which = action.add_mutually_exclusive_group(required=True)
+        which.add_argument(
+            "--key",
+            action="append",
+            help="the idempotency key as the client sent it; for a composite key, once per "
+            "part, in the route's order",
+        )
+        which.add_argument(
+            "--hash",
+            metavar="KEY_HASH",
+            help=(
+                "the key_hash from a log line instead of the key (needs the proxy's "
+                f"key_hash_secret: env {ENV_PREFIX}KEY_HASH_SECRET or the config file); "
+                "it names the record, so --route and --tenant are not needed"
+            ),
         )
         action.add_argument(
             "--route",
@@ -157,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         action.add_argument(
             "--tenant",
-            default="default",
-            help="tenant, as the trusted header gave it (default: default)",
+            default=None,
+            help="tenant, as the trusted header gave it (default: none, the scope of requests "
+            "sent without the tenant header, or the only one when no tenant header is set)",
         )
         if name != "show":
             action.add_argument(
@@ -211,6 +237,7 @@ def _run(args: argparse.Namespace) -> None:
             "redis_url": args.redis_url,
             "workers": args.workers,
             "log_level": args.log_level,
+            "mode": args.mode,
         },
     )
     if not settings.upstream:
@@ -220,6 +247,9 @@ def _run(args: argparse.Namespace) -> None:
     from proxy.routes import RouteTable
 
     RouteTable(settings)  # path templates are checked before anything starts
+    from proxy import tracing
+
+    tracing.check_environment()
     logs.configure(settings.log_level)
     from proxy.server import run
 
@@ -264,22 +294,44 @@ async def _records(args: argparse.Namespace) -> int:
     settings = _store_settings(args)
     if settings.store.url.startswith("memory://"):
         raise ConfigError("records: needs --redis-url; the memory store lives inside the proxy")
-    table = RouteTable(settings.model_copy(update={"upstream": "http://unused"}))
-    namespaces = {route.name: route.namespace for route in table.routes}
-    if args.route not in namespaces:
-        raise ConfigError(
-            f"--route: no route named {args.route!r} (known: {', '.join(namespaces)})"
-        )
-    scoped = keys.scope(args.tenant, namespaces[args.route], keys.validate(args.key))
+    hasher = keys.KeyHasher(settings.key_hash_secret)
+    if args.hash is not None:
+        try:
+            storage_key = hasher.storage_key(args.hash.strip().lower())
+        except ValueError as exc:
+            raise ConfigError(f"--hash: {exc}") from None
+        what = "this key_hash (is key_hash_secret the proxy's?)"
+    else:
+        table = RouteTable(settings.model_copy(update={"upstream": "http://unused"}))
+        namespaces = {route.name: route.namespace for route in table.routes}
+        if args.route not in namespaces:
+            raise ConfigError(
+                f"--route: no route named {args.route!r} (known: {', '.join(namespaces)})"
+            )
+        parts = next(r for r in table.routes if r.name == args.route).key.parts
+        wanted = len(parts) if parts is not None else 1
+        if len(args.key) != wanted:
+            raise ConfigError(
+                f"--key: the route {args.route!r} has a key of {wanted} part(s); "
+                f"give --key {wanted} time(s), in the route's order"
+            )
+        given = [keys.validate(key) for key in args.key]
+        key = keys.join_parts(given) if parts is not None else given[0]
+        tenant = args.tenant
+        if tenant is None and not settings.tenant.header:
+            tenant = keys.DEFAULT_TENANT
+        storage_key = hasher.scope(tenant, namespaces[args.route], key).storage_key
+        what = f"this key (route {args.route}, tenant {tenant})"
     store: Any = open_store(settings.store.url, timeout=settings.store.timeout, canary_interval=0)
     try:
         await store.start()
         if args.action == "show":
-            record = await store.get(scoped.storage_key)
+            record = await store.get(storage_key)
             if record is None:
-                print(f"no record for this key (route {args.route}, tenant {args.tenant})")
+                print(f"no record for {what}")
                 return 1
-            print(orjson.dumps(_record_json(record), option=orjson.OPT_INDENT_2).decode())
+            document = {"key_hash": hasher.log_hash(storage_key), **_record_json(record)}
+            print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
             return 0
         try:
             if args.action == "resolve":
@@ -288,11 +340,11 @@ async def _records(args: argparse.Namespace) -> int:
                     ((b"content-type", args.content_type.encode("latin-1")),),
                     args.body.encode(),
                 )
-                done = await store.resolve(scoped.storage_key, response, args.force)
+                done = await store.resolve(storage_key, response, args.force)
             else:
-                done = await store.discard(scoped.storage_key, args.force)
+                done = await store.discard(storage_key, args.force)
         except KeyError:
-            print("no record for this key", file=sys.stderr)
+            print(f"no record for {what}", file=sys.stderr)
             return 1
         if not done:
             print(

@@ -7,11 +7,14 @@ operator reading a crash-looping pod's log should not have to read a traceback.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import (
@@ -85,6 +88,63 @@ HttpStatus = Annotated[int, Field(ge=100, le=599)]
 _FROZEN = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamURL:
+    """The upstream's fixed parts. Every forwarded URL is these plus a client's path and
+    query, so no request target can name another host."""
+
+    scheme: str
+    authority: str  # host[:port] as written (IPv6 in brackets), without credentials
+    host: str
+    port: int
+    prefix: str  # path prefix without a trailing '/' ('' for none), percent-encoded
+    # `Authorization: Basic` from credentials in the URL, sent on every forwarded request.
+    authorization: bytes | None = None
+
+    @property
+    def origin(self) -> str:
+        """scheme://host:port/prefix: the upstream as it may be logged."""
+        return f"{self.scheme}://{self.authority}{self.prefix}"
+
+
+def parse_upstream(url: str) -> UpstreamURL:
+    """Split the upstream URL into its fixed parts; errors never repeat the credentials."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = parts.hostname
+    except ValueError:
+        raise ValueError("is not a valid URL (check the host and port)") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must be an http:// or https:// URL")
+    if not host:
+        raise ValueError("names no host")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ValueError("must not carry a query or a fragment (only a path prefix)")
+    authority = parts.netloc.rpartition("@")[2]
+    authorization = None
+    if "@" in parts.netloc:
+        user = unquote(parts.username or "")
+        password = unquote(parts.password or "")
+        authorization = b"Basic " + base64.b64encode(f"{user}:{password}".encode())
+    return UpstreamURL(
+        scheme=parts.scheme,
+        authority=authority,
+        host=host,
+        port=port or (443 if parts.scheme == "https" else 80),
+        prefix=parts.path.rstrip("/"),
+        authorization=authorization,
+    )
+
+
+def redact_url(url: str) -> str:
+    """The URL without its userinfo, for logs and errors."""
+    try:
+        return parse_upstream(url).origin
+    except ValueError:
+        return "<invalid URL>"
+
+
 class Listen(BaseModel):
     model_config = _FROZEN
     host: str = "0.0.0.0"
@@ -120,6 +180,10 @@ class StoreSettings(BaseModel):
     breaker_cooldown: Duration = 1.0
     # How often each process reads the canary that reveals a store which lost data.
     canary_interval: Duration = 1.0
+    # The memory store's caps: when either is reached, new keys get 503 store-unavailable
+    # until records expire (as Redis does with maxmemory-policy noeviction).
+    memory_max_entries: int = Field(default=1_000_000, ge=1)
+    memory_max_bytes: Size = 256 * 1024 * 1024
     # Wake `in_flight: wait` duplicates when their record settles (Redis pub/sub across
     # replicas) instead of polling every 250 ms; polling stays the fallback (each second).
     wake_waiters: bool = True
@@ -137,6 +201,9 @@ class UpstreamPool(BaseModel):
     model_config = _FROZEN
     client: Literal["aiohttp", "httpx"] = "aiohttp"
     max_connections: int = Field(default=100, ge=1)
+    # Pass-through (unprotected) traffic has its own pool, so that it cannot take the
+    # connections protected routes need.
+    passthrough_max_connections: int = Field(default=100, ge=1)
     # Below uvicorn's 5 s keep-alive default: a connection the backend closed
     # under us is an ambiguous failure for a POST.
     keepalive_expiry: Duration = 2.0
@@ -175,6 +242,9 @@ class Policy(BaseModel):
     # How the proxy's own answers look: "problem" (RFC 9457), a preset, or a template
     # from `error_formats`; resolved once at start-up (proxy.errorformat).
     error_format: str = "problem"
+    # observe: forward every request as if the proxy were not there, but claim and record
+    # first requests and count what enforcement would have done with each duplicate.
+    mode: Literal["enforce", "observe"] = "enforce"
 
     @field_validator("lease", "retention")
     @classmethod
@@ -184,27 +254,82 @@ class Policy(BaseModel):
         return value
 
 
-KeyFrom = Literal["header", "json", "form", "query", "path"]
+KeyFrom = Literal["header", "json", "form", "query", "path", "xml"]
 
 
 class KeySpec(BaseModel):
+    """Where a route's key comes from: one source, or (`parts`) several in order."""
+
     model_config = _FROZEN
-    source: KeyFrom = Field(alias="from")
+    source: KeyFrom | None = Field(default=None, alias="from")
     name: str | None = None
     field: str | None = None
+    # from: xml: an absolute element path with prefixes declared in `namespaces`.
+    path: str | None = None
+    namespaces: dict[str, str | tuple[str, ...]] | None = None
+    # A composite key: each part is read by its own source's rules, then joined.
+    parts: tuple[KeySpec, ...] | None = None
 
     @model_validator(mode="after")
     def _one_name(self) -> KeySpec:
+        if self.parts is not None:
+            return self._composite()
+        if self.source is None:
+            raise ValueError("give 'from' (header, json, form, query, path, xml) or parts")
         if self.name and self.field and self.name != self.field:
             raise ValueError("give either 'name' or 'field', not both")
+        if self.source == "xml":
+            if self.name or self.field:
+                raise ValueError("a key from xml takes a 'path', not a 'name' or 'field'")
+            if not self.path:
+                raise ValueError("key from xml needs a 'path' such as /soap:Envelope/soap:Body/...")
+            from proxy.xmlkeys import compile_path
+
+            compile_path(self.path, self.namespaces or {})
+            return self
+        if self.path is not None or self.namespaces is not None:
+            raise ValueError("'path' and 'namespaces' are only for keys from xml")
         if not (self.name or self.field) and self.source != "header":
             raise ValueError(f"key from {self.source} needs a 'field' (or 'name')")
         return self
 
+    def _composite(self) -> KeySpec:
+        assert self.parts is not None
+        if self.source or self.name or self.field or self.path or self.namespaces:
+            raise ValueError("a composite key is a list of parts and nothing else")
+        if len(self.parts) < 2:
+            raise ValueError("a composite key needs at least two parts")
+        for part in self.parts:
+            if part.parts is not None:
+                raise ValueError("the parts of a composite key cannot be composite themselves")
+        return self
+
     @property
     def target(self) -> str:
-        """The header, field, parameter or path variable the key is read from."""
+        """The header, field, parameter, path variable or XML path the key is read from."""
+        if self.parts is not None:
+            return " + ".join(part.target for part in self.parts)
+        if self.source == "xml":
+            return self.path or ""
         return self.name or self.field or "Idempotency-Key"
+
+    @property
+    def natural(self) -> bool:
+        """True when any part comes from the request itself (body, path, query) rather than
+        a client-made header: such a key names an operation of one route."""
+        if self.parts is not None:
+            return any(part.natural for part in self.parts)
+        return self.source != "header"
+
+    @property
+    def sources(self) -> tuple[KeySpec, ...]:
+        """The single-source specs this key is built from, in order."""
+        return self.parts if self.parts is not None else (self,)
+
+
+def _key_shape(value: Any) -> Any:
+    # The list form, `key: [{from: header, ...}, {from: json, ...}]`, is a composite key.
+    return {"parts": value} if isinstance(value, list | tuple) else value
 
 
 class StatusCheck(BaseModel):
@@ -250,10 +375,13 @@ class RouteSettings(BaseModel):
     name: str
     path: str
     methods: tuple[str, ...] = ("POST",)
-    key: KeySpec = KeySpec.model_validate({"from": "header"})
+    key: Annotated[KeySpec, BeforeValidator(_key_shape)] = KeySpec.model_validate(
+        {"from": "header"}
+    )
     required: bool = True
     # Routes that share a namespace share their keys: the same key sent to two
-    # of them is a reuse (422), not two executions.
+    # of them is a reuse (422), not two executions. Unset: header keys share one
+    # namespace per tenant, natural keys are per route (routes._namespace).
     namespace: str | None = None
     retention: Duration | None = None
     lease: Duration | None = None
@@ -267,6 +395,7 @@ class RouteSettings(BaseModel):
     release_statuses: tuple[HttpStatus, ...] | None = None
     failure_mode: Literal["closed", "open"] | None = None
     replay_headers: tuple[str, ...] | None = None
+    mode: Literal["enforce", "observe"] | None = None
     error_format: str | None = None
     # Resolves this route's UNKNOWN records by asking the backend (proxy/resolution.py).
     status_check: StatusCheck | None = None
@@ -325,13 +454,40 @@ class Settings(BaseModel):
     workers: int = Field(default=1, ge=1)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     max_header_bytes: Size = 32 * 1024
+    # Connections plus requests in flight on the traffic port before new requests get 503
+    # `overloaded` (uvicorn's limit_concurrency); 0: no cap.
+    max_concurrency: int = Field(default=1000, ge=0)
+    # A request head that takes longer gets 408; a connection that sends nothing is closed.
+    header_read_timeout: Duration = 10.0
+
+    # Keys the `key_hash` in the logs (docs/security.md). repr=False: never printed.
+    key_hash_secret: str | None = Field(default=None, repr=False)
+    key_hash_secret_file: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_from_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("key_hash_secret_file"):
+            return data
+        path = data["key_hash_secret_file"]
+        if data.get("key_hash_secret"):
+            raise ValueError("key_hash_secret and key_hash_secret_file: set one of them, not both")
+        try:
+            secret = Path(str(path)).read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise ValueError(f"key_hash_secret_file: cannot read {path}: {reason}") from None
+        if not secret:
+            raise ValueError(f"key_hash_secret_file: {path} is empty")
+        return {**data, "key_hash_secret": secret}
 
     @field_validator("upstream")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(f"{value!r} must be an http:// or https:// URL")
-        return value.rstrip("/") if value else value
+        if value is None:
+            return value
+        parse_upstream(value)  # the reason, never the credentials, on a bad URL
+        return value.rstrip("/")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -361,6 +517,10 @@ FLAG_PATHS: dict[str, tuple[str, ...]] = {
     "redis_url": ("store", "url"),
     "workers": ("workers",),
     "log_level": ("log_level",),
+    # Environment only: a secret on the command line is visible to every local user.
+    "key_hash_secret": ("key_hash_secret",),
+    "key_hash_secret_file": ("key_hash_secret_file",),
+    "mode": ("defaults", "mode"),
 }
 
 
@@ -404,11 +564,15 @@ def _describe(error: ValidationError, tree: Mapping[str, Any]) -> str:
     for item in loc:
         if isinstance(item, int) and isinstance(node, list | tuple) and item < len(node):
             route = node[item]
-            label = route.get("name") if isinstance(route, dict) else None
+            # Routes are named by their name; a key's parts (which have `name`s too) by index.
+            named = bool(parts) and parts[-1] == "routes"
+            label = route.get("name") if named and isinstance(route, dict) else None
             parts.append(f"[{label!r}]" if label else f"[{item}]")
             node = route
             continue
         key = str(item)
+        if key == "parts" and isinstance(node, list):
+            continue  # the list form of a composite key: `key[1]`, not `key.parts[1]`
         if key == "from" or key == "source":
             key = "from"
         parts.append(("." if parts else "") + key)

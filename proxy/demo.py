@@ -1,10 +1,11 @@
 """`idempotency-proxy demo`: the double-charge stories, straight to the backend and proxied.
 
-Starts a private Redis, the sample payment backend and several proxy replicas, plays three
-stories (double click, timeout and retry, burst) first against the backend and then through
-the replicas, and prints one table of what the backend's ledger shows. Everything it starts
-runs in its own process group and is stopped on the way out: normal end, error, Ctrl-C or
-SIGTERM. `Stack` is also what `loadtests/smoke.py` uses to start the same set of processes.
+Starts a private Redis, the sample payment backend and several proxy replicas, plays four
+stories (double click, timeout and retry, legacy SOAP client, burst) first against the backend
+and then through the replicas, and prints one table of what the backend's ledger shows.
+Everything it starts runs in its own process group and is stopped on the way out: normal end,
+error, Ctrl-C or SIGTERM. `Stack` is also what `loadtests/smoke.py` uses to start the same set
+of processes.
 """
 
 from __future__ import annotations
@@ -66,6 +67,24 @@ ROUTES: list[dict[str, Any]] = [
         "key": {"from": "header", "name": "Idempotency-Key"},
         "required": True,
     },
+    # A legacy SOAP gateway: the order id inside the envelope is the key (SOAP 1.1 or 1.2).
+    {
+        "name": "soap-pay",
+        "methods": ["POST"],
+        "path": "/soap/payments",
+        "key": {
+            "from": "xml",
+            "path": "/soap:Envelope/soap:Body/p:Pay/p:OrderId",
+            "namespaces": {
+                "soap": [
+                    "http://schemas.xmlsoap.org/soap/envelope/",
+                    "http://www.w3.org/2003/05/soap-envelope",
+                ],
+                "p": "urn:idempotency-proxy:sample:payments",
+            },
+        },
+        "required": True,
+    },
 ]
 
 READY_TIMEOUT = 60.0
@@ -82,6 +101,11 @@ BURST_MAX_COPIES = 5
 BURST_TAMPER_SHARE = 0.10
 BURST_SEED = 20240601
 BURST_ORDERS_IN_FLIGHT = 32
+# Replicas in `mode: observe` for the third mode; two are enough to cross replicas.
+OBSERVERS = 2
+# What observe mode counts that enforcement would have answered itself instead of charging
+# again: replays, 409s, waits, 422s and outcome-unknown answers.
+PREVENTED = frozenset({"replayed", "in_flight", "key_reused", "outcome_unknown", "fenced"})
 
 
 class DemoError(RuntimeError):
@@ -284,6 +308,8 @@ class Stack:
         self.redis_url: str | None = None
         self.backend_url = ""
         self.proxy_urls: list[str] = []
+        self.observer_urls: list[str] = []
+        self.observer_admin_urls: list[str] = []
 
     def _spawn(self, name: str, argv: Sequence[str], port: int) -> Child:
         child = Child(name, argv, self.workdir / f"{name}.log", port)
@@ -328,30 +354,42 @@ class Stack:
         self._pending.append((child, f"{self.backend_url}/healthz"))
         return self.backend_url
 
-    def start_proxies(self, count: int, *, upstream: str, redis_url: str) -> list[str]:
-        """`count` replicas of `python -m proxy run`, all on one Redis and the demo routes."""
-        config = self.workdir / "proxy.yaml"
-        document = {"defaults": {"error_format": self.error_format}, "routes": ROUTES}
-        config.write_text(yaml.safe_dump(document, sort_keys=False))
+    def start_proxies(
+        self, count: int, *, upstream: str, redis_url: str, mode: str = "enforce"
+    ) -> list[str]:
+        """`count` replicas of `python -m proxy run`, all on one Redis and the demo routes
+        (in `mode: observe`, the observers, whose admin URLs are kept for their metrics)."""
+        observe = mode == "observe"
+        config = self.workdir / f"proxy-{mode}.yaml"
+        defaults = {"error_format": self.error_format, "mode": mode}
+        config.write_text(yaml.safe_dump({"defaults": defaults, "routes": ROUTES}, sort_keys=False))
         urls: list[str] = []
         for index in range(count):
             port, admin = free_port(), free_port()
             argv = [sys.executable, "-m", "proxy", "run", "--upstream", upstream]
             argv += ["--host", HOST, "--port", str(port), "--admin-port", str(admin)]
             argv += ["--redis-url", redis_url, "--config", str(config), "--log-level", "warning"]
-            child = self._spawn(f"proxy-{index + 1}", argv, port)
+            name = f"observe-{index + 1}" if observe else f"proxy-{index + 1}"
+            child = self._spawn(name, argv, port)
             self._pending.append((child, f"http://{HOST}:{admin}/readyz"))
             urls.append(f"http://{HOST}:{port}")
-        self.proxy_urls += urls
+            if observe:
+                self.observer_admin_urls.append(f"http://{HOST}:{admin}")
+        if observe:
+            self.observer_urls += urls
+        else:
+            self.proxy_urls += urls
         return urls
 
-    def start_replicated(self, replicas: int) -> None:
-        """Redis, backend and `replicas` proxies, ready to serve."""
+    def start_replicated(self, replicas: int, observers: int = 0) -> None:
+        """Redis, backend, `replicas` proxies and `observers` observe-mode proxies, ready."""
         redis_url = self.start_redis()
         upstream = self.start_backend()
         # Redis starts in milliseconds; the proxies then find it at their start-up check.
         self.wait_ready()
         self.start_proxies(replicas, upstream=upstream, redis_url=redis_url)
+        if observers:
+            self.start_proxies(observers, upstream=upstream, redis_url=redis_url, mode="observe")
         self.wait_ready()
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
@@ -371,6 +409,8 @@ class Stack:
         parts.append(f"backend {self.backend_url}")
         if self.proxy_urls:
             parts.append(f"replicas {' '.join(self.proxy_urls)}")
+        if self.observer_urls:
+            parts.append(f"observing {' '.join(self.observer_urls)}")
         return " | ".join(parts)
 
     def close(self) -> None:
@@ -412,9 +452,14 @@ class _DropMemoryStoreWarning(logging.Filter):
 
 @contextlib.asynccontextmanager
 async def memory_replicas(
-    count: int, upstream: str, error_format: str = "problem"
+    count: int,
+    upstream: str,
+    error_format: str = "problem",
+    mode: str = "enforce",
+    apps: list[Any] | None = None,
 ) -> AsyncIterator[list[str]]:
-    """`count` uvicorn servers on this loop, each a ProxyApp on one shared MemoryStore."""
+    """`count` uvicorn servers on this loop, each a ProxyApp on one shared MemoryStore
+    (`apps`, when given, receives the ProxyApps, e.g. to read their metrics)."""
     from proxy import logs
     from proxy.app import ProxyApp
     from proxy.store.memory import MemoryStore
@@ -433,13 +478,16 @@ async def memory_replicas(
                     "upstream": upstream,
                     "listen": {"host": HOST, "port": port},
                     "admin": {"enabled": False},
-                    "defaults": {"error_format": error_format},
+                    "defaults": {"error_format": error_format, "mode": mode},
                     "routes": ROUTES,
                     "log_level": "warning",
                 }
             )
+            app = ProxyApp(settings, store=store)
+            if apps is not None:
+                apps.append(app)
             config = uvicorn.Config(
-                ProxyApp(settings, store=store),
+                app,
                 host=HOST,
                 port=port,
                 lifespan="on",
@@ -494,6 +542,8 @@ class Phase:
     timeouts: int = 0
     unknowns: int = 0
     other: dict[str, int] = field(default_factory=dict)
+    # Observe mode: duplicates that enforcement would have answered itself (no charge).
+    would_prevent: int | None = None
 
     def count(self, outcome: Outcome) -> None:
         self.requests += 1
@@ -506,7 +556,7 @@ class Phase:
                 self.other[outcome.error] = self.other.get(outcome.error, 0) + 1
         elif outcome.replayed:
             self.replays += 1
-        elif outcome.status == 201:
+        elif outcome.status in (200, 201):  # 200: the SOAP endpoint's success
             self.fresh += 1
         elif _in_progress(outcome):
             self.conflicts += 1
@@ -528,10 +578,20 @@ class Outcome:
 class Player:
     """Sends the stories' requests and reads the ledger."""
 
-    def __init__(self, session: aiohttp.ClientSession, backend: str, replicas: list[str]) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        backend: str,
+        replicas: list[str],
+        observers: list[str] | None = None,
+        observed: Callable[[], Awaitable[int]] | None = None,
+    ) -> None:
         self.session = session
         self.backend = backend
         self.replicas = replicas
+        self.observers = observers or []
+        # The observers' count of duplicates enforcement would have answered itself.
+        self.observed = observed
         self.run = secrets.token_hex(3)
 
     async def pay(
@@ -566,6 +626,30 @@ class Player:
         except aiohttp.ClientError as exc:
             return Outcome(None, error=type(exc).__name__)
 
+    async def soap_pay(self, base: str, order_id: str, amount: int, *, pretty: bool) -> Outcome:
+        """One SOAP 1.1 Pay envelope, as a legacy client library sends it."""
+        from sample_backend.soap import pay_envelope
+
+        body = pay_envelope(order_id, amount, pretty=pretty)
+        headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '"urn:Pay"'}
+        try:
+            async with self.session.post(
+                f"{base}/soap/payments",
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=30.0),
+            ) as response:
+                body_bytes = await response.read()
+                return Outcome(
+                    response.status,
+                    response.headers.get("Idempotent-Replayed") == "true",
+                    problem=problem_name(response.content_type, body_bytes),
+                )
+        except TimeoutError:
+            return Outcome(None, error="timeout")
+        except aiohttp.ClientError as exc:
+            return Outcome(None, error=type(exc).__name__)
+
     async def reset(self) -> None:
         async with self.session.post(f"{self.backend}/v1/ledger/reset") as response:
             if response.status != 204:
@@ -582,17 +666,37 @@ class Player:
         return f"{story}-{mode}-{self.run}-{n}"
 
     def targets(self, mode: str) -> list[str]:
-        return [self.backend] if mode == "direct" else self.replicas
+        if mode == "direct":
+            return [self.backend]
+        return self.observers if mode == "observe" else self.replicas
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return ("direct", "observe", "proxied") if self.observers else ("direct", "proxied")
 
     async def phase(self, story: str, mode: str, play: Callable[[Phase], Awaitable[None]]) -> Phase:
         """Play one story in one mode on an empty ledger and read back what it charged."""
         await self.reset()
         phase = Phase(story, mode)
+        observing = mode == "observe" and self.observed is not None
+        before = await self.observed() if observing and self.observed else 0
         await play(phase)
         ledger = await self.ledger()
         phase.charges = int(ledger["charges"])
         phase.double_charged = int(ledger["double_charged_count"])
+        if observing and self.observed is not None:
+            phase.would_prevent = await self.observed() - before
         return phase
+
+    async def observed_from(self, admin_urls: Sequence[str]) -> int:
+        """The observers' would-be-prevented duplicates, from their /metrics."""
+        total = 0
+        for url in admin_urls:
+            async with self.session.get(f"{url}/metrics") as response:
+                if response.status != 200:
+                    raise DemoError(f"GET {url}/metrics: HTTP {response.status}")
+                total += prevented_in(await response.text())
+        return total
 
     # -- the stories
 
@@ -635,6 +739,20 @@ class Player:
                 break
             await asyncio.sleep(0.25)
         say(f"  {phase.mode:8} attempts -> {', '.join(_label(o) for o in seen)}")
+
+    async def legacy_soap(self, phase: Phase) -> None:
+        """A SOAP client submits one payment, times out in its head and submits it again,
+        re-serialised (pretty-printed) by its library, through another replica."""
+        order = self.order("soap", phase.mode, 1)
+        targets = self.targets(phase.mode)
+        phase.orders = 1
+        seen = [
+            await self.soap_pay(targets[0], order, 3100, pretty=False),
+            await self.soap_pay(targets[1 % len(targets)], order, 3100, pretty=True),
+        ]
+        for outcome in seen:
+            phase.count(outcome)
+        say(f"  {phase.mode:8} two submits -> {', '.join(_label(o) for o in seen)}")
 
     async def slow_then_reset(self, phase: Phase) -> None:
         """The backend charges, is slow, then resets the connection: nobody saw an answer.
@@ -697,6 +815,18 @@ class Player:
         progress.finish()
 
 
+def prevented_in(metrics: str) -> int:
+    """Sum of `idempotency_proxy_observed_total` samples whose `would` is a duplicate that
+    enforcement would have answered itself, in a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(metrics):
+        if family.name == "idempotency_proxy_observed":
+            total += sum(s.value for s in family.samples if s.labels.get("would") in PREVENTED)
+    return int(total)
+
+
 def _in_progress(outcome: Outcome) -> bool:
     # By name, whatever status the error format gives it; a bare 409 straight from a
     # backend counts too.
@@ -720,7 +850,7 @@ def _label(outcome: Outcome) -> str:
         return f"{outcome.status} key reused"
     if outcome.problem:
         return f"{outcome.status} {outcome.problem}"
-    return {201: "201 charged"}.get(outcome.status, str(outcome.status))
+    return {200: "200 charged", 201: "201 charged"}.get(outcome.status, str(outcome.status))
 
 
 class Progress:
@@ -767,6 +897,7 @@ COLUMNS = (
     ("timeouts", ">"),
     ("unknown", ">"),
     ("other", ">"),
+    ("would prevent", ">"),
 )
 
 
@@ -788,6 +919,7 @@ def table(phases: Sequence[Phase]) -> str:
                 str(p.timeouts),
                 str(p.unknowns),
                 str(other),
+                "-" if p.would_prevent is None else str(p.would_prevent),
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
@@ -817,6 +949,11 @@ async def _play(player: Player, orders: int) -> list[Phase]:
             player.timeout_retry,
         ),
         (
+            "legacy SOAP",
+            "a SOAP client submits one payment twice, the second re-serialised",
+            player.legacy_soap,
+        ),
+        (
             "slow+reset",
             f"backend charges, takes {RESET_AFTER}s, then resets the connection; the client "
             "retries until it has an answer",
@@ -831,7 +968,7 @@ async def _play(player: Player, orders: int) -> list[Phase]:
     ]
     for story, description, play in stories:
         say(f"{story}: {description}")
-        for mode in ("direct", "proxied"):
+        for mode in player.modes:
             phases.append(await player.phase(story, mode, play))
     return phases
 
@@ -860,10 +997,23 @@ async def _stories_unguarded(stack: Stack, replicas: int, orders: int, memory: b
     # trust_env defaults to False: a developer's HTTP_PROXY must not see 127.0.0.1 traffic.
     async with aiohttp.ClientSession(connector=connector) as session:
         if not memory:
-            return await _play(Player(session, stack.backend_url, stack.proxy_urls), orders)
-        async with memory_replicas(replicas, stack.backend_url, stack.error_format) as urls:
-            say(f"in-process replicas: {' '.join(urls)}")
-            result: list[Phase] = await _play(Player(session, stack.backend_url, urls), orders)
+            player = Player(session, stack.backend_url, stack.proxy_urls, stack.observer_urls)
+            player.observed = lambda: player.observed_from(stack.observer_admin_urls)
+            return await _play(player, orders)
+        apps: list[Any] = []
+        async with (
+            memory_replicas(replicas, stack.backend_url, stack.error_format) as urls,
+            memory_replicas(
+                OBSERVERS, stack.backend_url, stack.error_format, "observe", apps
+            ) as observers,
+        ):
+            say(f"in-process replicas: {' '.join(urls)}; observing: {' '.join(observers)}")
+
+            async def observed() -> int:
+                return sum(prevented_in(app.metrics.render().decode()) for app in apps)
+
+            player = Player(session, stack.backend_url, urls, observers, observed)
+            result: list[Phase] = await _play(player, orders)
             return result
 
 
@@ -911,7 +1061,7 @@ def main(
                 stack.start_backend()
                 stack.wait_ready()
             else:
-                stack.start_replicated(replicas)
+                stack.start_replicated(replicas, OBSERVERS)
             say(f"started: {stack.describe()}")
             phases = asyncio.run(_stories(stack, replicas, orders, memory))
         except (KeyboardInterrupt, asyncio.CancelledError):
@@ -938,6 +1088,14 @@ def _verdict(phases: Sequence[Phase], seconds: float) -> int:
     if doubled:
         say(f"FAIL: {doubled} order(s) charged more than once through the proxies")
         return 1
+    observed = [p for p in phases if p.mode == "observe"]
+    if observed:
+        would = sum(p.would_prevent or 0 for p in observed)
+        say(
+            f"observe: charged as straight to the backend "
+            f"({sum(p.double_charged for p in observed)} order(s) charged more than once); "
+            f"enforcing would have prevented {would} duplicate charge(s)"
+        )
     say(
         f"OK: {direct} order(s) charged more than once straight to the backend, "
         f"none through the proxies ({seconds:.1f}s)"

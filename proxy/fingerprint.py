@@ -1,9 +1,12 @@
 """The canonical fingerprint of a request: what 'the same request' means.
 
-sha256 over method, path, sorted query, media type and body. A JSON body is
-canonicalised (parsed, keys sorted, compact) so whitespace and key order do not
-make a retry look like a different payment. Only the digest is ever stored:
-request bodies may carry card data.
+sha256 over method, path, query (sorted by parameter name, repeated parameters in
+their order), media type and body. A JSON body is canonicalised (parsed, keys
+sorted, compact) so whitespace and key order do not make a retry look like a
+different payment; an XML body likewise (C14N 2.0, see proxy.xmlkeys for what is
+and is not made equal). A JSON body the canonical form cannot hold exactly (NaN,
+Infinity, 1e400: not finite numbers) is fingerprinted by its raw bytes instead.
+Only the digest is ever stored: request bodies may carry card data.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
+from proxy import xmlkeys
 from proxy.request import InvalidJSON, ProxyRequest, is_json
+from proxy.xmlkeys import is_xml
 
 
 def canonical_json(value: Any) -> bytes:
@@ -33,7 +38,14 @@ def canonical_query(query_string: bytes) -> bytes:
     # latin-1 both ways maps each percent-decoded byte to one character and back, so bytes
     # that are not UTF-8 (%FF, %FE) stay distinct instead of all becoming U+FFFD.
     pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
-    return urlencode(sorted(pairs), encoding="latin-1").encode("latin-1")
+    # Sorted by name only (a stable sort): the values of a repeated parameter keep their
+    # order, because a last-wins backend reads `amount=100&amount=1` as another amount.
+    ordered = sorted(pairs, key=_name)
+    return urlencode(ordered, encoding="latin-1").encode("latin-1")
+
+
+def _name(pair: tuple[str, str]) -> str:
+    return pair[0]
 
 
 def canonical_body(request: ProxyRequest, media_type: str) -> bytes:
@@ -44,6 +56,11 @@ def canonical_body(request: ProxyRequest, media_type: str) -> bytes:
             # Too deep to re-encode (orjson stops at 255 levels, json at the stack): the
             # raw bytes still tell different requests apart.
             pass
+    elif request.body and is_xml(media_type):
+        # Unusable XML (malformed, a DTD) keeps its raw bytes, as unusable JSON does.
+        xml = xmlkeys.canonical(request)
+        if xml is not None:
+            return xml
     return request.body
 
 

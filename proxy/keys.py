@@ -7,27 +7,42 @@ of one record lands in one slot.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from dataclasses import dataclass
+import hmac
+import re
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
+from proxy import xmlkeys
 from proxy.config import KeySpec
 from proxy.problems import Problem, key_invalid, key_missing
 from proxy.request import InvalidJSON, ProxyRequest, is_json
 
 MAX_KEY_LENGTH = 255
+# The one tenant of a deployment without a tenant header (the record names it had before
+# tenants were configurable stay the same).
 DEFAULT_TENANT = "default"
+
+# Leads every composite key; validate() refuses control characters in a single key.
+COMPOSITE_MARK = "\x1e"
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
 @dataclass(frozen=True, slots=True)
 class ScopedKey:
-    """The store's name for one record, and a short hash that is safe to log."""
+    """The store's name for one record, and (computed only when a log line needs it) the
+    keyed hash that is safe to log."""
 
     storage_key: str
-    log_hash: str
+    digest: bytes = field(repr=False)
+    hasher: KeyHasher = field(repr=False, compare=False)
+
+    @property
+    def log_hash(self) -> str:
+        return self.hasher.permute(self.digest).hex()
 
 
 def validate(key: str) -> str:
@@ -113,17 +128,43 @@ def _json_field(request: ProxyRequest, dotted: str, required: bool) -> str | Non
         raise Problem(
             "body-invalid", 400, f"the body is not valid JSON; the key is read from {where}"
         ) from None
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
+    for name, positions in _json_steps(dotted):
+        if not isinstance(node, dict) or name not in node:
             if required:
                 raise key_missing(where)
             return None
-        node = node[part]
+        node = node[name]
+        # A list is only entered at a position the route names (`items[0]`), so a key
+        # never depends on list order by accident.
+        for position in positions:
+            if not isinstance(node, list) or position >= len(node):
+                if required:
+                    raise key_missing(where)
+                return None
+            node = node[position]
     if node is None and not required:
         return None
     if isinstance(node, bool) or not isinstance(node, str | int):
         raise key_invalid(f"{where} must be a string or an integer")
     return str(node)
+
+
+_POSITIONS = re.compile(r"\[(\d+)\]")
+_STEP = re.compile(r"^(.+?)((?:\[\d+\])*)$")
+
+
+@functools.lru_cache(maxsize=256)
+def _json_steps(dotted: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """`payments[1].order_id` -> (("payments", (1,)), ("order_id", ()))."""
+    steps: list[tuple[str, tuple[int, ...]]] = []
+    for part in dotted.split("."):
+        found = _STEP.match(part)
+        if found is None:
+            steps.append((part, ()))
+            continue
+        name, positions = found.groups()
+        steps.append((name, tuple(int(p) for p in _POSITIONS.findall(positions))))
+    return tuple(steps)
 
 
 def _form_field(request: ProxyRequest, name: str, required: bool) -> str | None:
@@ -154,34 +195,164 @@ def extract(
 
     Raises `Problem` (400 key-missing / key-invalid, 415, 400 body-invalid).
     """
+    if spec.parts is not None:
+        return _composite(request, spec.parts, params, required)
+    return _one(request, spec, params, required)
+
+
+def _one(
+    request: ProxyRequest, spec: KeySpec, params: dict[str, str], required: bool, part: str = ""
+) -> str | None:
     name = spec.target
-    if spec.source == "header":
-        lines = request.header_values(name.lower().encode("latin-1"))
-        if not lines:
-            if required:
-                raise key_missing(f"the {name} header")
-            return None
-        return parse_header(lines)
-    if spec.source == "json":
-        key = _json_field(request, name, required)
-    elif spec.source == "form":
-        key = _form_field(request, name, required)
-    elif spec.source == "query":
-        try:
-            query = request.query_string.decode("utf-8")
-        except UnicodeDecodeError:
-            raise key_invalid("the query string is not valid UTF-8") from None
-        values = parse_qs(query, keep_blank_values=True).get(name)
-        key = _single(values, f"the query parameter '{name}'", required)
-    else:
-        key = _single(
-            [params[name]] if name in params else None, f"the path parameter '{name}'", required
-        )
-    return None if key is None else validate(key)
+    try:
+        if spec.source == "header":
+            lines = request.header_values(name.lower().encode("latin-1"))
+            if not lines:
+                if required:
+                    raise key_missing(f"the {name} header")
+                return None
+            return parse_header(lines)
+        if spec.source == "json":
+            key = _json_field(request, name, required)
+        elif spec.source == "form":
+            key = _form_field(request, name, required)
+        elif spec.source == "xml":
+            key = xmlkeys.key_at(request, _xml_path(spec), required)
+        elif spec.source == "query":
+            try:
+                query = request.query_string.decode("utf-8")
+            except UnicodeDecodeError:
+                raise key_invalid("the query string is not valid UTF-8") from None
+            values = parse_qs(query, keep_blank_values=True).get(name)
+            key = _single(values, f"the query parameter '{name}'", required)
+        else:
+            key = _single(
+                [params[name]] if name in params else None,
+                f"the path parameter '{name}'",
+                required,
+            )
+        return None if key is None else validate(key)
+    except Problem as problem:
+        if part and problem.detail:
+            problem.detail += f" ({part})"
+        raise
 
 
-def scope(tenant: str, namespace: str, key: str) -> ScopedKey:
-    """The record's storage key: tenant + namespace + key, hashed, in a hash tag."""
-    material = f"{len(tenant)}:{tenant}|{len(namespace)}:{namespace}|{key}".encode()
-    digest = hashlib.sha256(material).hexdigest()
-    return ScopedKey(storage_key=f"idem:{{{digest[:32]}}}", log_hash=digest[:12])
+def _composite(
+    request: ProxyRequest, parts: tuple[KeySpec, ...], params: dict[str, str], required: bool
+) -> str | None:
+    """Each part by its own source's rules, joined so that no two lists of parts (and no
+    single key) give the same string: `a|bc` and `ab|c` stay two keys."""
+    values: list[str | None] = []
+    for index, spec in enumerate(parts, 1):
+        label = f"key part {index} of {len(parts)}"
+        values.append(_one(request, spec, params, required, label))
+    present = [value for value in values if value is not None]
+    if not present:
+        return None  # optional route, no part at all: forwarded without a record
+    if len(present) < len(values):
+        # Half a key names no operation: refuse it rather than guess, even when optional.
+        index = values.index(None)
+        _one(request, parts[index], params, True, f"key part {index + 1} of {len(parts)}")
+        raise key_invalid(f"key part {index + 1} of {len(parts)} is empty")
+    return join_parts(present)
+
+
+def join_parts(parts: list[str]) -> str:
+    """The composite key: length-prefixed parts behind a control character that no single
+    key may contain, so it can never equal a single key nor another list of parts."""
+    return COMPOSITE_MARK + "".join(f"{len(part)}:{part}" for part in parts)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(path: str, namespaces: tuple[tuple[str, str | tuple[str, ...]], ...]) -> Any:
+    return xmlkeys.compile_path(path, dict(namespaces))
+
+
+def _xml_path(spec: KeySpec) -> xmlkeys.XmlPath:
+    # Compiled (and checked) at start-up by the config; cached here for the hot path.
+    namespaces = tuple(sorted((spec.namespaces or {}).items()))
+    path: xmlkeys.XmlPath = _compiled(spec.path or "", namespaces)
+    return path
+
+
+_STORAGE_KEY = re.compile(r"idem:\{([0-9a-f]{32})\}")
+_LOG_HASH = re.compile(r"[0-9a-f]{32}")
+_ROUNDS = 4
+
+
+class KeyHasher:
+    """Storage keys, and the `key_hash` the logs show, under a deployment secret.
+
+    The storage key is an unkeyed hash (records must survive a change of secret). The log
+    hash is that storage digest through a keyed permutation: a four-round Feistel network
+    whose round function is HMAC-SHA256 under the secret. Without the secret nobody can
+    test a guessed key (`ord-73519`) against a log line; with it, `records show --hash`
+    inverts the permutation and finds the record directly, with no scan of the store.
+    """
+
+    __slots__ = ("_rounds", "keyed")
+
+    def __init__(self, secret: str | bytes | None = None) -> None:
+        if isinstance(secret, str):
+            secret = secret.encode()
+        self.keyed = bool(secret)
+        # One HMAC per round, keyed once here and copied per use: copying a keyed HMAC
+        # is several times cheaper than keying one per call (the log line pays for it).
+        self._rounds = [
+            hmac.new(
+                hmac.digest(secret or b"", b"idempotency-proxy key_hash round %d" % i, "sha256"),
+                digestmod=hashlib.sha256,
+            )
+            for i in range(_ROUNDS)
+        ]
+
+    def _round(self, i: int, half: int) -> int:
+        mac = self._rounds[i].copy()
+        mac.update(half.to_bytes(8, "big"))
+        return int.from_bytes(mac.digest()[:8], "big")
+
+    def permute(self, block: bytes) -> bytes:
+        left, right = int.from_bytes(block[:8], "big"), int.from_bytes(block[8:], "big")
+        for i in range(_ROUNDS):
+            left, right = right, left ^ self._round(i, right)
+        return left.to_bytes(8, "big") + right.to_bytes(8, "big")
+
+    def _unpermute(self, block: bytes) -> bytes:
+        left, right = int.from_bytes(block[:8], "big"), int.from_bytes(block[8:], "big")
+        for i in reversed(range(_ROUNDS)):
+            left, right = right ^ self._round(i, left), left
+        return left.to_bytes(8, "big") + right.to_bytes(8, "big")
+
+    def scope(self, tenant: str | None, namespace: str, key: str) -> ScopedKey:
+        """The record's storage key: tenant + namespace + key, hashed, in a hash tag.
+
+        `None` is the caller without a tenant (the tenant header is configured but was not
+        sent): its own scope, which no header value can name, since every named tenant is
+        length-prefixed and so starts with a digit.
+        """
+        owner = "-" if tenant is None else f"{len(tenant)}:{tenant}"
+        material = f"{owner}|{len(namespace)}:{namespace}|{key}".encode()
+        digest = hashlib.sha256(material).digest()[:16]
+        return ScopedKey(f"idem:{{{digest.hex()}}}", digest, self)
+
+    def log_hash(self, storage_key: str) -> str:
+        """The `key_hash` the logs show for a record."""
+        match = _STORAGE_KEY.fullmatch(storage_key)
+        if match is None:
+            raise ValueError("not a record's storage key")
+        return self.permute(bytes.fromhex(match.group(1))).hex()
+
+    def storage_key(self, log_hash: str) -> str:
+        """The record a log line's `key_hash` names (under the same secret)."""
+        if _LOG_HASH.fullmatch(log_hash) is None:
+            raise ValueError("a key_hash is 32 lower-case hex digits")
+        return f"idem:{{{self._unpermute(bytes.fromhex(log_hash)).hex()}}}"
+
+
+_UNKEYED = KeyHasher()
+
+
+def scope(tenant: str | None, namespace: str, key: str) -> ScopedKey:
+    """The scoped key without a key-hash secret (storage keys never depend on the secret)."""
+    return _UNKEYED.scope(tenant, namespace, key)

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from proxy import keys, problems
+from proxy import keys, logs, problems
 from proxy.fingerprint import fingerprint
 from proxy.metrics import Metrics
 from proxy.outcome import Held, LateAnswers, silence_bounded
@@ -30,6 +30,7 @@ from proxy.request import ProxyRequest
 from proxy.resolution import StatusChecker, render_target
 from proxy.routes import Route
 from proxy.store import Store, StoreUnavailable
+from proxy.tracing import Tracing
 from proxy.upstream import (
     NotSent,
     OutcomeUnknown,
@@ -46,6 +47,25 @@ T = TypeVar("T")
 # a random per-process prefix and a counter, without a system call per request.
 _TOKEN_PREFIX = secrets.token_hex(8)
 _tokens = (f"{_TOKEN_PREFIX}.{n}" for n in itertools.count(1))
+
+# What enforcement answers itself, without forwarding: in observe mode each of these is
+# counted and the request forwarded instead.
+_PROXY_ANSWERS = frozenset(
+    {
+        "replayed",
+        "in_flight",
+        "key_reused",
+        "outcome_unknown",
+        "replay_unavailable",
+        "store_unavailable",
+        "fenced",
+        "key_missing",
+        "key_invalid",
+        "tenant_invalid",
+        "body_invalid",
+        "unsupported_media_type",
+    }
+)
 
 # How long background completion keeps trying after the store failed at the end.
 BACKGROUND_RETRY_SECONDS = 60.0
@@ -64,7 +84,8 @@ class Reply:
     close: Callable[[], None] | None = None
     # For the request's log line and metrics; never sent.
     outcome: str = ""
-    key_hash: str = ""
+    # The record's scoped key, whose keyed hash the log line shows.
+    scoped: keys.ScopedKey | None = None
     upstream_ms: float | None = None
     store_ms: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
@@ -136,12 +157,21 @@ class Lifecycle:
         tenant_header: str | None,
         cache: ReplayCache,
         date: Callable[[], bytes],
+        hasher: keys.KeyHasher | None = None,
+        tracing: Tracing | None = None,
         max_held_exchanges: int = 64,
         wake_waiters: bool = True,
     ) -> None:
         self.store = store
+        self.hasher = hasher or keys.KeyHasher()
         self.upstream = upstream
         self.metrics = metrics
+        self.tracing = tracing
+        if tracing is not None:
+            # Swapped once here, so that without tracing the hot path is the plain code.
+            self.upstream = tracing.wrap(upstream)
+            self.handle = self._traced_handle  # type: ignore[method-assign]
+            self._timed = self._traced_timed  # type: ignore[method-assign]
         self.tenant_header = tenant_header.lower().encode("latin-1") if tenant_header else None
         self.cache = cache
         self.date = date
@@ -160,10 +190,43 @@ class Lifecycle:
         route: Route,
         params: dict[str, str],
     ) -> Reply:
+        if route.observe:
+            return await self._observe(request, route, params)
+        return await self._enforce(request, route, params)
+
+    async def _traced_handle(
+        self,
+        request: ProxyRequest,
+        route: Route,
+        params: dict[str, str],
+    ) -> Reply:
+        """`handle` inside the request's span; its store and upstream calls are children."""
+        tracing = self.tracing
+        assert tracing is not None
+        with tracing.request_span(request.method, route.name, request.headers) as span:
+            try:
+                reply = await Lifecycle.handle(self, request, route, params)
+            except Problem as problem:
+                reply = problem_reply(problem, problem.name.replace("-", "_"), self.date())
+            reply.extra["trace_id"] = tracing.finish(
+                span,
+                outcome=reply.outcome,
+                status=reply.status,
+                replayed=REPLAYED in reply.headers,
+                key_hash=reply.scoped.log_hash if reply.scoped else "",
+            )
+        return reply
+
+    async def _enforce(
+        self,
+        request: ProxyRequest,
+        route: Route,
+        params: dict[str, str],
+    ) -> Reply:
         key = keys.extract(request, route.key, params, route.required)
         if key is None:
             return await self._forward_unrecorded(request, route, "unprotected")
-        scoped = keys.scope(self._tenant(request), route.namespace, key)
+        scoped = self.hasher.scope(self._tenant(request), route.namespace, key)
         fp = fingerprint(request)
 
         cached = self.cache.get(scoped.storage_key)
@@ -178,7 +241,37 @@ class Lifecycle:
             reply = await self._claim_and_execute(
                 request, route, scoped.storage_key, fp, scoped.log_hash, check
             )
-        reply.key_hash = scoped.log_hash
+        reply.scoped = scoped
+        return reply
+
+    async def _observe(
+        self,
+        request: ProxyRequest,
+        route: Route,
+        params: dict[str, str],
+    ) -> Reply:
+        """Observe mode: the request's story as enforcement tells it (first requests are
+        claimed, forwarded and recorded), except that every answer enforcement would have
+        made itself instead of forwarding is counted, logged, and replaced by forwarding the
+        request unrecorded, as if the proxy were not there. Nothing is ever blocked here,
+        also not by a store that is down."""
+        try:
+            would = await self._enforce(request, route, params)
+        except Problem as problem:
+            would = problem_reply(problem, problem.name.replace("-", "_"), self.date())
+        # A reply that went upstream carries its upstream time; the proxy's own answers
+        # (replays, 409, 422, 503, 400...) never went upstream and have none.
+        if would.upstream_ms is not None or would.outcome not in _PROXY_ANSWERS:
+            return would
+        self.metrics.observe(route.name, would.outcome)
+        reply = await self._forward_unrecorded(request, route, "observed")
+        reply.scoped = would.scoped
+        reply.store_ms = would.store_ms
+        reply.extra["would"] = would.outcome
+        status = would.status
+        if would.problem is not None:  # the status the route's error format would have sent
+            status = route.error_format.render(would.problem, [], request.request_id)[0]
+        reply.extra["would_status"] = status
         return reply
 
     async def _claim_and_execute(
@@ -232,7 +325,7 @@ class Lifecycle:
             else:
                 call = self.store.claim(storage_key, token, fp, lease_ms, retention_ms)
             claim = await self._timed("claim", call)
-            if claim.kind is not ClaimKind.IN_FLIGHT or not waiting:
+            if claim.kind is not ClaimKind.IN_FLIGHT or not waiting or route.observe:
                 return claim
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -248,15 +341,23 @@ class Lifecycle:
                 await asyncio.sleep(pause)
                 delay = min(delay * 2, 0.25)
 
-    def _tenant(self, request: ProxyRequest) -> str:
+    def _tenant(self, request: ProxyRequest) -> str | None:
+        """The request's tenant; None for a request without the tenant header, which is a
+        scope of its own (never `default`, never the one of an empty value)."""
         if self.tenant_header is None:
             return keys.DEFAULT_TENANT
         values = request.header_values(self.tenant_header)
+        if not values:
+            return None
         if len(values) > 1:
             # A client's line plus the auth layer's appended one: using either could let a
             # client pick whose records it sees, so refuse instead of choosing.
             raise Problem("tenant-invalid", 400, "the tenant header was sent more than once")
-        return values[0].decode("latin-1") if values and values[0] else keys.DEFAULT_TENANT
+        if not values[0].strip(b" \t"):
+            # An auth layer that sets the header always gives it a value; an empty one is a
+            # broken layer or a client probing for the anonymous scope.
+            raise Problem("tenant-invalid", 400, "the tenant header is empty")
+        return values[0].decode("latin-1")
 
     # -- duplicates ------------------------------------------------------------------
 
@@ -492,6 +593,11 @@ class Lifecycle:
         finally:
             self.metrics.store_call(operation, time.perf_counter() - started, failed)
 
+    async def _traced_timed(self, operation: str, call: Awaitable[T]) -> T:
+        assert self.tracing is not None
+        with self.tracing.store_span(operation):
+            return await Lifecycle._timed(self, operation, call)
+
     async def _settle(
         self, operation: str, attempt: _Attempt, call: Callable[[], Awaitable[bool]]
     ) -> bool:
@@ -503,10 +609,14 @@ class Lifecycle:
         """
         try:
             ok = bool(await self._timed(operation, call()))
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             logger.warning(
                 "store unavailable; recording the outcome in the background",
-                extra={"operation": operation, "route": attempt.route.name},
+                extra={
+                    "operation": operation,
+                    "route": attempt.route.name,
+                    "reason": logs.describe(exc),
+                },
             )
             self._track(asyncio.ensure_future(self._retry_later(operation, attempt, call)))
             return False
@@ -529,18 +639,20 @@ class Lifecycle:
     ) -> None:
         deadline = time.monotonic() + BACKGROUND_RETRY_SECONDS
         delay = 0.1
+        reason = ""
         while time.monotonic() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
             try:
                 ok = bool(await self._timed(operation, call()))
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
+                reason = logs.describe(exc)
                 continue
             self._note(operation, attempt, ok)
             return
         logger.error(
             "gave up recording an outcome; the record will turn UNKNOWN when its lease expires",
-            extra={"operation": operation, "route": attempt.route.name},
+            extra={"operation": operation, "route": attempt.route.name, "reason": reason},
         )
 
     # -- lease renewal ---------------------------------------------------------------

@@ -3,6 +3,7 @@ raw paths or client addresses, which would leak data and explode cardinality."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -11,8 +12,14 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# The `_created` series double every counter and histogram and no dashboard reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -97,6 +104,15 @@ class Metrics:
             ["via", "result"],
             registry=self.registry,
         )
+        self.observed = Counter(
+            "idempotency_proxy_observed_total",
+            "Observe mode: duplicates forwarded that enforcement would have answered itself, "
+            "by what it would have done.",
+            ["route", "would"],
+            registry=self.registry,
+        )
+        self.health = StoreHealth()
+        self.registry.register(self.health)
         # labels() takes a lock and builds a key on every call; the label sets are few
         # and fixed, so resolve each child once.
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -128,5 +144,81 @@ class Metrics:
     def upstream_call(self, route: str, seconds: float) -> None:
         self._child(self.upstream_seconds, route).observe(seconds)
 
+    def observe(self, route: str, would: str) -> None:
+        self._child(self.observed, route, would).inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class StoreHealth(Collector):
+    """Store and replay-cache state, read at scrape time from the objects that keep it, so
+    the hot path pays nothing for it. Every family is exported from the start (zeros
+    until a store is attached), so dashboards and alerts never read a missing series."""
+
+    def __init__(self) -> None:
+        self.store: Any = None
+        self.cache: Any = None
+
+    def attach(self, store: Any, cache: Any) -> None:
+        self.store = store
+        self.cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        store, cache = self.store, self.cache
+        # The memory store has no breaker, canary or replicas: its families stay at 0.
+        breaker = getattr(store, "breaker", None)
+        watch = getattr(store, "watch", None)
+        yield _gauge(
+            "idempotency_proxy_store_circuit_open",
+            "1 while the store circuit breaker is open (claims answered 503 at once).",
+            bool(breaker is not None and breaker.is_open),
+        )
+        yield _counter(
+            "idempotency_proxy_store_circuit_opened",
+            "Times the store circuit breaker opened after a run of failures.",
+            getattr(breaker, "opened", 0),
+        )
+        yield _gauge(
+            "idempotency_proxy_store_safe_mode",
+            "1 while claims fail closed because the store lost data (canary gone).",
+            bool(watch is not None and watch.active),
+        )
+        yield _counter(
+            "idempotency_proxy_store_data_losses",
+            "Store data losses detected through the canary key.",
+            getattr(watch, "losses", 0),
+        )
+        yield _counter(
+            "idempotency_proxy_store_wait_shortfalls",
+            "Writes that fewer replicas acknowledged than wait_replicas asks for.",
+            getattr(store, "replica_shortfalls", 0),
+        )
+        yield _counter(
+            "idempotency_proxy_replay_cache_hits",
+            "Duplicates answered from this process's replay cache, without the store.",
+            getattr(cache, "hits", 0),
+        )
+        yield _counter(
+            "idempotency_proxy_replay_cache_misses",
+            "Replay cache look-ups that went on to the store.",
+            getattr(cache, "misses", 0),
+        )
+        yield _gauge(
+            "idempotency_proxy_replay_cache_entries",
+            "Stored responses held in this process's replay cache.",
+            len(cache) if cache is not None else 0,
+        )
+        yield _gauge(
+            "idempotency_proxy_replay_cache_bytes",
+            "Bytes held in this process's replay cache.",
+            getattr(cache, "bytes", 0),
+        )
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=float(value))
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=float(value))

@@ -21,6 +21,9 @@ TITLES: dict[str, str] = {
     "body-timeout": "The request body did not arrive in time",
     "unsupported-media-type": "This endpoint reads its idempotency key from another media type",
     "headers-too-large": "The request headers are too large",
+    "target-invalid": "The request target is not a path this proxy forwards",
+    "header-timeout": "The request headers did not arrive in time",
+    "overloaded": "The proxy is at its concurrency limit; nothing was sent",
     "outcome-unknown": "The backend may or may not have executed this request",
     "upstream-unreachable": "The backend could not be reached; nothing was sent",
     "upstream-failed": "The backend did not answer",
@@ -85,6 +88,16 @@ def body_timeout() -> Problem:
 
 def key_missing(where: str) -> Problem:
     return Problem("key-missing", 400, f"expected the idempotency key in {where}")
+
+
+def target_invalid() -> Problem:
+    return Problem(
+        "target-invalid",
+        400,
+        "the request target must be a path (origin-form) or an absolute URL; "
+        "the proxy forwards to its configured upstream only",
+        close=True,
+    )
 
 
 def key_invalid(reason: str) -> Problem:

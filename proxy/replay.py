@@ -53,6 +53,11 @@ def replay_headers(response: StoredResponse) -> list[tuple[bytes, bytes]]:
     return headers
 
 
+def _size(response: StoredResponse) -> int:
+    """What a cached response holds: its body, its stored headers, and a fixed overhead."""
+    return len(response.body) + sum(len(k) + len(v) for k, v in response.headers) + 256
+
+
 class ReplayCache:
     """The hottest COMPLETED records of this process, bounded in entries, bytes and age.
 
@@ -67,6 +72,10 @@ class ReplayCache:
         self._max_age = max_age
         self._bytes = 0
         self._entries: OrderedDict[str, tuple[str, StoredResponse, float]] = OrderedDict()
+        # Plain ints, read by the metrics collector at scrape time: no cost per request
+        # beyond an addition.
+        self.hits = 0
+        self.misses = 0
 
     def get(self, key: str) -> tuple[str, StoredResponse] | None:
         """(fingerprint, response) when cached and fresh."""
@@ -74,15 +83,18 @@ class ReplayCache:
             return None
         entry = self._entries.get(key)
         if entry is None:
+            self.misses += 1
             return None
         if entry[2] <= time.monotonic():
             self._drop(key)
+            self.misses += 1
             return None
         self._entries.move_to_end(key)
+        self.hits += 1
         return entry[0], entry[1]
 
     def put(self, key: str, fingerprint: str, response: StoredResponse, ttl_ms: int) -> None:
-        size = len(response.body) + 256
+        size = _size(response)
         if not self._max_entries or size > self._max_bytes // 8 or ttl_ms <= 0:
             return
         if key in self._entries:
@@ -95,7 +107,12 @@ class ReplayCache:
 
     def _drop(self, key: str) -> None:
         _, response, _ = self._entries.pop(key)
-        self._bytes -= len(response.body) + 256
+        self._bytes -= _size(response)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes held, as counted against `max_bytes` (body plus a fixed overhead)."""
+        return self._bytes

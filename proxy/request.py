@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +18,23 @@ class InvalidJSON(ValueError):
     """The body claims to be JSON and is not (bad syntax or invalid UTF-8)."""
 
 
+def _not_a_number(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
 def parse_json(body: bytes) -> Any:
-    """Parse JSON strictly (UTF-8 only); integers beyond 64 bits are kept exactly."""
+    """Parse JSON strictly (UTF-8 only); integers beyond 64 bits are kept exactly.
+
+    NaN, Infinity and numbers beyond a double (1e400) are refused: each would become one
+    value (`null` once re-encoded) and different requests would look the same.
+    """
     # orjson silently turns integers wider than 64 bits into floats, so two different
     # huge amounts would fingerprint alike; any 19+ digit run takes the exact parser.
     if not _LONG_DIGITS.search(body):
@@ -29,7 +45,7 @@ def parse_json(body: bytes) -> Any:
     # The standard library keeps every integer exact.
     # RecursionError: nesting deeper than the interpreter's stack, an abuse, not a 500.
     try:
-        return json.loads(body.decode("utf-8"))
+        return json.loads(body.decode("utf-8"), parse_constant=_not_a_number, parse_float=_finite)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise InvalidJSON("the body is not valid UTF-8 JSON") from None
 
@@ -54,6 +70,8 @@ class ProxyRequest:
     # Validated or generated (proxy.app); forwarded upstream in place of the client's.
     request_id: bytes = b""
     _json: Any = field(default=_UNPARSED, repr=False)
+    # An XML body parsed once (proxy.xmlkeys): its tree and canonical form, or why not.
+    _xml: Any = field(default=None, repr=False)
 
     def header_values(self, name: bytes) -> list[bytes]:
         """Every value of a header, in order; `name` must be lower case."""

@@ -14,6 +14,13 @@ from proxy.errorformat import PRESETS, PROBLEM, ErrorFormat, TemplateFormat
 # The default rule's methods: those that create or change something. GET, PUT and
 # DELETE are idempotent by definition and pass straight through.
 DEFAULT_METHODS = frozenset({"POST", "PATCH"})
+# Where client-generated header keys live unless a route names a namespace: one per
+# tenant across endpoints, so one key sent to two endpoints is a reuse (422), never two
+# executions. The no-routes rule uses it too, which keeps that rule's record names.
+HEADER_NAMESPACE = "default"
+# A record must outlive its request: retention at least this many times the longest a
+# request can hold its record before it settles (lease + upstream_timeout).
+RETENTION_FACTOR = 2
 ALWAYS_REPLAYED = (b"content-type", b"content-encoding", b"location", b"etag", b"link")
 
 
@@ -32,6 +39,7 @@ class Route:
     lease_ms: int
     retention_ms: int
     fail_open: bool
+    observe: bool
     replay_headers: frozenset[bytes]
     _regex: re.Pattern[str] | None
     _convertors: dict[str, Any]
@@ -82,6 +90,29 @@ def _replay_headers(policy: Policy) -> frozenset[bytes]:
     return frozenset((*ALWAYS_REPLAYED, *extra))
 
 
+def _check_retention(where: str, policy: Policy) -> None:
+    """One line at start-up when a record could expire while its request is still running
+    (including the wait for a late answer): a duplicate would then find no record and
+    execute again."""
+    request_s = policy.lease + policy.upstream_timeout + policy.outcome_wait
+    if policy.retention < RETENTION_FACTOR * request_s:
+        raise ConfigError(
+            f"{where}.retention: {policy.retention:g}s is too short; records must outlive "
+            f"their requests, so it must be at least {RETENTION_FACTOR} x (lease + "
+            f"upstream_timeout + outcome_wait) = {RETENTION_FACTOR * request_s:g}s"
+        )
+
+
+def _namespace(spec: RouteSettings) -> str:
+    if spec.namespace:
+        return spec.namespace
+    # A natural key (order_id in the body, path or query, or any composite key with such
+    # a part) names an operation on one object, and /pay and /refund of one order are
+    # two operations: per route. Keys made of headers alone are the client's own.
+    parts = spec.key.parts if spec.key.parts is not None else (spec.key,)
+    return HEADER_NAMESPACE if all(p.source == "header" for p in parts) else spec.name
+
+
 class _Formats:
     """The presets and the configured templates; a bad one is reported by the first route
     that uses it, so the start-up error names the route."""
@@ -116,11 +147,12 @@ def _compile(settings: Settings, formats: _Formats) -> list[Route]:
     store_fail_open = settings.store.failure_mode == "open"
     if not settings.routes:
         policy = settings.defaults
+        _check_retention("defaults", policy)
         fail_open = (policy.failure_mode or settings.store.failure_mode) == "open"
         return [
             Route(
                 name="default",
-                namespace="default",
+                namespace=HEADER_NAMESPACE,
                 methods=DEFAULT_METHODS,
                 path="/{path:path}",
                 key=KeySpec.model_validate({"from": "header", "name": "Idempotency-Key"}),
@@ -129,6 +161,7 @@ def _compile(settings: Settings, formats: _Formats) -> list[Route]:
                 lease_ms=_ms(policy.lease),
                 retention_ms=_ms(policy.retention),
                 fail_open=fail_open,
+                observe=policy.mode == "observe",
                 replay_headers=_replay_headers(policy),
                 _regex=None,
                 _convertors={},
@@ -138,19 +171,22 @@ def _compile(settings: Settings, formats: _Formats) -> list[Route]:
     compiled = []
     for spec in settings.routes:
         policy = spec.policy(settings.defaults)
+        _check_retention(f"routes[{spec.name!r}]", policy)
         regex, _, convertors = compile_path(spec.path)
-        if spec.key.source == "path" and spec.key.target not in convertors:
-            raise ConfigError(
-                f"routes[{spec.name!r}].key.name: {spec.key.target!r} is not a parameter "
-                f"of the path {spec.path!r}"
-            )
+        for index, part in enumerate(spec.key.sources):
+            if part.source == "path" and part.target not in convertors:
+                where = f"[{index}]" if spec.key.parts is not None else ""
+                raise ConfigError(
+                    f"routes[{spec.name!r}].key{where}.name: {part.target!r} is not a parameter "
+                    f"of the path {spec.path!r}"
+                )
         fail_open = (policy.failure_mode == "open") if policy.failure_mode else store_fail_open
         if spec.status_check is not None:
             _check_placeholders(spec, set(convertors))
         compiled.append(
             Route(
                 name=spec.name,
-                namespace=spec.namespace or spec.name,
+                namespace=_namespace(spec),
                 methods=frozenset(spec.methods),
                 path=spec.path,
                 key=spec.key,
@@ -159,6 +195,7 @@ def _compile(settings: Settings, formats: _Formats) -> list[Route]:
                 lease_ms=_ms(policy.lease),
                 retention_ms=_ms(policy.retention),
                 fail_open=fail_open,
+                observe=policy.mode == "observe",
                 replay_headers=_replay_headers(policy),
                 _regex=regex,
                 _convertors=convertors,
@@ -182,7 +219,7 @@ def _check_placeholders(spec: RouteSettings, params: set[str]) -> None:
             continue
         if not name.isidentifier():
             raise ConfigError(f"routes[{route!r}].status_check.path: bad placeholder {{{name}}}")
-        if key.source not in ("json", "form"):
+        if not any(part.source in ("json", "form") for part in key.sources):
             raise ConfigError(
                 f"routes[{route!r}].status_check.path: {{{name}}} is neither {{key}} nor a "
                 f"parameter of the path {spec.path!r}"

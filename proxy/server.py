@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -12,6 +13,7 @@ from typing import Any
 
 import uvicorn
 
+from proxy import tracing
 from proxy.admin import create_admin_app
 from proxy.app import ProxyApp
 from proxy.config import Settings
@@ -58,7 +60,9 @@ def _uvicorn_options(settings: Settings) -> dict[str, Any]:
         "proxy_headers": False,
         # The proxy sets Date itself: the backend's passes through, replays get a fresh one.
         "date_header": False,
-        "http": "httptools",
+        # httptools with the request head bounded in bytes and time (proxy/protocol.py).
+        "http": "proxy.protocol:BoundedHttpToolsProtocol",
+        "limit_concurrency": settings.max_concurrency or None,
         "loop": "uvloop",
         "timeout_graceful_shutdown": 30,
         "backlog": 2048,
@@ -72,9 +76,15 @@ def _uvicorn_config(
 
 
 async def serve(settings: Settings) -> None:
-    proxy = ProxyApp(settings)
+    proxy = ProxyApp(settings, tracing=tracing.from_environment())
     traffic = _TrafficServer(
-        _uvicorn_config(proxy, settings.listen.host, settings.listen.port, settings, lifespan="on")
+        _uvicorn_config(
+            proxy,
+            settings.listen.host,
+            settings.listen.port,
+            settings,
+            lifespan="on",
+        )
     )
     admin_task = None
     admin = None
@@ -100,6 +110,14 @@ async def serve(settings: Settings) -> None:
 
 def run(settings: Settings) -> None:
     if settings.workers > 1:
+        if settings.admin.enabled:
+            # Each worker's metrics would be a partial view, and per-process state (breaker,
+            # safe mode, replay cache) cannot be summed honestly: say so instead of serving it.
+            logging.getLogger("idempotency_proxy").warning(
+                "the admin port (/livez, /readyz, /metrics) needs --workers 1; it is not "
+                "served with several workers: scale with replicas of one worker instead",
+                extra={"workers": settings.workers},
+            )
         _run_workers(settings)
         return
     import uvloop
@@ -111,7 +129,10 @@ def run(settings: Settings) -> None:
 def _run_workers(settings: Settings) -> None:
     """Several worker processes on one port (uvicorn's supervisor). The admin port is not
     served in this mode: each worker's metrics would be a partial view."""
-    os.environ[SETTINGS_ENV] = settings.model_dump_json(by_alias=True)
+    # The secret file was read already; the workers get its contents, not the path again.
+    os.environ[SETTINGS_ENV] = settings.model_dump_json(
+        by_alias=True, exclude={"key_hash_secret_file"}
+    )
     uvicorn.run(
         "proxy.server:worker_app",
         factory=True,
@@ -129,4 +150,4 @@ def worker_app() -> ProxyApp:
 
     settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
     logs.configure(settings.log_level)
-    return ProxyApp(settings)
+    return ProxyApp(settings, tracing=tracing.from_environment())

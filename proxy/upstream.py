@@ -13,6 +13,8 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from proxy.config import parse_upstream
+
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -77,6 +79,25 @@ def request_headers(
     return out
 
 
+def _split_target(target: str) -> tuple[str, str]:
+    """(path, query) of an origin-form target; anything else was refused before this point,
+    so another form here is a bug, and nothing is sent."""
+    if not target.startswith("/"):
+        raise NotSent("target-not-origin-form")
+    path, _, query = target.partition("?")
+    return path, query
+
+
+def _with_authorization(headers: Headers, authorization: bytes | None) -> Headers:
+    """The upstream's own credentials (from its URL) replace the client's Authorization:
+    one request carries one set of credentials."""
+    if authorization is None:
+        return headers
+    return [(k, v) for k, v in headers if k != b"authorization"] + [
+        (b"authorization", authorization)
+    ]
+
+
 def response_headers(headers: Headers) -> Headers:
     """The backend's headers minus hop-by-hop ones (the server frames the body itself)."""
     named = _connection_tokens(headers)
@@ -133,11 +154,12 @@ class _PoolSettings:
         keepalive_expiry: float,
         connect_timeout: float,
     ) -> None:
-        self.base_url = base_url
+        self.upstream = parse_upstream(base_url)
         self._max_connections = max_connections
         self._keepalive = keepalive_expiry
         self._connect_timeout = connect_timeout
         self._session: Any = None
+        self._url: Any = None
 
 
 class AiohttpUpstream(_PoolSettings):
@@ -182,17 +204,27 @@ class AiohttpUpstream(_PoolSettings):
         from multidict import CIMultiDict
         from yarl import URL
 
+        path, query = _split_target(target)
+        # Built from parts: the scheme and authority are the upstream's, fixed at start-up.
+        # encoded=True: the client's path as it came (escapes, dot segments), not yarl's
+        # normalisation of it.
+        url = URL.build(
+            scheme=self.upstream.scheme,
+            authority=self.upstream.authority,
+            path=self.upstream.prefix + path,
+            query_string=query,
+            encoded=True,
+        )
         send_headers: CIMultiDict[str] = CIMultiDict(
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in headers
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in _with_authorization(headers, self.upstream.authorization)
         )
         response: Any = None
         try:
             async with asyncio.timeout(timeout):
                 response = await self._session.request(
                     method,
-                    # encoded=True: the client's target as it came (escapes, dot segments),
-                    # not yarl's normalisation of it.
-                    URL(self.base_url + target, encoded=True),
+                    url,
                     headers=send_headers,
                     data=body if body else None,
                     allow_redirects=False,
@@ -261,6 +293,13 @@ class HttpxUpstream(_PoolSettings):
     async def start(self) -> None:
         import httpx
 
+        # No credentials in it: they travel as the header built at start-up.
+        self._url = httpx.URL(
+            scheme=self.upstream.scheme,
+            host=self.upstream.host,
+            port=self.upstream.port,
+            path="/",
+        )
         self._session = httpx.AsyncClient(
             limits=httpx.Limits(
                 max_connections=self._max_connections,
@@ -288,15 +327,16 @@ class HttpxUpstream(_PoolSettings):
     ) -> UpstreamResponse:
         import httpx
 
-        # httpcore's "target" extension: the request line carries the client's target as it
-        # came (escapes, dot segments) under the base URL's path, not httpx's normalisation.
-        prefix = httpx.URL(self.base_url).raw_path.rstrip(b"/")
+        _split_target(target)
+        # The URL (where to connect) is the upstream's, fixed at start-up; httpcore's "target"
+        # extension puts the client's path and query on the request line as they came
+        # (escapes, dot segments) under the upstream's prefix, not httpx's normalisation.
         request = self._session.build_request(
             method,
-            self.base_url + target,
-            headers=headers,
+            self._url,
+            headers=_with_authorization(headers, self.upstream.authorization),
             content=body,
-            extensions={"target": prefix + target.encode("latin-1")},
+            extensions={"target": (self.upstream.prefix + target).encode("latin-1")},
             # read: also bounds the silence between chunks of a streamed answer.
             timeout=httpx.Timeout(None, connect=self._connect_timeout, read=timeout),
         )

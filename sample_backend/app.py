@@ -7,6 +7,7 @@ has to protect, and the witness that tells whether it did.
 =================================  ==============================================================
 ``POST /v1/orders/pay``            ``{order_id, amount, currency}``: charge, 201
 ``POST /v1/charges``               ``{amount, currency, order_id?, description?}``: charge, 201
+``POST /soap/payments``            SOAP 1.1/1.2 ``Pay`` envelope: charge, 200 (faults: 500/400)
 ``GET /v1/charges/{charge_id}``    one charge, or 404
 ``GET /v1/orders/{order_id}``      ``{order_id, charges, times_charged}``, 200 even if none
 ``GET /v1/ledger``                 totals, per-order counts, double charges, ``requests_seen``
@@ -17,7 +18,7 @@ has to protect, and the witness that tells whether it did.
 ``GET /v1/stream?chunks=N``        N chunks, streamed (``&interval=S``, ``&size=B`` optional)
 =================================  ==============================================================
 
-The faults of :mod:`sample_backend.faults` apply to the two charge endpoints and to the echo.
+The faults of :mod:`sample_backend.faults` apply to the charge endpoints and to the echo.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from starlette.types import Receive, Scope, Send
 
 from sample_backend.faults import RAW_SEND_KEY, FaultError, Faults, error_response
 from sample_backend.ledger import Ledger, OrderId
+from sample_backend.soap import SoapFault, fault_response, parse_pay, pay_response
 
 JSON = "application/json"
 MAX_AMOUNT = 10**12
@@ -189,6 +191,35 @@ class _Api:
         """Charge without an order: ``{amount, currency, order_id?, description?}``."""
         return await self._charge(request, order_required=False)
 
+    async def soap_pay(self, request: Request) -> Response:
+        """Charge from a SOAP ``Pay`` envelope; every call charges, like the JSON endpoint."""
+        self.ledger.note_request()
+        body = await request.body()
+        try:
+            faults = Faults.from_request(request, default_delay=self.default_delay)
+        except FaultError as exc:
+            return error_response(400, "invalid_fault", str(exc))
+        early = await faults.before_work()
+        if early is not None:
+            return early
+        try:
+            envelope_ns, data = parse_pay(body)
+            try:
+                order_id = _order_id(data, required=True)
+                amount = _amount(data)
+                currency = _currency(data)
+            except InvalidRequest as exc:
+                raise SoapFault(str(exc), envelope_ns) from None
+        except SoapFault as fault:
+            status, content, content_type = fault_response(fault)
+            return faults.respond(content, status, {}, content_type)
+        charge = self.ledger.charge(amount=amount, currency=currency, order_id=order_id)
+        late = await faults.after_work()
+        if late is not None:
+            return late
+        content, content_type = pay_response(envelope_ns, charge.to_json())
+        return faults.respond(content, 200, {}, content_type)
+
     async def get_charge(self, request: Request) -> Response:
         charge = self.ledger.get_charge(request.path_params["charge_id"])
         if charge is None:
@@ -319,6 +350,7 @@ def create_app(db_path: str, *, default_delay: float = 0.0) -> Starlette:
     routes = [
         Route("/v1/orders/pay", api.pay_order, methods=["POST"]),
         Route("/v1/charges", api.create_charge, methods=["POST"]),
+        Route("/soap/payments", api.soap_pay, methods=["POST"]),
         Route("/v1/charges/{charge_id}", api.get_charge, methods=["GET"]),
         Route("/v1/orders/{order_id}", api.get_order, methods=["GET"]),
         Route("/v1/orders/{order_id}/status", api.order_status, methods=["GET"]),

@@ -12,6 +12,11 @@ with one worker, and the proxy with one worker (a header-keyed route on
            executes, the ones that arrive while it runs get 409, the rest replay
   miss-httpx  (--transports) the miss path through a second proxy whose upstream
            client is httpx, to compare the two transports
+  miss-json  (--keys) the miss path on a route keyed by a JSON body field
+           (`POST /v1/orders/pay`, `order_id`), a new order per request
+  miss-xml   (--keys) the same on a SOAP route keyed by an XML element
+           (`POST /soap/payments`, the envelope's `p:OrderId`): what an XML
+           route costs next to a JSON route
 
 at 1 and 32 connections, in interleaved rounds (every scenario once per round,
 the order rotated each round), and reports the median of the rounds.
@@ -54,13 +59,46 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import bench_report
-from bench_store import measure_store
-
 REPO = Path(__file__).resolve().parent.parent
+# This checkout's `proxy`, as the processes it starts use, also for the in-process parts.
+if str(REPO) not in sys.path:
+    sys.path.insert(1, str(REPO))
+
+import bench_report  # noqa: E402
+from bench_store import measure_store  # noqa: E402
+
 HOST = "127.0.0.1"
 PATH = "/v1/charges"
 BODY = b'{"amount":100,"currency":"EUR"}'
+# The natural-key scenarios: a route keyed by a JSON field and one keyed by an XML element.
+JSON_KEY_PATH = "/v1/orders/pay"
+XML_KEY_PATH = "/soap/payments"
+SOAP11_NS = "http://schemas.xmlsoap.org/soap/envelope/"
+PAYMENTS_NS = "urn:idempotency-proxy:sample:payments"
+PATHS = {"json-key": JSON_KEY_PATH, "xml-key": XML_KEY_PATH}
+
+
+def request_for(mode: str, key: str) -> tuple[str, bytes, dict[str, str]]:
+    """Path, body and headers of one request of a scenario's key pattern."""
+    if mode == "json-key":
+        body = f'{{"order_id":"{key}","amount":100,"currency":"EUR"}}'.encode()
+        return JSON_KEY_PATH, body, {"Content-Type": "application/json"}
+    if mode == "xml-key":
+        return XML_KEY_PATH, soap_body(key), {"Content-Type": "text/xml; charset=utf-8"}
+    return PATH, BODY, {"Content-Type": "application/json", "Idempotency-Key": key}
+
+
+def soap_body(order: str) -> bytes:
+    # A typical client's envelope: a declaration, line breaks and indentation.
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>\n'
+        f'<soap:Envelope xmlns:soap="{SOAP11_NS}" xmlns:p="{PAYMENTS_NS}">\n'
+        f"  <soap:Body>\n    <p:Pay>\n      <p:OrderId>{order}</p:OrderId>\n"
+        "      <p:Amount>100</p:Amount>\n      <p:Currency>EUR</p:Currency>\n"
+        "    </p:Pay>\n  </soap:Body>\n</soap:Envelope>\n"
+    ).encode()
+
+
 REPLAY_KEYS = 16
 CONNECTIONS = (1, 32)
 # A client timeout far above any healthy latency: a timeout here means the run is invalid.
@@ -102,6 +140,15 @@ end
 function request()
   counter = counter + 1
   local key
+  if mode == "json-key" or mode == "xml-key" then
+    key = prefix .. "-" .. tid .. "-" .. counter
+    if mode == "json-key" then
+      return wrk.format(nil, "JSON_KEY_PATH", {["Content-Type"] = "application/json"},
+        '{"order_id":"' .. key .. '","amount":100,"currency":"EUR"}')
+    end
+    return wrk.format(nil, "XML_KEY_PATH", {["Content-Type"] = "text/xml; charset=utf-8"},
+      'SOAP_HEAD' .. key .. 'SOAP_TAIL')
+  end
   if mode == "replay" then
     key = prefix .. "-" .. (counter % nkeys)
   elseif mode == "storm" then
@@ -139,14 +186,61 @@ end
 """
 
 
+def key_cpu_us(iterations: int = 2000) -> dict[str, float]:
+    """In this process: microseconds of CPU to read the key and fingerprint one request, for
+    a JSON-field route and an XML-element route (the part of the proxy an XML route changes;
+    the load scenarios also pay the backend's own parsing)."""
+    from proxy.config import KeySpec
+    from proxy.fingerprint import fingerprint
+    from proxy.keys import extract
+    from proxy.request import ProxyRequest
+
+    specs = {
+        "json": KeySpec.model_validate({"from": "json", "field": "order_id"}),
+        "xml": KeySpec.model_validate(
+            {
+                "from": "xml",
+                "path": "/soap:Envelope/soap:Body/p:Pay/p:OrderId",
+                "namespaces": {"soap": SOAP11_NS, "p": PAYMENTS_NS},
+            }
+        ),
+    }
+    out: dict[str, float] = {}
+    for name, spec in specs.items():
+        path, body, headers = request_for(f"{name}-key", "order-1234567890")
+        raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        started = time.process_time()
+        for _ in range(iterations):
+            request = ProxyRequest("POST", path, path.encode(), b"", raw, body)
+            extract(request, spec, {}, True)
+            fingerprint(request)
+        out[name] = (time.process_time() - started) / iterations * 1e6
+    return out
+
+
+def _lua_string(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+
+
+def wrk_script() -> str:
+    """WRK_LUA with the natural-key scenarios' paths and SOAP envelope filled in."""
+    head, tail = soap_body("KEY").decode().split("KEY")
+    return (
+        WRK_LUA.replace("JSON_KEY_PATH", JSON_KEY_PATH)
+        .replace("XML_KEY_PATH", XML_KEY_PATH)
+        .replace("SOAP_HEAD", _lua_string(head))
+        .replace("SOAP_TAIL", _lua_string(tail))
+    )
+
+
 # --------------------------------------------------------------------------- scenarios
 
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    name: str  # direct | miss | replay | storm | miss-httpx
+    name: str  # direct | miss | replay | storm | miss-httpx | miss-json | miss-xml
     target: str  # backend | proxy | proxy-httpx
-    mode: str  # the key pattern: unique | replay | storm
+    mode: str  # the key pattern: unique | replay | storm | json-key | xml-key
     connections: int
 
     @property
@@ -156,7 +250,19 @@ class Scenario:
     @property
     def allowed_statuses(self) -> frozenset[int]:
         # The storm's duplicates that arrive while the first request runs get 409 by contract.
-        return frozenset({201, 409}) if self.name == "storm" else frozenset({201})
+        if self.name == "storm":
+            return frozenset({201, 409})
+        return frozenset({self.success})
+
+    @property
+    def success(self) -> int:
+        """The status of one execution: the SOAP endpoint answers 200, the others 201."""
+        return 200 if self.mode == "xml-key" else 201
+
+    @property
+    def unique(self) -> bool:
+        """Every request on a new key: as many executions as answers."""
+        return self.mode in ("unique", "json-key", "xml-key")
 
 
 @dataclass(slots=True)
@@ -175,7 +281,7 @@ class Sample:
     problems: list[str] = field(default_factory=list)
 
 
-def scenarios(transports: bool) -> list[Scenario]:
+def scenarios(transports: bool, keys: bool = True) -> list[Scenario]:
     out: list[Scenario] = []
     for connections in CONNECTIONS:
         out += [
@@ -186,6 +292,9 @@ def scenarios(transports: bool) -> list[Scenario]:
         ]
     if transports:
         out.append(Scenario("miss-httpx", "proxy-httpx", "unique", 32))
+    if keys:
+        out.append(Scenario("miss-json", "proxy", "json-key", 32))
+        out.append(Scenario("miss-xml", "proxy", "xml-key", 32))
     return out
 
 
@@ -200,10 +309,10 @@ def check(scenario: Scenario, sample: Sample) -> list[str]:
     for kind, count in sorted(sample.errors.items()):
         if count:
             problems.append(f"{count} socket {kind} errors")
-    ok = sample.statuses.get(201, 0)
+    ok = sample.statuses.get(scenario.success, 0)
     executions = sample.executions
     if executions is not None:
-        if scenario.mode == "unique":
+        if scenario.unique:
             # Requests still in flight when the load stopped may have charged unanswered.
             if not ok <= executions <= ok + scenario.connections:
                 problems.append(f"{executions} backend executions for {ok} answers of 201")
@@ -391,7 +500,25 @@ def launch_proxy(
                 "path": PATH,
                 "key": {"from": "header", "name": "Idempotency-Key"},
                 "required": True,
-            }
+            },
+            {
+                "name": "pay",
+                "methods": ["POST"],
+                "path": JSON_KEY_PATH,
+                "key": {"from": "json", "field": "order_id"},
+                "required": True,
+            },
+            {
+                "name": "soap-pay",
+                "methods": ["POST"],
+                "path": XML_KEY_PATH,
+                "key": {
+                    "from": "xml",
+                    "path": "/soap:Envelope/soap:Body/p:Pay/p:OrderId",
+                    "namespaces": {"soap": SOAP11_NS, "p": PAYMENTS_NS},
+                },
+                "required": True,
+            },
         ],
     }
     config_path = workdir / f"{name}.yaml"
@@ -400,7 +527,11 @@ def launch_proxy(
     argv += ["--redis-url", f"redis://{HOST}:{redis_port}/0", "--config", str(config_path)]
 
     def ready() -> bool:
-        return _http("GET", admin_port, "/readyz")[0] == 200
+        # The admin port can answer before the traffic port is bound: wait for both.
+        if _http("GET", admin_port, "/readyz")[0] != 200:
+            return False
+        socket.create_connection((HOST, port), timeout=1).close()
+        return True
 
     return Child(name, argv, workdir, cpus, port, ready).start()
 
@@ -486,7 +617,7 @@ async def _aiohttp_load(
     """The stand-in for wrk: `connections` workers, each one request at a time, until the end."""
     import aiohttp
 
-    url = f"http://{HOST}:{port}{PATH}"
+    base = f"http://{HOST}:{port}"
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     errors = {"connect": 0, "read": 0, "write": 0, "timeout": 0}
@@ -508,10 +639,10 @@ async def _aiohttp_load(
                     key = prefix
                 else:
                     key = f"{prefix}-{worker_id}-{counter}"
-                headers = {"Content-Type": "application/json", "Idempotency-Key": key}
+                path, body, headers = request_for(mode, key)
                 sent = time.perf_counter()
                 try:
-                    async with session.post(url, data=BODY, headers=headers) as response:
+                    async with session.post(base + path, data=body, headers=headers) as response:
                         await response.read()
                         status = response.status
                 except TimeoutError:
@@ -779,7 +910,31 @@ def comparisons(rows: list[dict[str, Any]], rss: dict[str, int]) -> dict[str, An
             "httpx_vs_direct": hx["rps"] / base["rps"] if base["rps"] else 0.0,
             "httpx_vs_aiohttp": hx["rps"] / aio["rps"] if aio["rps"] else 0.0,
         }
-    return {"ratios": ratios, "added_p50": added, "memory": memory, "transports": transports}
+    keys = None
+    header, json_row, xml_row = (
+        _find(rows, "miss", 32),
+        _find(rows, "miss-json", 32),
+        _find(rows, "miss-xml", 32),
+    )
+    if json_row is not None and xml_row is not None and json_row["rps"]:
+        keys = {
+            "cpu_us": key_cpu_us(),
+            "json": {k: json_row[k] for k in ("rps", "p50_ms", "p99_ms")},
+            "xml": {k: xml_row[k] for k in ("rps", "p50_ms", "p99_ms")},
+            "xml_vs_json": xml_row["rps"] / json_row["rps"],
+            "json_vs_header": json_row["rps"] / header["rps"] if header and header["rps"] else None,
+            # What the XML route adds per request over the JSON route, from the throughputs.
+            "xml_extra_us": (1 / xml_row["rps"] - 1 / json_row["rps"]) * 1e6
+            if xml_row["rps"]
+            else None,
+        }
+    return {
+        "ratios": ratios,
+        "added_p50": added,
+        "memory": memory,
+        "transports": transports,
+        "keys": keys,
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -861,6 +1016,20 @@ def print_summary(run: dict[str, Any], emit: Callable[[str], None]) -> None:
             f"{transports['httpx']['rps']:.0f} req/s ({transports['httpx_vs_direct']:.2f}x "
             f"direct): httpx/aiohttp {transports['httpx_vs_aiohttp']:.2f}x"
         )
+    keys = run["comparisons"].get("keys")
+    if keys:
+        extra = keys["xml_extra_us"]
+        emit(
+            f"key routes miss c=32  json {keys['json']['rps']:.0f} req/s "
+            f"(p50 {keys['json']['p50_ms']:.2f} ms), xml {keys['xml']['rps']:.0f} req/s "
+            f"(p50 {keys['xml']['p50_ms']:.2f} ms): xml/json {keys['xml_vs_json']:.2f}x"
+            + (f", {extra:+.0f} us per request" if extra is not None else "")
+        )
+        cpu = keys["cpu_us"]
+        emit(
+            f"key + fingerprint CPU per request (in process)  json {cpu['json']:.0f} us, "
+            f"xml {cpu['xml']:.0f} us"
+        )
     non_2xx = sum(row["non_2xx"] for row in run["rows"] if row["name"] != "storm")
     storm_409 = sum(row["statuses"].get("409", 0) for row in run["rows"] if row["name"] == "storm")
     emit(f"non-2xx answers outside the storm: {non_2xx}; 409s in the storm (expected): {storm_409}")
@@ -868,7 +1037,10 @@ def print_summary(run: dict[str, Any], emit: Callable[[str], None]) -> None:
     if problems:
         emit("INVALID: " + "; ".join(problems))
     else:
-        emit("valid: only 201s (and 409s in the storm); ledger executions as each path implies")
+        emit(
+            "valid: only 201s (200s on the SOAP route, 409s in the storm); "
+            "ledger executions as each path implies"
+        )
     for name, table in (run.get("profile") or {}).items():
         what = "packages" if "package" in name else "functions"
         emit(f"\nhottest {what}, {name} path (self samples, share of active samples):")
@@ -898,10 +1070,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also measure the httpx upstream client on the miss path at 32 connections",
     )
     parser.add_argument(
+        "--keys",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure routes keyed by a JSON field and by an XML element (miss, 32 conns)",
+    )
+    parser.add_argument(
         "--loadgen",
         choices=("auto", "wrk", "aiohttp"),
         default="auto",
         help="wrk when installed (auto), else the asyncio stand-in",
+    )
+    parser.add_argument(
+        "--only",
+        metavar="NAMES",
+        help="run only these scenarios (comma-separated names, e.g. miss-json,miss-xml)",
     )
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
     parser.add_argument(
@@ -945,7 +1128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     nproc = len(os.sched_getaffinity(0))
     pinned = args.pin and nproc >= 2
     proxy_cpus, other_cpus = ({1}, {0}) if pinned else (None, None)
-    plan = scenarios(args.transports)
+    plan = scenarios(args.transports, args.keys)
+    if args.only:
+        wanted = {name.strip() for name in args.only.split(",") if name.strip()}
+        plan = [scenario for scenario in plan if scenario.name in wanted]
+        if not plan:
+            log(f"--only {args.only}: no such scenario")
+            return 2
     started = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()
     nonce = uuid.uuid4().hex[:8]
@@ -959,7 +1148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
             workdir = Path(tmp)
             lua = workdir / "bench.lua"
-            lua.write_text(WRK_LUA)
+            lua.write_text(wrk_script())
             load = Load(generator, wrk, lua, args.threads, other_cpus)
             redis_child = launch_redis(workdir, other_cpus)
             children.append(redis_child)
@@ -1034,6 +1223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "wrk_threads": args.threads,
             "pinned": pinned,
             "transports": args.transports,
+            "keys": args.keys,
             "replay_keys": REPLAY_KEYS,
         },
         "rows": rows,

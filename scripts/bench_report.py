@@ -11,13 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-SCENARIO_ORDER = ("direct", "miss", "replay", "storm", "miss-httpx")
+SCENARIO_ORDER = ("direct", "miss", "replay", "storm", "miss-httpx", "miss-json", "miss-xml")
 COLOURS = {
     "direct": "#4c72b0",
     "miss": "#dd8452",
     "replay": "#55a868",
     "storm": "#c44e52",
     "miss-httpx": "#8172b3",
+    "miss-json": "#937860",
+    "miss-xml": "#da8bc3",
 }
 DESCRIPTIONS = {
     "direct": "the backend itself, no proxy: the baseline every ratio divides by",
@@ -28,6 +30,10 @@ DESCRIPTIONS = {
     "storm": "through the proxy, every request of the round on one fresh key: the first "
     "executes, the ones arriving while it runs get 409, everything after replays",
     "miss-httpx": "the miss path through a second proxy whose upstream client is httpx",
+    "miss-json": "the miss path on `POST /v1/orders/pay`, keyed by the JSON body's `order_id` "
+    "(a new order per request, no header)",
+    "miss-xml": "the miss path on `POST /soap/payments`, a SOAP 1.1 envelope keyed by its "
+    "`p:OrderId` element (hardened parse, C14N 2.0 fingerprint); the backend answers 200",
 }
 
 _LINE = re.compile(r":\d+\)$")
@@ -261,6 +267,11 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
         )
     )
     add("")
+    add(
+        "Tracing is off here (no `OTEL_*` environment); what it costs when on is in "
+        "[benchmarks-tracing.md](benchmarks-tracing.md) (`scripts/bench_tracing.py`)."
+    )
+    add("")
     add("## Targets")
     add("")
     add("| what | target | result | |")
@@ -385,12 +396,33 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
             "comparison."
         )
         add("")
+    k = c.get("keys")
+    if k:
+        add("## Key routes: a JSON field or an XML element (miss path, 32 connections)")
+        add("")
+        add("| route keyed by | req/s | p50 ms | p99 ms | key + fingerprint CPU |")
+        add("|---|---:|---:|---:|---:|")
+        for name, label in (("json", "JSON field `order_id`"), ("xml", "SOAP `p:OrderId`")):
+            add(
+                f"| {label} | {k[name]['rps']:.0f} | {k[name]['p50_ms']:.2f} "
+                f"| {k[name]['p99_ms']:.2f} | {k['cpu_us'][name]:.0f} µs |"
+            )
+        add("")
+        add(
+            f"The XML route carried {k['xml_vs_json']:.2f}x the JSON route's throughput. The "
+            "load numbers include the sample backend's own parsing of each body; the last "
+            "column is the proxy's share alone (reading the key and computing the canonical "
+            "fingerprint of one request, measured in process): the hardened XML parse and "
+            "C14N 2.0 cost that much more than JSON per request."
+        )
+        add("")
     add("## Scenarios")
     add("")
     add(
         "Every request is `POST /v1/charges` with `Content-Type: application/json`, the "
         'body `{"amount":100,"currency":"EUR"}` and an `Idempotency-Key` header; the '
-        "proxy has one header-keyed route on that path."
+        "proxy has one header-keyed route on that path (the key-route scenarios use their "
+        "own routes, described below)."
     )
     add("")
     for name in SCENARIO_ORDER:

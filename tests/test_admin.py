@@ -153,3 +153,26 @@ def test_dashboard_reads_metrics_the_proxy_exports() -> None:
     used = {name for expr in exprs for name in re.findall(r"idempotency_proxy_\w+", expr)}
     assert used
     assert used <= exported, used - exported
+
+
+def test_dashboard_shows_store_health_and_observe_mode() -> None:
+    """The store's health and observe mode's counts each have a panel."""
+    dashboard = json.loads((REPO_ROOT / "dashboards" / "idempotency-proxy.json").read_text())
+    exprs = " ".join(
+        target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
+    )
+    for name in (
+        "idempotency_proxy_store_circuit_open",
+        "idempotency_proxy_store_circuit_opened_total",
+        "idempotency_proxy_store_safe_mode",
+        "idempotency_proxy_store_data_losses_total",
+        "idempotency_proxy_store_wait_shortfalls_total",
+        "idempotency_proxy_replay_cache_hits_total",
+        "idempotency_proxy_replay_cache_misses_total",
+        "idempotency_proxy_replay_cache_entries",
+        "idempotency_proxy_replay_cache_bytes",
+        "idempotency_proxy_observed_total",
+    ):
+        assert name in exprs, name
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))

@@ -43,6 +43,9 @@ def test_quick_bench_exits_cleanly_and_prints_the_ratio_lines() -> None:
     assert re.search(r"^ratio replay/direct\s+c=32 .*target >= 0\.60x\s+(PASS|MISS)$", out, re.M)
     assert re.search(r"^added p50 at c=1 \(miss - direct\) .*(PASS|MISS)$", out, re.M)
     assert re.search(r"^proxy RSS after the run .*(PASS|MISS)$", out, re.M)
+    # The natural-key routes: what an XML route costs next to a JSON route.
+    assert re.search(r"^key routes miss c=32  json \d+ req/s .* xml/json \d+\.\d+x", out, re.M)
+    assert re.search(r"^key \+ fingerprint CPU per request .* json \d+ us, xml \d+ us$", out, re.M)
     assert "\nvalid:" in out
     # --quick never writes the report.
     assert "wrote " not in out

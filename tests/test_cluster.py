@@ -25,8 +25,10 @@ from harness import (
     problem_name,
     storage_key,
 )
+from redis.crc import key_slot
 
 from proxy.records import ClaimKind, StoredResponse
+from proxy.store.guard import canary_keys
 from proxy.store.redis import RedisStore
 
 KEYS = 60  # enough distinct keys to land on every master
@@ -223,3 +225,100 @@ async def test_proxy_on_cluster_end_to_end(
     assert orders[limited_order] == 1
     assert all(orders[o] == 1 for o in burst_orders)
     assert ledger["requests_seen"] == 4 + len(burst_orders)  # first, slow, 429, retry, burst
+
+
+async def test_one_canary_per_master(
+    redis_cluster: RedisCluster, cluster_store: RedisStore
+) -> None:
+    keys = cluster_store.canaries()
+    assert sorted(masters_of(redis_cluster, keys).values()) == [1, 1, 1], keys
+    assert "idem:{canary}" in keys  # the name a single node and older versions watch
+    await cluster_store.check_canary()
+    with redis_cluster.client() as admin:
+        assert all(admin.get(key) for key in keys)
+    assert not cluster_store.watch.active
+
+
+def test_canaries_follow_the_topology() -> None:
+    """Chosen from the slot map alone: one per master, the same names for the same
+    partition of slots, whatever the masters are called."""
+
+    def choose(owners: dict[int, str]) -> dict[str, str]:
+        chosen = canary_keys(set(owners.values()), lambda key: owners[key_slot(key.encode())])
+        assert sorted(chosen) == sorted(set(owners.values()))
+        assert all(owners[key_slot(key.encode())] == master for master, key in chosen.items())
+        return chosen
+
+    three = {s: ("a" if s < 5461 else "b" if s < 10923 else "c") for s in range(16384)}
+    chosen = choose(three)
+    assert "idem:{canary}" in chosen.values()
+    # A failover: `a` replaced by its replica `a2` with the same slots keeps the name, so
+    # an empty replica's missing canary reads as a loss, not as a first sight.
+    failover = {s: ("a2" if m == "a" else m) for s, m in three.items()}
+    assert choose(failover) == {("a2" if m == "a" else m): k for m, k in chosen.items()}
+    # `a`'s canary slot moves to `c` (a resharding); a fourth master with slots of its
+    # own; a master that left.
+    moved = dict(three)
+    moved[key_slot(chosen["a"].encode())] = "c"
+    choose(moved)
+    four = {**moved, **{s: "d" for s in range(16000, 16384)}}
+    choose(four)
+    choose({s: ("b" if m == "c" else m) for s, m in four.items()})
+    # A master with one slot only still gets one.
+    choose({**three, 42: "e"})
+
+
+async def test_a_flushed_master_without_the_first_canary_is_a_data_loss(
+    tmp_path_factory: pytest.TempPathFactory,
+    ledger_backend: BackendServer,
+    proxy_factory: ProxyFactory,
+    client: httpx.AsyncClient,
+) -> None:
+    """One master loses its data (FLUSHALL, or a failover to an empty replica) while a
+    request whose record lives there is in flight. The loss must be seen on that master,
+    not only on the one that holds `idem:{canary}`: a duplicate is refused (503), never
+    executed again."""
+    # A private cluster: flushing a master of the session's cluster would reach other tests.
+    with RedisCluster(tmp_path_factory.mktemp("cluster-flush")) as cluster:
+        interval = 0.2
+        config = pay_config(
+            store={"canary_interval": f"{interval}s"},
+            defaults={"lease": "2s", "upstream_timeout": "20s"},
+        )
+        proxy = proxy_factory(ledger_backend.url, cluster.url, config)
+        run = secrets.token_hex(4)
+        with cluster.client() as admin:
+            canary_master = admin.get_node_from_key("idem:{canary}").name
+            order = next(
+                o
+                for o in (f"flush-{run}-{i}" for i in range(200))
+                if admin.get_node_from_key(storage_key(o)).name != canary_master
+            )
+            record_master = admin.get_node_from_key(storage_key(order))
+        url = proxy.url + PAY_PATH
+        slow = asyncio.ensure_future(
+            client.post(
+                url, content=body_of(order), headers={**JSON_HEADERS, "X-Sample-Delay": "4"}
+            )
+        )
+        for _ in range(100):  # bounded: until the backend has the request
+            if (await client.get(f"{ledger_backend.url}/v1/orders/{order}")).json()[
+                "times_charged"
+            ]:
+                break
+            await asyncio.sleep(0.05)
+        host, port = record_master.host, record_master.port
+        [flushed] = [node for node in cluster.nodes if node.port == port]
+        assert host == "127.0.0.1"
+        flushed.flushall()  # the record vanishes with every other key of that master
+        await asyncio.sleep(interval * 5)  # a few canary reads
+        started = asyncio.get_running_loop().time()
+        duplicate = await client.post(url, content=body_of(order), headers=JSON_HEADERS)
+        elapsed = asyncio.get_running_loop().time() - started
+        first = await slow
+        charged = (await client.get(f"{ledger_backend.url}/v1/orders/{order}")).json()
+    assert first.status_code == 201
+    assert duplicate.status_code == 503, duplicate.text
+    assert problem_name(duplicate) == "store-unavailable"
+    assert elapsed < 2.0
+    assert charged["times_charged"] == 1

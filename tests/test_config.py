@@ -346,6 +346,65 @@ def test_path_key_not_in_template_is_one_line() -> None:
     assert "/v1/orders/{id}/pay" in message
 
 
+@pytest.mark.parametrize(
+    ("tree", "where"),
+    [
+        ({"routes": [{**PAY_ROUTE, "retention": "2s", "upstream_timeout": "3s"}]}, "routes['pay']"),
+        # Just under twice lease + upstream_timeout is too close.
+        (
+            {
+                "routes": [
+                    {**PAY_ROUTE, "retention": "39s", "lease": "10s", "upstream_timeout": "10s"}
+                ]
+            },
+            "routes['pay']",
+        ),
+        ({"defaults": {"retention": "1m", "upstream_timeout": "30s"}}, "defaults"),
+        ({"defaults": {"retention": "1m"}, "routes": [PAY_ROUTE]}, "routes['pay']"),
+        # The wait for a late answer counts: 2 x (10 s + 10 s + 1 s) > 41 s.
+        (
+            {
+                "routes": [
+                    {
+                        **PAY_ROUTE,
+                        "retention": "41s",
+                        "lease": "10s",
+                        "upstream_timeout": "10s",
+                        "outcome_wait": "1s",
+                    }
+                ]
+            },
+            "routes['pay']",
+        ),
+    ],
+)
+def test_retention_must_comfortably_outlast_a_request(tree: dict[str, Any], where: str) -> None:
+    """A record that expires while its request runs lets a duplicate execute again."""
+    settings = Settings.model_validate({"upstream": "http://127.0.0.1:1", **tree})
+    with pytest.raises(ConfigError) as exc:
+        RouteTable(settings)
+    message = str(exc.value)
+    assert "\n" not in message
+    assert message.startswith(f"{where}.retention:"), message
+    assert "lease + upstream_timeout" in message
+
+
+def test_retention_twice_a_request_and_more_is_accepted() -> None:
+    tree = {
+        "routes": [
+            {
+                **PAY_ROUTE,
+                "retention": "41s",
+                "lease": "10s",
+                "upstream_timeout": "10s",
+                "outcome_wait": "0",
+            }
+        ]
+    }
+    RouteTable(Settings.model_validate({"upstream": "http://127.0.0.1:1", **tree}))
+    RouteTable(Settings())  # the defaults: 24 h against 10 s + 30 s
+
+
 # --------------------------------------------------------------------------- precedence
 
 
@@ -490,6 +549,38 @@ def test_cli_run_help_mentions_every_flag_and_env_var() -> None:
         assert ENV_PREFIX + env in text, env
     assert "default" in text
     assert "memory" in text
+
+
+def test_mode_from_defaults_route_env_and_flag(tmp_path: Path) -> None:
+    """`mode` is a policy: the defaults' value (file, env or flag) unless a route sets its own."""
+    from proxy.routes import RouteTable
+
+    tree = {
+        "upstream": "http://file:1",
+        "routes": [
+            {"name": "a", "path": "/a"},
+            {"name": "b", "path": "/b", "mode": "enforce"},
+        ],
+    }
+    observing = {route.name: route.observe for route in RouteTable(_load(tmp_path, tree)).routes}
+    assert observing == {"a": False, "b": False}
+    for settings in (
+        _load(tmp_path, {**tree, "defaults": {"mode": "observe"}}),
+        _load(tmp_path, tree, environ={ENV_PREFIX + "MODE": "observe"}),
+        _load(tmp_path, tree, flags={"mode": "observe"}),
+    ):
+        observing = {route.name: route.observe for route in RouteTable(settings).routes}
+        assert observing == {"a": True, "b": False}
+
+
+def test_cli_run_with_a_bad_mode_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "proxy.yaml"
+    config.write_text("routes:\n  - {name: pay, path: /pay, mode: watch}\n")
+    line = _cli_config_error("--config", str(config))
+    assert "routes['pay'].mode" in line, line
+    done = _cli("run", "--upstream", "http://127.0.0.1:1", "--mode", "watch")
+    assert done.returncode == 2 and "--mode" in done.stderr
+    assert "IDEMPOTENCY_PROXY_MODE" in _cli("run", "--help").stdout
 
 
 def test_outcome_wait_and_status_check_are_read_and_checked(tmp_path: Path) -> None:

@@ -121,7 +121,7 @@ def _assert_nothing_left(tmp_path: Path, ports: list[int]) -> None:
 
 def _assert_stories(output: str, orders: int) -> None:
     table = _table(output)
-    stories = ("double click", "timeout+retry", "slow+reset", "burst")
+    stories = ("double click", "timeout+retry", "slow+reset", "legacy SOAP", "burst")
     assert {story for story, _ in table} == set(stories), output
     for story in stories:
         direct, proxied = table[(story, "direct")], table[(story, "proxied")]
@@ -139,11 +139,21 @@ def _assert_stories(output: str, orders: int) -> None:
             # Every request but one per order was answered without reaching the backend.
             duplicates = sum(int(proxied[c]) for c in ("replays", "409s", "422s"))
             assert duplicates == int(proxied["requests"]) - expected_orders, (story, output)
+        # Observe mode: charged exactly as straight to the backend, and every duplicate
+        # counted as one enforcement would have answered without charging.
+        observed = table[(story, "observe")]
+        for column in ("orders", "requests", "backend charges", "charged twice"):
+            assert observed[column] == direct[column], (story, column, output)
+        assert observed["other"] == "0" and observed["replays"] == "0", (story, output)
+        assert int(observed["would prevent"]) == int(observed["requests"]) - expected_orders
+        assert direct["would prevent"] == proxied["would prevent"] == "-", output
     # The tampered copies of the burst were refused, never charged.
     assert int(table[("burst", "proxied")]["422s"]) >= 1, output
     # The retry story: the impatient caller's retries got a 409, then the replay.
     retry = table[("timeout+retry", "proxied")]
     assert int(retry["409s"]) >= 1 and int(retry["replays"]) == 1, output
+    # The SOAP client's second submit, re-serialised by its library, was the replay.
+    assert int(table[("legacy SOAP", "proxied")]["replays"]) == 1, output
     # Slow, then reset: straight to the backend the retry charged again; through the
     # proxies, outcome-unknown until the status check found the charge, then its replay.
     reset = table[("slow+reset", "proxied")]
@@ -160,7 +170,9 @@ def test_demo_with_redis_and_five_replica_processes(tmp_path: Path) -> None:
     assert code == 0, output
     started = next(line for line in output.splitlines() if line.startswith("started:"))
     assert "redis redis://" in started, output
-    assert started.count("replicas ") == 1 and len(_ports(started.split("replicas")[1])) == 5
+    replicas, observers = started.split("replicas ")[1].split("| observing ")
+    assert started.count("replicas ") == 1 and len(_ports(replicas)) == 5
+    assert len(_ports(observers)) == 2
     _assert_stories(output, 30)
     _assert_nothing_left(tmp_path, _ports(started))
 

@@ -103,6 +103,10 @@ def test_a_different_request_has_a_different_fingerprint(kwargs: dict[str, objec
 
 def test_query_values_matter_and_order_does_not() -> None:
     assert _fp(PAY, query=b"a=1&b=2") == _fp(PAY, query=b"b=2&a=1")
+    # Repeated parameters keep their order: a last-wins backend reads another amount.
+    assert _fp(PAY, query=b"amount=100&amount=1") != _fp(PAY, query=b"amount=1&amount=100")
+    assert _fp(PAY, query=b"a=1&b=2&a=3") == _fp(PAY, query=b"b=2&a=1&a=3")
+    assert _fp(PAY, query=b"a=1&b=2&a=3") != _fp(PAY, query=b"a=3&b=2&a=1")
     assert _fp(PAY, query=b"a=1&b=2") != _fp(PAY, query=b"a=1&b=3")
     assert _fp(PAY, query=b"a=1") != _fp(PAY, query=b"a=1&a=1")
     assert _fp(PAY, query=b"a=1") != _fp(PAY)
@@ -150,3 +154,14 @@ def test_json_body_without_json_media_type_is_raw() -> None:
     compact = b'{"b":2,"a":1}'
     assert _fp(spaced) == _fp(compact)
     assert _fp(spaced, content_type="text/plain") != _fp(compact, content_type="text/plain")
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [b"NaN", b"Infinity", b"-Infinity", b"null", b"1e400", b"-1e400"],
+    ],
+)
+def test_non_finite_numbers_never_share_a_fingerprint(values: list[bytes]) -> None:
+    prints = {_fp(b'{"order_id": "ord-1", "amount": %s}' % value) for value in values}
+    assert len(prints) == len(values)

@@ -367,7 +367,7 @@ def test_scope_shape_and_no_raw_key_bytes() -> None:
     raw = "order-RAW-KEY-MATERIAL-123"
     scoped = scope("tenant-a", "pay", raw)
     assert STORAGE_KEY.match(scoped.storage_key), scoped.storage_key
-    assert re.fullmatch(r"[0-9a-f]{12}", scoped.log_hash)
+    assert re.fullmatch(r"[0-9a-f]{32}", scoped.log_hash)
     for fragment in (raw, "RAW-KEY", "tenant-a", "pay"):
         assert fragment not in scoped.storage_key
         assert fragment not in scoped.log_hash
@@ -394,3 +394,10 @@ def test_scope_separates_tenants_namespaces_and_keys() -> None:
         scope("a", "b", "k").storage_key,
     }
     assert len(scoped) == 9
+
+
+def test_an_absent_tenant_is_a_scope_no_tenant_value_can_name() -> None:
+    anonymous = scope(None, "default", "k").storage_key
+    for value in ("default", "", "-", "None", "0:", "-|"):
+        assert scope(value, "default", "k").storage_key != anonymous, value
+    assert scope(None, "default", "k") == scope(None, "default", "k")

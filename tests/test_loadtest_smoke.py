@@ -43,6 +43,7 @@ def test_loadtest_smoke_passes_with_no_double_charge() -> None:
         ("Retrier", "first, gives up", "timeout"),
         ("Retrier", "retry after", "replay"),
         ("Tamperer", "changed amount", "422"),
+        ("SoapPayer", "submit again", "replay"),
     ):
         assert any(
             line.split()[:1] == [user] and kind in line and f" {outcome} " in line

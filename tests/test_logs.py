@@ -12,12 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
+import sys
 import time
 from typing import Any
 
 import httpx
-from harness import BackendServer, ProxyFactory, ProxyServer, charges_route, pay_route
+from harness import (
+    BackendServer,
+    ProxyFactory,
+    ProxyServer,
+    RedisFactory,
+    charges_route,
+    eventually,
+    pay_route,
+)
+
+from proxy.logs import JSONFormatter
 
 CARD = "4111111111111111"
 TOKEN = "tok-SECRET-bearer"
@@ -167,7 +179,7 @@ async def test_logs_are_json_lines_with_one_request_line_each_and_no_secrets(
         assert line["method"] in ("GET", "POST")
         assert isinstance(line["total_ms"], int | float)
         key_hash = line["key_hash"]
-        assert key_hash is None or re.fullmatch(r"[0-9a-f]{12}", key_hash), line
+        assert key_hash is None or re.fullmatch(r"[0-9a-f]{32}", key_hash), line
         hashes[request_id] = key_hash
         if outcome in ("forwarded", "outcome_unknown", "passthrough"):
             assert isinstance(line["upstream_ms"], int | float), line
@@ -186,3 +198,82 @@ async def test_logs_are_json_lines_with_one_request_line_each_and_no_secrets(
     everything = proxy.logs()
     for secret in (MARKER, CARD, TOKEN, TENANT, "Bearer"):
         assert secret not in everything, f"{secret!r} leaked into the log"
+
+
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+async def test_iso_timestamps_outcome_unknown_at_warning_and_store_errors_with_their_message(
+    proxy_factory: ProxyFactory,
+    ledger_backend: BackendServer,
+    redis_factory: RedisFactory,
+    client: httpx.AsyncClient,
+) -> None:
+    redis = redis_factory()
+    config = {"store": {"timeout": "200ms", "retries": 0}, "routes": [charges_route()]}
+    proxy = proxy_factory(ledger_backend.url, redis.url, config)
+    charges = f"{proxy.url}/v1/charges"
+    dropped = await client.post(
+        charges,
+        json={"amount": 1, "currency": "EUR"},
+        headers={"Idempotency-Key": "k-drop", "X-Sample-Drop": "after"},
+    )
+    assert dropped.status_code == 502
+    # The store freezes while the backend works: the completion fails and goes on in the
+    # background, and the warning says why.
+    slow = asyncio.ensure_future(
+        client.post(
+            charges,
+            json={"amount": 2, "currency": "EUR"},
+            headers={"Idempotency-Key": "k-slow", "X-Sample-Delay": "1"},
+        )
+    )
+    await asyncio.sleep(0.5)
+    redis.pause()
+    try:
+        assert (await slow).status_code == 201
+        await asyncio.sleep(0.3)
+    finally:
+        redis.resume()
+
+    async def background_warning() -> dict[str, Any] | None:
+        for line in _read_lines(proxy):
+            if line["msg"].startswith("store unavailable; recording the outcome"):
+                return line
+        return None
+
+    warning = await eventually(background_warning, "the background completion warning")
+    assert warning["level"] == "warning"
+    # The class and its message (here: what timed out), not the class alone.
+    assert re.fullmatch(r"StoreUnavailable: \w+.*", warning["reason"]), warning
+
+    lines = _read_lines(proxy)
+    for line in lines:
+        assert ISO_UTC.fullmatch(line["ts"]), line["ts"]
+    (unknown,) = [line for line in lines if line.get("outcome") == "outcome_unknown"]
+    assert unknown["level"] == "warning"
+    forwarded = [line for line in lines if line.get("outcome") == "forwarded"]
+    assert forwarded and all(line["level"] == "info" for line in forwarded)
+
+
+def test_logged_errors_carry_their_message_with_credentials_masked() -> None:
+    try:
+        try:
+            raise ConnectionError("AUTH failed for redis://admin:hunter2@10.0.0.7:6379/0")
+        except ConnectionError as cause:
+            raise RuntimeError("store call failed: password=hunter2 token: tok-9") from cause
+    except RuntimeError:
+        record = logging.LogRecord(
+            "idempotency_proxy", logging.ERROR, __file__, 1, "boom", None, sys.exc_info()
+        )
+    record.reason = "cannot reach rediss://:hunter2@host:6380 (Authorization: Bearer abc.def)"
+    document = json.loads(JSONFormatter().format(record))
+    assert document["error"] == "RuntimeError"
+    assert document["error_message"].startswith("RuntimeError: store call failed")
+    assert (
+        "caused by ConnectionError: AUTH failed for redis://admin:***@10.0.0.7"
+        in (document["error_message"])
+    )
+    text = json.dumps(document)
+    for secret in ("hunter2", "tok-9", "abc.def"):
+        assert secret not in text, secret

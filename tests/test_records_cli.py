@@ -8,7 +8,9 @@ client's retry executes. These tests walk that runbook end to end.
 
 from __future__ import annotations
 
+import base64
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +120,35 @@ async def test_resolve_and_release_an_unknown_record(
         assert "no record" in out
 
     assert ledger_backend.ledger()["orders"] == {order_id: 1}
+
+
+async def test_records_without_tenant_find_the_anonymous_scope(
+    ledger_backend: BackendServer, redis_url: str, proxy_factory: ProxyFactory
+) -> None:
+    """A request sent without the tenant header is its own scope: `records` without
+    `--tenant` finds it, and `--tenant default` finds the tenant called `default`."""
+    proxy = proxy_factory(ledger_backend.url, redis_url, config=CONFIG)
+    assert proxy.config_path is not None
+    config = str(proxy.config_path)
+    order_id = f"ord-anonymous-{uuid.uuid4().hex[:8]}"
+    order = {"order_id": order_id, "amount": 990, "currency": "EUR"}
+    async with httpx.AsyncClient(timeout=15.0, trust_env=False) as client:
+        anonymous = await client.post(f"{proxy.url}/v1/orders/pay", json=order)
+        named = await client.post(
+            f"{proxy.url}/v1/orders/pay", json=order, headers={"X-Tenant-Id": "default"}
+        )
+    assert anonymous.status_code == 201 and named.status_code == 201
+    assert anonymous.json()["charge_id"] != named.json()["charge_id"]
+
+    async def show(*tenant: str) -> dict[str, Any]:
+        code, out, err = await records_cli(
+            "show", "--redis-url", redis_url, "--config", config, "--route", ROUTE,
+            *tenant, "--key", order_id, timeout=CLI_TIMEOUT,
+        )  # fmt: skip
+        assert code == 0, err
+        document: dict[str, Any] = json.loads(out)
+        return document
+
+    mine, theirs = await show(), await show("--tenant", "default")
+    assert base64.b64decode(mine["response"]["body_base64"]) == anonymous.content
+    assert base64.b64decode(theirs["response"]["body_base64"]) == named.content

@@ -243,10 +243,41 @@ def test_replay_headers_always_include_the_contract_set() -> None:
 # --------------------------------------------------------------------------- namespace
 
 
-def test_namespace_defaults_to_the_route_name() -> None:
-    table = _table(routes=[PAY, CHARGES])
+def test_header_keys_share_one_namespace_and_natural_keys_stay_per_route() -> None:
+    """A client-generated header key names one request of the tenant, whatever endpoint it
+    is sent to; `order_id` of /pay and of /refund are two operations on one order."""
+    table = _table(
+        routes=[
+            PAY,
+            CHARGES,
+            {"name": "refunds", "path": "/v1/refunds"},
+            {"name": "by-query", "path": "/v1/q", "key": {"from": "query", "field": "k"}},
+        ]
+    )
     assert _route(table, "pay").namespace == "pay"
-    assert _route(table, "charges").namespace == "charges"
+    assert _route(table, "by-query").namespace == "by-query"
+    assert _route(table, "charges").namespace == _route(table, "refunds").namespace
+    # The same namespace the default rule (no routes) uses.
+    assert _route(table, "charges").namespace == _table().routes[0].namespace
+    composite = _table(
+        routes=[
+            {
+                "name": "headers-only",
+                "path": "/v1/a",
+                "key": [{"from": "header", "name": "X-Merchant-Id"}, {"from": "header"}],
+            },
+            {
+                "name": "merchant-order",
+                "path": "/v1/b",
+                "key": [
+                    {"from": "header", "name": "X-Merchant-Id"},
+                    {"from": "json", "field": "n"},
+                ],
+            },
+        ]
+    )
+    assert _route(composite, "headers-only").namespace == _route(table, "charges").namespace
+    assert _route(composite, "merchant-order").namespace == "merchant-order"
 
 
 def test_routes_may_share_a_namespace() -> None:
@@ -259,4 +290,5 @@ def test_routes_may_share_a_namespace() -> None:
     )
     assert _route(table, "pay").namespace == "payments"
     assert _route(table, "charges").namespace == "payments"
-    assert _route(table, "refunds").namespace == "refunds"
+    # No namespace given, keyed by the header: the tenant's one namespace of header keys.
+    assert _route(table, "refunds").namespace == "default"

@@ -357,3 +357,66 @@ async def test_order_status_answers_from_the_ledger(
         assert response.status == 503
     async with session.get(f"{base_url}/v1/orders/status-1") as response:
         assert (await response.json())["status_checks"] == 3
+
+
+# --------------------------------------------------------------------------- SOAP
+
+
+@pytest.mark.parametrize(
+    ("soap12", "content_type"),
+    [(False, "text/xml; charset=utf-8"), (True, "application/soap+xml; charset=utf-8")],
+    ids=["soap11", "soap12"],
+)
+async def test_soap_payments_charge_every_time_in_the_same_ledger(
+    base_url: str, session: aiohttp.ClientSession, soap12: bool, content_type: str
+) -> None:
+    from sample_backend.soap import SOAP11_NS, SOAP12_NS, pay_envelope
+
+    for _ in range(2):
+        async with session.post(
+            f"{base_url}/soap/payments",
+            data=pay_envelope("soap-1", 1250, soap12=soap12),
+            headers={"Content-Type": content_type},
+        ) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"] == content_type
+            body = await response.read()
+            assert (SOAP12_NS if soap12 else SOAP11_NS).encode() in body
+            assert b"<p:OrderId>soap-1</p:OrderId>" in body
+    ledger = await _ledger(session, base_url)
+    assert ledger["orders"] == {"soap-1": 2}
+    assert ledger["balances"] == {"EUR": -2500}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "marker"),
+    [
+        pytest.param(b"<not-xml", 500, b"soap:Client", id="malformed"),
+        pytest.param(
+            b'<!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]><a>&x;</a>',
+            500,
+            b"soap:Client",
+            id="external-entity",
+        ),
+        pytest.param(None, 400, b"soap:Sender", id="soap12-bad-amount"),
+    ],
+)
+async def test_unusable_soap_requests_are_faults_and_charge_nothing(
+    base_url: str,
+    session: aiohttp.ClientSession,
+    body: bytes | None,
+    status: int,
+    marker: bytes,
+) -> None:
+    from sample_backend.soap import pay_envelope
+
+    if body is None:
+        body = pay_envelope("soap-2", 1, soap12=True).replace(b">1<", b">one<")
+    async with session.post(
+        f"{base_url}/soap/payments", data=body, headers={"Content-Type": "text/xml"}
+    ) as response:
+        assert response.status == status
+        content = await response.read()
+        assert marker in content
+        assert b"root:" not in content
+    assert (await _ledger(session, base_url))["charges"] == 0

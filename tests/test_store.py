@@ -462,6 +462,23 @@ async def test_retention_is_set_at_claim_and_kept(store: Store) -> None:
     assert record is not None and RETENTION_MS - TTL_SLACK_MS < record.ttl_ms <= RETENTION_MS
 
 
+async def test_retention_restarts_at_sent(store: Store) -> None:
+    """A record must not expire while its request may still be running: the claim's TTL
+    runs from the claim, but the backend call starts at SENT."""
+    key, owner = _key(), _token()
+    started = time.monotonic()
+    await _claim(store, key, owner, retention_ms=1500)
+    await asyncio.sleep(1.0)
+    assert await store.mark_sent(key, owner, LEASE_MS)
+    record = await store.get(key)
+    assert record is not None and record.ttl_ms > 1200, record
+    # Past the claim's own retention: the SENT record still holds the key.
+    await asyncio.sleep(max(0.0, started + 2.0 - time.monotonic()))
+    record = await store.get(key)
+    assert record is not None and record.state == "SENT"
+    assert (await _claim(store, key, _token())).kind is ClaimKind.IN_FLIGHT
+
+
 async def test_record_expires_after_retention(store: Store) -> None:
     key = _key()
     token = _token()

@@ -7,10 +7,15 @@ from proxy.store.base import Store, StoreUnavailable
 
 def open_store(url: str, **options: object) -> Store:
     """The store named by `url` (`memory://`, `redis://`, `rediss://`, `redis+sentinel://`, `redis+cluster://`)."""
+    memory_max_entries = options.pop("memory_max_entries", None)
+    memory_max_bytes = options.pop("memory_max_bytes", None)
     if url.startswith("memory://"):
-        from proxy.store.memory import MemoryStore
+        from proxy.store import memory
 
-        return MemoryStore()
+        return memory.MemoryStore(
+            int(memory_max_entries or memory.DEFAULT_MAX_ENTRIES),  # type: ignore[call-overload]
+            int(memory_max_bytes or memory.DEFAULT_MAX_BYTES),  # type: ignore[call-overload]
+        )
     from proxy.store.redis import RedisStore
 
     return RedisStore(url, **options)  # type: ignore[arg-type]

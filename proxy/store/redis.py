@@ -8,7 +8,7 @@ won is not "in progress").
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 from importlib import resources
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -39,9 +39,11 @@ from proxy.records import (
     encode_headers,
 )
 from proxy.store.base import StoreUnavailable
-from proxy.store.guard import CircuitBreaker, DataLossWatch
+from proxy.store.guard import CANARY_KEY, CircuitBreaker, DataLossWatch, canary_keys
 from proxy.store.pool import ConnectionPool
 from proxy.store.wake import Subscription, Waiters
+
+logger = logging.getLogger("idempotency_proxy")
 
 _UNREACHABLE = (
     TimeoutError,
@@ -144,6 +146,9 @@ class RedisStore:
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown)
         self.watch = DataLossWatch(safe_mode_seconds)
         self._canary_interval = canary_interval
+        # The slot map the canaries' masters were read from, and those masters.
+        self._canary_topology: tuple[int, frozenset[str]] | None = None
+        self._canary_masters: set[str] = set()
         self._watch_task: asyncio.Task[None] | None = None
 
     @property
@@ -172,22 +177,61 @@ class RedisStore:
             await self._pool.aclose()
         await self._client.aclose()
 
+    def canaries(self) -> list[str]:
+        """The canary keys to read now: one on a single node (or Sentinel's master), one
+        per master on a cluster, re-chosen from the client's slot map on every read so
+        that a failover, a new master or a resharding is followed."""
+        if not self.cluster:
+            return [CANARY_KEY]
+        manager = self._client.nodes_manager
+        slots = manager.slots_cache
+        # Which masters own slots takes a walk over the 16384 slots: only when the
+        # client reloaded its slot map or the set of masters changed.
+        signature = (id(slots), frozenset(node.name for node in self._client.get_primaries()))
+        if signature != self._canary_topology:
+            self._canary_topology = signature
+            self._canary_masters = {nodes[0].name for nodes in slots.values() if nodes}
+
+        def owner_of(key: str) -> str | None:
+            nodes = slots.get(self._client.keyslot(key))
+            return str(nodes[0].name) if nodes else None
+
+        names = sorted(canary_keys(self._canary_masters, owner_of).values())
+        self.watch.watch_only(names)
+        return names
+
     async def check_canary(self) -> None:
-        """Read the canary once; a vanished canary puts claims into safe mode."""
-        current = await self._client.get(DataLossWatch.KEY)
+        """Read every canary once; a vanished one puts claims into safe mode. One master
+        that does not answer does not stop the others from being read."""
+        results = await asyncio.gather(
+            *(self._check_one(key) for key in self.canaries()), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _check_one(self, key: str) -> None:
+        current = await self._client.get(key)
         # SET NX: when several replicas notice at once (replicas starting together, or a
         # loss), one value wins; the others adopt it now, or their next read would look
         # like another loss and put them into safe mode for nothing.
-        if self.watch.observe(current) and not await self._client.set(
-            DataLossWatch.KEY, self.watch.seen, nx=True
+        if self.watch.observe(key, current) and not await self._client.set(
+            key, self.watch.seen[key], nx=True
         ):
-            self.watch.seen = await self._client.get(DataLossWatch.KEY)
+            winner = await self._client.get(key)
+            if winner is not None:
+                self.watch.seen[key] = winner
 
     async def _watch_canary(self) -> None:
         while True:
-            # An outage is answered per request; only a loss matters here.
-            with contextlib.suppress(TimeoutError, RedisError, OSError):
+            try:
                 await self.check_canary()
+            except (TimeoutError, RedisError, OSError):
+                pass  # an outage is answered per request; only a loss matters here
+            except Exception as exc:
+                # The cluster client can raise other errors while its topology moves; the
+                # watch must outlive them, or a later loss would go unnoticed.
+                logger.warning("canary read failed", extra={"error": type(exc).__name__})
             await asyncio.sleep(self._canary_interval)
 
     async def _run(self, name: str, key: str, *args: Any, wait: bool = False) -> Any:

@@ -4,7 +4,8 @@
 -- ARGV[1]  owner token, unique per request attempt
 -- ARGV[2]  request fingerprint
 -- ARGV[3]  lease in milliseconds
--- ARGV[4]  retention in milliseconds (the record's TTL, set once at creation)
+-- ARGV[4]  retention in milliseconds (the record's TTL from creation; kept in the record,
+--          because mark_sent restarts it when the request is sent)
 -- ARGV[5]  '1' when the caller will wait for the record to settle (in_flight: wait): an
 --          'in_flight' answer then marks the record 'waiters', so that the transition
 --          that settles it publishes on idem:settled
@@ -37,7 +38,7 @@ if not state then
     return {'in_flight', lease}
   end
   redis.call('HSET', key, 'state', 'CLAIMED', 'token', token, 'fence', 1, 'fp', fp,
-             'lease', now + lease, 'created', now)
+             'lease', now + lease, 'created', now, 'retention', retention)
   redis.call('PEXPIRE', key, retention)
   return {'claimed', 1}
 end

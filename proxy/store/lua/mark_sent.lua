@@ -9,7 +9,11 @@
 -- Returns 1 when the caller owns the record and it is now SENT (also when a retried
 -- call finds it already SENT by this token); 0 when fenced: another owner took over,
 -- or the record is gone. On 0 the caller must not send.
-local r = redis.call('HMGET', KEYS[1], 'state', 'token')
+--
+-- The record's TTL restarts at the retention the claim stored: the request runs from
+-- now, and its record must not expire under it (a duplicate would execute again).
+-- It is never shortened.
+local r = redis.call('HMGET', KEYS[1], 'state', 'token', 'retention')
 if r[2] ~= ARGV[1] then
   return 0
 end
@@ -24,5 +28,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], 'state', 'SENT', 'lease', now + tonumber(ARGV[2]))
 if ARGV[3] and ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'check', ARGV[3])
+end
+local retention = tonumber(r[3])
+if retention and redis.call('PTTL', KEYS[1]) < retention then
+  redis.call('PEXPIRE', KEYS[1], retention)
 end
 return 1

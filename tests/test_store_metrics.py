@@ -1,0 +1,132 @@
+"""Store health on /metrics of a real proxy process: the circuit breaker, data-loss safe mode,
+WAIT shortfalls and the replay cache, each driven by what really happens to a real Redis.
+Also: no `_created` series, and the start-up line when several workers leave no admin port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from harness import (
+    JSON_HEADERS,
+    PAY_PATH,
+    BackendServer,
+    ProxyFactory,
+    ProxyServer,
+    RedisFactory,
+    body_of,
+    eventually,
+    pay_route,
+    wait_for_http,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+
+async def _metrics(client: httpx.AsyncClient, proxy: ProxyServer) -> dict[str, float]:
+    text = (await client.get(f"{proxy.admin_url}/metrics")).text
+    assert "_created" not in text
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels and sample.name.startswith("idempotency_proxy_")
+    }
+
+
+async def test_store_health_metrics_follow_the_store(
+    ledger_backend: BackendServer,
+    redis_factory: RedisFactory,
+    proxy_factory: ProxyFactory,
+    client: httpx.AsyncClient,
+) -> None:
+    redis = redis_factory()
+    config = {
+        "admin": {"host": "127.0.0.1"},
+        "store": {
+            "timeout": "100ms",
+            "retries": 0,
+            "breaker_threshold": 2,
+            "breaker_cooldown": "5s",
+            "canary_interval": "100ms",
+            # No replica is attached, so every WAIT comes back short.
+            "wait_replicas": 1,
+            "wait_timeout": "5ms",
+        },
+        # Safe mode lasts lease + upstream_timeout: long enough to see, short to wait out.
+        "defaults": {"lease": "2s", "upstream_timeout": "2s"},
+        "routes": [pay_route()],
+    }
+    proxy = proxy_factory(ledger_backend.url, redis.url, config=config)
+    wait_for_http(f"{proxy.admin_url}/readyz", 15.0)
+    pay = proxy.url + PAY_PATH
+
+    before = await _metrics(client, proxy)
+    for name in (
+        "idempotency_proxy_store_circuit_open",
+        "idempotency_proxy_store_circuit_opened_total",
+        "idempotency_proxy_store_safe_mode",
+        "idempotency_proxy_store_data_losses_total",
+        "idempotency_proxy_replay_cache_hits_total",
+        "idempotency_proxy_replay_cache_entries",
+    ):
+        assert before[name] == 0, name
+
+    # Replay cache: the owner caches its completed response; the duplicate is a hit.
+    first = await client.post(pay, content=body_of("m-1"), headers=JSON_HEADERS)
+    again = await client.post(pay, content=body_of("m-1"), headers=JSON_HEADERS)
+    assert again.headers["idempotent-replayed"] == "true"
+    seen = await _metrics(client, proxy)
+    assert seen["idempotency_proxy_replay_cache_misses_total"] == 1
+    assert seen["idempotency_proxy_replay_cache_hits_total"] == 1
+    assert seen["idempotency_proxy_replay_cache_entries"] == 1
+    assert seen["idempotency_proxy_replay_cache_bytes"] >= len(first.content)
+    # claim, mark_sent and complete each waited for a replica that is not there.
+    assert seen["idempotency_proxy_store_wait_shortfalls_total"] == 3
+
+    # Data loss: the canary vanishes with everything else; claims fail closed for a while.
+    with redis.client() as direct:
+        direct.flushall()
+
+    async def safe_mode() -> dict[str, float] | None:
+        now = await _metrics(client, proxy)
+        return now if now["idempotency_proxy_store_safe_mode"] == 1 else None
+
+    lost = await eventually(safe_mode, "safe mode", timeout=10)
+    assert lost["idempotency_proxy_store_data_losses_total"] == 1
+    refused = await client.post(pay, content=body_of("m-2"), headers=JSON_HEADERS)
+    assert refused.status_code == 503
+
+    async def safe_again() -> dict[str, float] | None:
+        now = await _metrics(client, proxy)
+        return now if now["idempotency_proxy_store_safe_mode"] == 0 else None
+
+    await eventually(safe_again, "safe mode to end", timeout=15)
+
+    # Breaker: a frozen Redis times out; after two failures in a row the circuit opens.
+    redis.pause()
+    try:
+        for n in range(3):
+            answer = await client.post(pay, content=body_of(f"m-3-{n}"), headers=JSON_HEADERS)
+            assert answer.status_code == 503
+        opened = await _metrics(client, proxy)
+        assert opened["idempotency_proxy_store_circuit_open"] == 1
+        assert opened["idempotency_proxy_store_circuit_opened_total"] == 1
+    finally:
+        redis.resume()
+    await asyncio.sleep(5.2)  # the cooldown; the next call probes and closes it
+    ok = await client.post(pay, content=body_of("m-4"), headers=JSON_HEADERS)
+    assert ok.status_code == 201
+    closed = await _metrics(client, proxy)
+    assert closed["idempotency_proxy_store_circuit_open"] == 0
+    assert closed["idempotency_proxy_store_circuit_opened_total"] == 1
+
+
+def test_several_workers_say_the_admin_port_needs_one(
+    ledger_backend: BackendServer,
+    redis_factory: RedisFactory,
+    proxy_factory: ProxyFactory,
+) -> None:
+    redis = redis_factory()
+    proxy = proxy_factory(ledger_backend.url, redis.url, args=["--workers", "2"])
+    assert "the admin port (/livez, /readyz, /metrics) needs --workers 1" in proxy.logs()
