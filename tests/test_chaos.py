@@ -593,3 +593,70 @@ async def test_backend_drops_the_connection_then_an_operator_reconciles(
     assert_never_twice(book_after)
     assert times_charged(book_after, before[0]) == 1
     assert times_charged(book_after, after[0]) == 1
+
+
+async def test_backend_drops_the_connection_and_the_status_check_reconciles(
+    redis_factory: RedisFactory, ledger_backend: BackendServer, proxy_factory: ProxyFactory
+) -> None:
+    """The same drops on a route with a status check: every replica that meets an UNKNOWN
+    record may check it, one at a time; charged orders replay the check's answer, uncharged
+    ones are released and their retry executes exactly once. No operator."""
+    redis = redis_factory(appendonly=True)
+    config = pay_config()
+    config["routes"][0]["status_check"] = {
+        "path": "/v1/orders/{order_id}/status",
+        "after": "0s",
+        "backoff": "200ms",
+    }
+    proxies = [
+        proxy_factory(ledger_backend.url, redis.url, config, start=False) for _ in range(REPLICAS)
+    ]
+    with ThreadPoolExecutor(max_workers=REPLICAS) as pool:
+        for started in [pool.submit(proxy.start) for proxy in proxies]:
+            started.result()
+    after = [f"check-after-{i}" for i in range(15)]  # charged, then the connection closed
+    before = [f"check-before-{i}" for i in range(15)]  # closed without charging
+    orders = after + before
+    drop = {**{o: "after" for o in after}, **{o: "before" for o in before}}
+
+    async with client() as http:
+        first = await gather(
+            *(
+                pay(http, proxies[i % REPLICAS], o, {"X-Sample-Drop": drop[o]})
+                for i, o in enumerate(orders)
+            )
+        )
+        # Clients retry, through other replicas, while the answer is outcome-unknown.
+        tries = await gather(
+            *(
+                pay_until(
+                    http,
+                    proxies[(i + 1) % REPLICAS],
+                    o,
+                    retry_on=("outcome-unknown", "request-in-progress"),
+                    timeout=15.0,
+                )
+                for i, o in enumerate(orders)
+            )
+        )
+        finals = [seen[-1] for seen in tries]
+        again = await gather(
+            *(pay(http, proxies[(i + 2) % REPLICAS], o) for i, o in enumerate(orders))
+        )
+        book = await ledger(http, ledger_backend)
+    kill_all(proxies)
+
+    tally("first copies", first)
+    tally("retries until answered", flatten(tries))
+    tally("copies afterwards", again)
+    share = unknown_share("dropped connections, status check", again)
+    assert_never_twice(book)
+    assert all(times_charged(book, o) == 1 for o in orders)
+    assert {o.label for o in first} == {"502 outcome-unknown"}
+    final = {o.order: o for o in finals}
+    assert all(final[o].label == "200 (replayed)" for o in after)
+    # Released by the check: exactly one retry per order executed (the rest replayed).
+    executed = [o for o in flatten(tries) if o.executed_here]
+    assert sorted(o.order for o in executed) == sorted(before)
+    assert share == 0.0
+    assert {o.label for o in again} <= {"200 (replayed)", "201 (replayed)"}
