@@ -6,8 +6,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Runtime dependencies, pinned with hashes (`make lock` refreshes it).
+LOCK := requirements.lock
 
-.PHONY: help venv redis demo test lint typecheck bench bench-tracing loadtest-smoke k8s-validate clean
+.PHONY: help venv redis demo test lint typecheck bench bench-tracing loadtest-smoke k8s-validate lock clean
 
 help:
 	@echo "make demo            the double-charge stories, direct and through five proxy replicas"
@@ -17,13 +19,19 @@ help:
 	@echo "make bench           the benchmark (writes docs/benchmarks.md)"
 	@echo "make bench-tracing   what tracing costs per request (writes docs/benchmarks-tracing.md)"
 	@echo "make loadtest-smoke  a short headless locust run against local replicas"
+	@echo "make lock            re-resolve requirements.lock (UPGRADE=1: newest allowed versions)"
 
-$(STAMP): pyproject.toml
+# The runtime dependencies come from the lock, hash-checked, exactly as in the image; the
+# project itself without dependencies; then the test and dev tools (not in the image).
+$(STAMP): pyproject.toml $(LOCK)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "idempotency-proxy needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python scripts/check-lock.py $(LOCK)
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -46,8 +54,10 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy proxy
 
+# wrk is the benchmark's load generator; without it a slower asyncio one stands in.
 bench: venv redis
-	$(BIN)/python scripts/bench.py --write docs/benchmarks.md
+	@command -v wrk >/dev/null 2>&1 || ./scripts/install-wrk.sh --optional
+	$(BIN)/python scripts/bench.py --write docs/benchmarks.md --profile out/profile
 
 bench-tracing: venv
 	PYTHONPATH=. $(BIN)/python scripts/bench_tracing.py --write docs/benchmarks-tracing.md
@@ -57,6 +67,13 @@ k8s-validate: venv
 
 loadtest-smoke: venv redis
 	$(BIN)/python loadtests/smoke.py
+
+# uv resolves for every platform and Python >= 3.11 at once and records each file's hash.
+# The lock holds what the image installs: the dependencies and the `tracing` extra.
+lock: venv
+	$(BIN)/pip install --quiet 'uv>=0.4'
+	$(BIN)/uv pip compile pyproject.toml --extra tracing --universal --python-version 3.11 --generate-hashes \
+		--custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) -o $(LOCK)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache out

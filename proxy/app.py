@@ -79,6 +79,8 @@ class ProxyApp:
             breaker_threshold=settings.store.breaker_threshold,
             breaker_cooldown=settings.store.breaker_cooldown,
             canary_interval=settings.store.canary_interval,
+            connection=settings.store.connection_options(),
+            sentinel_connection=settings.store.sentinel_options(),
             memory_max_entries=settings.store.memory_max_entries,
             memory_max_bytes=settings.store.memory_max_bytes,
             # After a data loss, fail closed until every request that may have been
@@ -281,8 +283,9 @@ class ProxyApp:
             )
             if rendered is not None:
                 reply.body = rendered
-        elif reply.outcome == "replayed":
-            # The current request's id; the original's was never stored.
+        elif reply.outcome in ("replayed", "options"):
+            # The current request's id (a replay's original was never stored); `OPTIONS *`
+            # is the proxy's own answer too.
             reply.headers.append((REQUEST_ID, request_id))
         await _send_reply(send, reply)
         self.metrics.count(route_name, reply.outcome)
@@ -444,16 +447,43 @@ async def _send_reply(send: Send, reply: Reply) -> None:
             {"type": "http.response.body", "body": reply.body, "more_body": reply.rest is not None}
         )
         if reply.rest is not None:
-            async for chunk in reply.rest:
+            while True:
+                try:
+                    chunk = await anext(reply.rest)
+                except StopAsyncIteration:
+                    break
+                except Exception:
+                    # The backend closed, reset or went silent (the upstream read timeout)
+                    # in the middle of its body. The status went out already: closing the
+                    # client's connection early is the only way left to say "incomplete".
+                    # A protected answer was recorded before it streamed (docs/design.md).
+                    reply.outcome = "upstream_cut"
+                    _abort(send)
+                    return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-    except (OSError, TimeoutError):
-        # The client hung up, or the backend went silent mid-body (the upstream read
-        # timeout): the outcome is already recorded; the server closes the connection.
+    except OSError:
+        # The client hung up: the outcome is already recorded; the server closes.
         pass
     finally:
         if reply.close is not None:
             reply.close()
+
+
+def _abort(send: Send) -> None:
+    """Close the client's connection in the middle of a response.
+
+    ASGI has no message for it. uvicorn closes the connection when the app returns with
+    the response unfinished, but logs an error saying so; closing its transport here and
+    marking the exchange disconnected (as a lost connection would) leaves the request's
+    own log line as the only one.
+    """
+    cycle: Any = getattr(send, "__self__", None)
+    transport = getattr(cycle, "transport", None)
+    if transport is None:
+        return  # another server: it closes the connection when the app returns
+    cycle.disconnected = True
+    transport.close()
 
 
 def _not_origin_form(method: str, raw_path: bytes) -> Reply:

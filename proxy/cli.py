@@ -1,4 +1,7 @@
-"""The command line: `idempotency-proxy run | demo | check-store | records`."""
+"""The command line: `idempotency-proxy run | demo | check-config | check-store | records`.
+
+Exit codes: 0 fine, 1 unsafe or refused, 2 a configuration error or an unreachable store,
+3 an unexpected error (one line on stderr, never a traceback)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from typing import Any
 
 import orjson
 
-from proxy.config import ENV_PREFIX, ConfigError, Settings, load_settings
+from proxy import __version__
+from proxy.config import ENV_PREFIX, ConfigError, Settings, load_settings, masked
 from proxy.errorformat import PRESETS
 
 PROG = "idempotency-proxy"
@@ -51,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Flags beat environment variables, which beat the config file.",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = commands.add_parser(
@@ -131,12 +136,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="the replicas' format for their own answers (default: problem)",
     )
 
+    check_config = commands.add_parser(
+        "check-config",
+        help="validate the configuration and print the effective settings (secrets masked)",
+        description=(
+            "Read the config file, the environment and the flags as `run` would, validate "
+            "them and print the effective settings as YAML with every secret masked; start "
+            "nothing and connect to nothing. Exits 0 when valid, 2 with one line naming the "
+            "key when not."
+        ),
+    )
+    _add_store_flags(check_config)
+    check_config.add_argument(
+        "--upstream", metavar="URL", help=_flag_help("as for run", "UPSTREAM", "none")
+    )
+    check_config.add_argument(
+        "--quiet", "-q", action="store_true", help="print nothing when the config is valid"
+    )
+
     check = commands.add_parser(
         "check-store",
         help="are the store's settings safe for idempotency records?",
         description=(
-            "Read maxmemory-policy, persistence and replication from Redis and say what is "
-            "unsafe. Exits 1 when something is unsafe, 2 when the store cannot be reached."
+            "Connect as the proxy would (TLS, credentials), read maxmemory-policy, persistence "
+            "and replication, and run every command the proxy uses on a probe key to prove "
+            "the ACL allows them. Exits 1 when something is unsafe or denied, 2 when the store "
+            "cannot be reached or the config is wrong."
         ),
     )
     _add_store_flags(check)
@@ -202,26 +227,56 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "run":
-            _run(args)
-        elif args.command == "demo":
-            from proxy.demo import main as demo_main
-
-            sys.exit(
-                demo_main(
-                    orders=args.orders,
-                    replicas=args.replicas,
-                    memory=args.memory,
-                    error_format=args.error_format,
-                )
-            )
-        elif args.command == "check-store":
-            sys.exit(asyncio.run(_check_store(args)))
-        elif args.command == "records":
-            sys.exit(asyncio.run(_records(args)))
+        _dispatch(args)
     except ConfigError as exc:
         print(f"{PROG}: config error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        # An operator gets one line that says what failed, never a traceback.
+        print(f"{PROG}: {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(3)
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    if args.command == "run":
+        _run(args)
+    elif args.command == "check-config":
+        sys.exit(_check_config(args))
+    elif args.command == "demo":
+        from proxy.demo import main as demo_main
+
+        sys.exit(
+            demo_main(
+                orders=args.orders,
+                replicas=args.replicas,
+                memory=args.memory,
+                error_format=args.error_format,
+            )
+        )
+    elif args.command == "check-store":
+        sys.exit(asyncio.run(_check_store(args)))
+    elif args.command == "records":
+        sys.exit(asyncio.run(_records(args)))
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from proxy.routes import RouteTable
+
+    settings = load_settings(args.config, {"redis_url": args.redis_url, "upstream": args.upstream})
+    # Route templates are checked as `run` checks them; the upstream is needed to `run`.
+    RouteTable(settings.model_copy(update={"upstream": settings.upstream or "http://unused"}))
+    if not args.quiet:
+        print(yaml.safe_dump(masked(settings), sort_keys=False), end="")
+    if not settings.upstream:
+        print(
+            f"{PROG}: note: no upstream set; `run` needs --upstream or 'upstream:'",
+            file=sys.stderr,
+        )
+    return 0
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -261,18 +316,34 @@ def _store_settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def _open_store(settings: Settings) -> Any:
+    from proxy.store import open_store
+
+    return open_store(
+        settings.store.url,
+        timeout=settings.store.timeout,
+        canary_interval=0,
+        connection=settings.store.connection_options(),
+        sentinel_connection=settings.store.sentinel_options(),
+    )
+
+
 async def _check_store(args: argparse.Namespace) -> int:
-    from proxy.safety import assess
-    from proxy.store import StoreUnavailable, open_store
+    from proxy.safety import assess, connection_findings, probe_commands, read_server_info
+    from proxy.store import StoreUnavailable
 
     settings = _store_settings(args)
     if settings.store.url.startswith("memory://"):
         print("memory store: nothing to check (records live in one process only)")
         return 0
-    store: Any = open_store(settings.store.url, timeout=settings.store.timeout, canary_interval=0)
+    store = _open_store(settings)
     try:
         await store.start()
-        findings = assess(await store.server_info())
+        info, denied = await read_server_info(store)
+        findings = connection_findings(settings.store)
+        findings += assess(info) if info else []
+        findings += denied
+        findings += await probe_commands(store)
     except StoreUnavailable as exc:
         print(f"{PROG}: store unavailable: {exc}", file=sys.stderr)
         return 2
@@ -281,15 +352,16 @@ async def _check_store(args: argparse.Namespace) -> int:
     unsafe = False
     for finding in findings:
         print(f"{finding.severity.upper():8} {finding.message}")
-        unsafe |= finding.severity != "ok"
+        unsafe |= finding.severity == "warning"
     return 1 if unsafe else 0
 
 
 async def _records(args: argparse.Namespace) -> int:
     from proxy import keys
+    from proxy.problems import Problem
     from proxy.records import StoredResponse
     from proxy.routes import RouteTable
-    from proxy.store import StoreUnavailable, open_store
+    from proxy.store import CorruptRecord, StoreUnavailable
 
     settings = _store_settings(args)
     if settings.store.url.startswith("memory://"):
@@ -315,18 +387,29 @@ async def _records(args: argparse.Namespace) -> int:
                 f"--key: the route {args.route!r} has a key of {wanted} part(s); "
                 f"give --key {wanted} time(s), in the route's order"
             )
-        given = [keys.validate(key) for key in args.key]
+        try:
+            given = [keys.validate(key) for key in args.key]
+        except Problem as problem:  # the reason only: the key is on the operator's screen
+            raise ConfigError(f"--key: {problem.detail}") from None
         key = keys.join_parts(given) if parts is not None else given[0]
         tenant = args.tenant
         if tenant is None and not settings.tenant.header:
             tenant = keys.DEFAULT_TENANT
         storage_key = hasher.scope(tenant, namespaces[args.route], key).storage_key
         what = f"this key (route {args.route}, tenant {tenant})"
-    store: Any = open_store(settings.store.url, timeout=settings.store.timeout, canary_interval=0)
+    store = _open_store(settings)
     try:
         await store.start()
         if args.action == "show":
-            record = await store.get(storage_key)
+            try:
+                record = await store.get(storage_key)
+            except CorruptRecord as exc:
+                print(
+                    f"the record exists but cannot be read ({exc}); duplicates get 409 until "
+                    "`records resolve --force` rewrites it or `records release --force` deletes it",
+                    file=sys.stderr,
+                )
+                return 1
             if record is None:
                 print(f"no record for {what}")
                 return 1

@@ -158,9 +158,60 @@ class Admin(BaseModel):
     enabled: bool = True
 
 
+class StoreTLS(BaseModel):
+    """TLS to Redis (and to the sentinels): on with a `rediss` scheme or `enabled: true`."""
+
+    model_config = _FROZEN
+    enabled: bool = False
+    # PEM files; without ca_file the system's trust store verifies the server.
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    # Verify the server's certificate chain, and that its name matches the host dialled.
+    verify: bool = True
+    check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _files(self) -> StoreTLS:
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (a client certificate)")
+        if self.check_hostname and not self.verify:
+            raise ValueError("check_hostname needs verify: true")
+        return self
+
+
+class SentinelAuth(BaseModel):
+    """Credentials for the sentinels themselves (the master's are store.username/password)."""
+
+    model_config = _FROZEN
+    username: str | None = None
+    password: str | None = Field(default=None, repr=False)
+
+
+STORE_SCHEMES = (
+    "redis://",
+    "rediss://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
+    "redis+cluster://",
+    "rediss+cluster://",
+    "memory://",
+)
+
+
 class StoreSettings(BaseModel):
     model_config = _FROZEN
     url: str = "memory://"
+    # Credentials for the Redis nodes (an ACL user, or only a password for requirepass);
+    # they override any in the URL. Secrets: `password_file` reads a mounted file.
+    username: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    tls: StoreTLS = StoreTLS()
+    sentinel: SentinelAuth = SentinelAuth()
     failure_mode: Literal["closed", "open"] = "closed"
     wait_replicas: int = Field(default=0, ge=0)
     wait_timeout: Duration = 0.1
@@ -191,10 +242,44 @@ class StoreSettings(BaseModel):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        schemes = ("redis://", "rediss://", "redis+sentinel://", "redis+cluster://", "memory://")
-        if not value.startswith(schemes):
-            raise ValueError(f"{value!r} must start with one of {', '.join(schemes)}")
+        if not value.startswith(STORE_SCHEMES):
+            shown = _mask_url(value)
+            raise ValueError(f"{shown!r} must start with one of {', '.join(STORE_SCHEMES)}")
+        scheme, _, rest = value.partition("://")
+        if scheme.endswith("+sentinel") and not rest.partition("/")[2].strip("/"):
+            raise ValueError(f"{scheme}:// needs the master's name: {scheme}://h:p[,h:p]/mymaster")
         return value
+
+    @property
+    def tls_on(self) -> bool:
+        return self.tls.enabled or self.url.startswith("rediss")
+
+    def connection_options(self) -> dict[str, Any]:
+        """redis-py keyword arguments for credentials and TLS, the same on every topology."""
+        options: dict[str, Any] = {}
+        if self.username is not None:
+            options["username"] = self.username
+        if self.password is not None:
+            options["password"] = self.password
+        if self.tls_on:
+            options.update(
+                ssl=True,
+                ssl_ca_certs=self.tls.ca_file,
+                ssl_certfile=self.tls.cert_file,
+                ssl_keyfile=self.tls.key_file,
+                ssl_cert_reqs="required" if self.tls.verify else "none",
+                ssl_check_hostname=self.tls.check_hostname,
+            )
+        return options
+
+    def sentinel_options(self) -> dict[str, Any]:
+        """Keyword arguments for the connections to the sentinels: TLS like the nodes'."""
+        options = {k: v for k, v in self.connection_options().items() if k.startswith("ssl")}
+        if self.sentinel.username is not None:
+            options["username"] = self.sentinel.username
+        if self.sentinel.password is not None:
+            options["password"] = self.sentinel.password
+        return options
 
 
 class UpstreamPool(BaseModel):
@@ -588,15 +673,84 @@ def _describe(error: ValidationError, tree: Mapping[str, Any]) -> str:
     return f"{where}: {message}" if parts else message
 
 
+# Settings that are secrets: never printed, and each may instead be read from a file
+# (`<name>_file`, e.g. a mounted Kubernetes Secret) wherever it appears in the tree.
+SECRET_FIELDS = ("password", "key_hash_secret")
+
+
+def _resolve_secret_files(tree: dict[str, Any], where: str = "") -> None:
+    """Replace every `<secret>_file: PATH` by `<secret>: <the file's text>`, in place."""
+    for key in list(tree):
+        value = tree[key]
+        if isinstance(value, dict):
+            _resolve_secret_files(value, f"{where}{key}.")
+            continue
+        stem = key.removesuffix("_file") if isinstance(key, str) else None
+        if stem is None or stem == key or stem not in SECRET_FIELDS:
+            continue
+        if value is None:
+            del tree[key]
+            continue
+        if tree.get(stem) is not None:
+            raise ConfigError(f"{where}{key}: give either {stem} or {key}, not both")
+        try:
+            secret = Path(str(value)).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise ConfigError(f"{where}{key}: cannot read {value}: {reason}") from None
+        # Files written by editors and `echo` end with a newline that is not the secret.
+        secret = secret.rstrip("\r\n")
+        if not secret:
+            raise ConfigError(f"{where}{key}: {value} is empty")
+        del tree[key]
+        tree[stem] = secret
+
+
+def _env_value(raw: str) -> Any:
+    """An environment value: a YAML list or mapping when it looks like one, else the string
+    (pydantic converts it: `5` to 5, `true` to True), so a password `no` stays `no`."""
+    if raw.lstrip().startswith(("[", "{")):
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return raw
+    return raw
+
+
+def env_paths(environ: Mapping[str, str]) -> list[tuple[tuple[str, ...], Any]]:
+    """Settings from `IDEMPOTENCY_PROXY_<SECTION>__<KEY>` (nested, any depth) and
+    `IDEMPOTENCY_PROXY_<TOP_LEVEL_KEY>` variables; the flags' own variables are not here."""
+    flags = {ENV_PREFIX + flag.upper() for flag in FLAG_PATHS}
+    top = set(Settings.model_fields) | {f"{name}_file" for name in SECRET_FIELDS}
+    found: list[tuple[tuple[str, ...], Any]] = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in flags or environ[name] == "":
+            continue
+        rest = name.removeprefix(ENV_PREFIX).lower()
+        path = tuple(rest.split("__"))
+        if any(not part for part in path):
+            continue  # e.g. IDEMPOTENCY_PROXY__SETTINGS_JSON, internal to the workers
+        if len(path) == 1 and path[0] not in top:
+            continue  # IDEMPOTENCY_PROXY_CONFIG and other non-settings
+        found.append((path, _env_value(environ[name])))
+    return found
+
+
 def load_settings(
     config_file: str | None = None,
     flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Merge file, environment and flags (in rising precedence) into `Settings`."""
+    """Merge file, environment and flags (in rising precedence) into `Settings`.
+
+    Within the environment, the flags' variables (`IDEMPOTENCY_PROXY_REDIS_URL`) beat the
+    nested ones (`IDEMPOTENCY_PROXY_STORE__URL`). Secrets may come from files (`*_file`).
+    """
     environ = os.environ if environ is None else environ
     config_file = config_file or environ.get(ENV_PREFIX + "CONFIG") or None
     tree: dict[str, Any] = _read_file(config_file) if config_file else {}
+    for path, value in env_paths(environ):
+        _set_path(tree, path, value)
     for flag, path in FLAG_PATHS.items():
         env_value = environ.get(ENV_PREFIX + flag.upper())
         if env_value not in (None, ""):
@@ -604,7 +758,40 @@ def load_settings(
     for flag, value in (flags or {}).items():
         if value is not None and flag in FLAG_PATHS:
             _set_path(tree, FLAG_PATHS[flag], value)
+    _resolve_secret_files(tree)
     try:
         return Settings.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, tree)) from None
+
+
+def _mask_url(url: str) -> str:
+    """The URL with any password in it replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, tail = rest.partition("/")
+    if "@" not in authority:
+        return url
+    userinfo, _, hosts = authority.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    masked = f"{user}:***" if colon else "***"
+    return f"{scheme}://{masked}@{hosts}{slash}{tail}"
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data, every secret replaced by ***."""
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                key: "***" if key in SECRET_FIELDS and value is not None else walk(value)
+                for key, value in node.items()
+            }
+        if isinstance(node, list):
+            return [walk(item) for item in node]
+        return node
+
+    data: dict[str, Any] = walk(settings.model_dump(mode="json", by_alias=True))
+    data["store"]["url"] = _mask_url(settings.store.url)
+    return data

@@ -31,6 +31,10 @@ PLACEHOLDERS = frozenset(
 # `{name}` is a placeholder; `{{` and `}}` are literal braces.
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# What a header value may carry; anything else a placeholder brings in becomes '?'.
+_NOT_HEADER_TEXT = re.compile(r"[^\x20-\x7e]")
+# Statuses that carry no body: a template's document could not be sent with them.
+_NO_BODY = frozenset({204, 205, 304})
 # Headers the proxy sets itself on every answer; a template cannot replace them.
 _RESERVED = frozenset(
     {"content-type", "content-length", "cache-control", "date", "retry-after", "x-request-id"}
@@ -108,6 +112,8 @@ def _compile_node(node: Any) -> _Node:
         return {str(k): _compile_node(v) for k, v in node.items()}
     if isinstance(node, list | tuple):
         return [_compile_node(v) for v in node]
+    if isinstance(node, int) and not isinstance(node, bool) and not -(2**63) <= node < 2**64:
+        raise ValueError(f"integers in a body template must fit in 64 bits, not {node}")
     if node is None or isinstance(node, bool | int | float):
         return node
     raise ValueError(f"{type(node).__name__} values cannot appear in a body template")
@@ -164,6 +170,8 @@ class TemplateFormat(ErrorFormat):
         for code_value in (status or {}).values():
             if not 200 <= code_value <= 599:
                 raise ValueError(f"status: {code_value} is not an error status")
+            if code_value in _NO_BODY:
+                raise ValueError(f"status: {code_value} cannot carry the template's body")
         self._status = dict(status or {})
         self._code = dict(code or {})
         # Extra headers per type, '*' merged under each type's own; values may carry
@@ -215,8 +223,10 @@ class TemplateFormat(ErrorFormat):
             if header in (b"date", b"retry-after", b"connection", _REPLAYED):
                 out.append((header, value))
         for header, text in self._headers.get(name) or self._headers.get("*") or ():
-            value = _fill(text, values)
-            out.append((header, str(value).encode("ascii", "replace")))
+            filled = _fill(text, values)
+            # A `code` from the config may hold anything; a header value never splits.
+            shown = "" if filled is None else _NOT_HEADER_TEXT.sub("?", str(filled))
+            out.append((header, shown.encode("ascii")))
         out.append((b"content-length", str(len(body)).encode("ascii")))
         out.append((REQUEST_ID, request_id))
         return status, out, body
@@ -257,6 +267,7 @@ def _stripe() -> TemplateFormat:
             "header-timeout": "invalid_request_error",
             "unsupported-media-type": "invalid_request_error",
             "headers-too-large": "invalid_request_error",
+            "target-invalid": "invalid_request_error",
             "*": "api_error",
         },
         headers={"*": request_id, "outcome-unknown": no_retry, "replay-unavailable": no_retry},
@@ -292,6 +303,7 @@ def _gocardless() -> TemplateFormat:
             "header-timeout": "invalid_api_usage",
             "unsupported-media-type": "invalid_api_usage",
             "headers-too-large": "invalid_api_usage",
+            "target-invalid": "invalid_api_usage",
             "*": "gocardless",
         },
     )

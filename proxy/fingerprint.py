@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -28,8 +29,11 @@ def canonical_json(value: Any) -> bytes:
     try:
         return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     except TypeError:
-        # Integers wider than 64 bits: the standard library keeps them exact.
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        # Integers wider than 64 bits, or a lone surrogate escape ("\udc00", which the
+        # standard library's parser accepts): the standard library keeps them exact, and
+        # surrogatepass gives a lone surrogate bytes no real character has.
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return text.encode("utf-8", "surrogatepass")
 
 
 def canonical_query(query_string: bytes) -> bytes:
@@ -48,6 +52,27 @@ def _name(pair: tuple[str, str]) -> str:
     return pair[0]
 
 
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _unescape_unreserved(match: re.Match[bytes]) -> bytes:
+    byte = int(match.group(1), 16)
+    return bytes((byte,)) if byte in _UNRESERVED else b"%" + match.group(1).upper()
+
+
+def canonical_path(request: ProxyRequest) -> bytes:
+    """The path as the backend gets it, normalised only where RFC 3986 says two spellings
+    are the same (escaped unreserved characters, the case of an escape's hex digits).
+
+    Not the server's decoded path: it turns every byte that is not UTF-8 (`%FF`, `%FE`)
+    into U+FFFD and `%2F` into `/`, which would make different requests look alike.
+    """
+    if not request.raw_path:
+        return request.path.encode("utf-8", "surrogateescape")
+    return _ESCAPE.sub(_unescape_unreserved, request.raw_path)
+
+
 def canonical_body(request: ProxyRequest, media_type: str) -> bytes:
     if request.body and is_json(media_type):
         try:
@@ -57,10 +82,11 @@ def canonical_body(request: ProxyRequest, media_type: str) -> bytes:
             # raw bytes still tell different requests apart.
             pass
     elif request.body and is_xml(media_type):
-        # Unusable XML (malformed, a DTD) keeps its raw bytes, as unusable JSON does.
+        # Unusable XML (malformed, a DTD) keeps its raw bytes, as unusable JSON does. Each
+        # form is tagged: the canonical form is not itself well-formed XML (`xmlns:n0=""`),
+        # so a body made of another body's canonical bytes would otherwise share its print.
         xml = xmlkeys.canonical(request)
-        if xml is not None:
-            return xml
+        return b"c" + xml if xml is not None else b"r" + request.body
     return request.body
 
 
@@ -69,7 +95,7 @@ def fingerprint(request: ProxyRequest) -> str:
     digest = hashlib.sha256()
     for part in (
         request.method.encode("ascii"),
-        request.path.encode("utf-8", "surrogateescape"),
+        canonical_path(request),
         canonical_query(request.query_string),
         media_type.encode("latin-1"),
     ):

@@ -57,13 +57,14 @@ def validate(key: str) -> str:
 
 
 def parse_header(values: list[bytes]) -> str:
-    """One key from `Idempotency-Key` header lines: an sf-string (`"abc"`) or bare (`abc`).
+    """One key from the key header's lines (`Idempotency-Key` or a route's own header):
+    an sf-string (`"abc"`) or bare (`abc`).
 
     Both forms name the same key; parameters after `;` are ignored; two header
     lines or a comma list are several keys and rejected.
     """
     if len(values) > 1:
-        raise key_invalid("several Idempotency-Key headers were sent; send exactly one")
+        raise key_invalid("the key header was sent more than once; send exactly one")
     try:
         raw = values[0].decode("ascii")
     except UnicodeDecodeError:

@@ -29,7 +29,7 @@ from proxy.replay import REPLAYED, ReplayCache, http_date, replay_headers, store
 from proxy.request import ProxyRequest
 from proxy.resolution import StatusChecker, render_target
 from proxy.routes import Route
-from proxy.store import Store, StoreUnavailable
+from proxy.store import CorruptRecord, Store, StoreUnavailable
 from proxy.tracing import Tracing
 from proxy.upstream import (
     NotSent,
@@ -54,6 +54,7 @@ _PROXY_ANSWERS = frozenset(
     {
         "replayed",
         "in_flight",
+        "record_unreadable",
         "key_reused",
         "outcome_unknown",
         "replay_unavailable",
@@ -238,9 +239,12 @@ class Lifecycle:
                 if route.status_check is not None
                 else ""
             )
-            reply = await self._claim_and_execute(
-                request, route, scoped.storage_key, fp, scoped.log_hash, check
-            )
+            try:
+                reply = await self._claim_and_execute(
+                    request, route, scoped.storage_key, fp, scoped.log_hash, check
+                )
+            except CorruptRecord as exc:
+                reply = self._unreadable(route, scoped.log_hash, exc)
         reply.scoped = scoped
         return reply
 
@@ -288,6 +292,8 @@ class Lifecycle:
         started = time.perf_counter()
         try:
             claim = await self._claim(route, storage_key, token, fp, lease_ms)
+        except CorruptRecord:
+            raise  # no outage: answered by `handle`, and never forwarded unrecorded
         except StoreUnavailable:
             if route.fail_open:
                 return await self._forward_unrecorded(request, route, "fail_open")
@@ -360,6 +366,23 @@ class Lifecycle:
         return values[0].decode("latin-1")
 
     # -- duplicates ------------------------------------------------------------------
+
+    def _unreadable(self, route: Route, log_hash: str, exc: CorruptRecord) -> Reply:
+        """A record that cannot be read is alive (the contract): 409, left as it is, and
+        told to an operator, who alone can decide what it was."""
+        self.metrics.corrupt_records.inc()
+        logger.error(
+            "unreadable record: answered as in progress and left as it is",
+            extra={"key_hash": log_hash, "route": route.name, "reason": str(exc)},
+        )
+        problem = Problem(
+            "request-in-progress",
+            409,
+            "the record of this key cannot be read; it is treated as in progress until an "
+            "operator resolves it",
+            retry_after=max(1, math.ceil(route.lease_ms / 1000)),
+        )
+        return problem_reply(problem, "record_unreadable", self.date())
 
     def _duplicate(self, claim: ClaimResult, storage_key: str, fp: str) -> Reply:
         date = self.date()
@@ -609,7 +632,7 @@ class Lifecycle:
         """
         try:
             ok = bool(await self._timed(operation, call()))
-        except StoreUnavailable as exc:
+        except Exception as exc:  # a store failure of any kind: the answer still goes out
             logger.warning(
                 "store unavailable; recording the outcome in the background",
                 extra={
@@ -645,7 +668,7 @@ class Lifecycle:
             delay = min(delay * 2, 5.0)
             try:
                 ok = bool(await self._timed(operation, call()))
-            except StoreUnavailable as exc:
+            except Exception as exc:  # whatever the store raised, this task must not die of it
                 reason = logs.describe(exc)
                 continue
             self._note(operation, attempt, ok)
@@ -676,8 +699,8 @@ class Lifecycle:
             ok = await self._timed(
                 "renew", self.store.renew(attempt.storage_key, attempt.token, attempt.lease_ms)
             )
-        except StoreUnavailable:
-            ok = True  # try again at the next tick; the lease may still hold
+        except Exception:  # any store failure: try again at the next tick; the lease may hold
+            ok = True
         if not ok:
             attempt.fenced = True
             self.metrics.fence("renew")

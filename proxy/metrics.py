@@ -3,6 +3,7 @@ raw paths or client addresses, which would leak data and explode cardinality."""
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from proxy import __version__
 
 # The `_created` series double every counter and histogram and no dashboard reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -44,6 +47,13 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
+        # Which build is running, for dashboards and alerts across a rollout.
+        Gauge(
+            "idempotency_proxy_build_info",
+            "The running version (always 1).",
+            ["version", "python"],
+            registry=self.registry,
+        ).labels(__version__, platform.python_version()).set(1)
         self.requests = Counter(
             "idempotency_proxy_requests_total",
             "Requests answered, by route and outcome.",
@@ -85,6 +95,11 @@ class Metrics:
             "idempotency_proxy_fenced_total",
             "Transitions refused because another owner holds the record.",
             ["operation"],
+            registry=self.registry,
+        )
+        self.corrupt_records = Counter(
+            "idempotency_proxy_store_corrupt_records_total",
+            "Claims that found a record they could not read (answered 409, left as it is).",
             registry=self.registry,
         )
         self.replayed_bytes = Counter(

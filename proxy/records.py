@@ -7,6 +7,7 @@ the owner holding the record's token may move it on; see docs/design.md.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 import orjson
@@ -90,9 +91,23 @@ def encode_headers(headers: Headers) -> bytes:
     )
 
 
-def decode_headers(blob: bytes | str | None) -> Headers:
+# What the HTTP server refuses to send (a 500), or what would frame a replay twice: a
+# record carrying them was not written by the proxy.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+
+
+def decode_headers(blob: bytes | str | None, *, strict: bool = False) -> Headers:
+    """The stored headers. `strict`: raise ValueError unless each is a pair the proxy could
+    have stored (lower-case token name, sendable value, no framing header)."""
     if not blob:
         return ()
-    return tuple(
+    headers = tuple(
         (name.encode("latin-1"), value.encode("latin-1")) for name, value in orjson.loads(blob)
     )
+    if strict:
+        for name, value in headers:
+            if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value) or name in _FRAMING:
+                raise ValueError("a stored header the proxy could not have stored")
+    return headers

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.convertors import IntegerConvertor
 from starlette.routing import compile_path
 
 from proxy.config import ConfigError, KeySpec, Policy, RouteSettings, Settings, StatusCheck
@@ -57,9 +59,21 @@ class Route:
         if found is None:
             return None
         return {
-            name: str(self._convertors[name].convert(value))
+            name: _convert(self._convertors[name], value)
             for name, value in found.groupdict().items()
         }
+
+
+def _convert(convertor: Any, value: str) -> str:
+    """A path parameter in its type's canonical form (`{id:int}`: `007` is `7`)."""
+    if isinstance(convertor, IntegerConvertor):
+        # str(int(value)) for the convertor's [0-9]+, without int()'s limit on digits
+        # (5000 digits raised ValueError: a 500).
+        return value.lstrip("0") or "0"
+    converted = convertor.convert(value)
+    if isinstance(converted, float) and not math.isfinite(converted):
+        return value  # too large for a float: every such number would be "inf", one key
+    return str(converted)
 
 
 class RouteTable:

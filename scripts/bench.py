@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """The proxy's benchmark: the same load against the backend and through the proxy, in one run.
 
-One run on one machine starts a private Redis (no persistence), the sample backend
-with one worker, and the proxy with one worker (a header-keyed route on
+One run on one machine starts a private Redis (no persistence), a backend with one
+worker (by default the trivial one, scripts/bench_backend.py, which answers 201 at
+once so the proxy's own cost shows; `--backend sample` for the sample backend and its
+SQLite ledger), and the proxy with one worker (a header-keyed route on
 `POST /v1/charges`), then drives the same `POST /v1/charges` load at:
 
   direct   the backend itself (the baseline every ratio divides by)
@@ -17,9 +19,15 @@ with one worker, and the proxy with one worker (a header-keyed route on
   miss-xml   (--keys) the same on a SOAP route keyed by an XML element
            (`POST /soap/payments`, the envelope's `p:OrderId`): what an XML
            route costs next to a JSON route
+  miss-w2  (--two-workers) the miss path through a proxy started with `--workers 2`
+  miss-cand, replay-cand  (--candidate DIR) the same paths through a proxy run from
+           another checkout, interleaved with this one: what a change gains
 
 at 1 and 32 connections, in interleaved rounds (every scenario once per round,
-the order rotated each round), and reports the median of the rounds.
+the order rotated each round), and reports the median of the rounds. Next to the
+throughput and latency of each scenario it reports the CPU per request of the proxy's
+own processes, the backend's and Redis's (utime + stime from /proc/PID/stat around each
+round, divided by the answers), and judges the targets on the proxy's CPU per request.
 
 A round only counts when every answer was 201 (or 409 in the storm) and the
 backend's ledger shows the executions the scenario implies: as many charges as
@@ -29,7 +37,9 @@ Load comes from wrk with a Lua script (unique keys: thread id + counter); withou
 wrk a bounded asyncio (aiohttp) generator stands in, which is much slower itself.
 
     .venv/bin/python scripts/bench.py [--duration S] [--rounds N] [--write docs/benchmarks.md]
-                                      [--quick] [--no-transports] [--pin] [--profile DIR]
+                                      [--quick] [--no-transports] [--no-two-workers] [--pin]
+                                      [--profile DIR] [--backend trivial|sample]
+                                      [--candidate DIR] [--only NAMES]
 """
 
 from __future__ import annotations
@@ -107,11 +117,14 @@ CLIENT_TIMEOUT_S = 10
 MAX_REQUESTS_PER_WORKER = 1_000_000
 
 TARGETS = {
-    "miss_throughput": 0.25,  # miss-path req/s at 32 connections >= 0.25x direct
-    "replay_throughput": 0.60,  # replay-path req/s at 32 connections >= 0.60x direct
-    "added_p50_ms": 1.5,  # proxy p50 - direct p50 on the miss path at 1 connection
-    "rss_mb": 120.0,  # the proxy's VmRSS after the run
+    # The proxy's own CPU per request (its processes' utime + stime over a round, divided by
+    # the answers of that round), judged at 32 connections where throughput is the question.
+    "miss_cpu_us": 600.0,
+    "replay_cpu_us": 120.0,
+    "added_p50_ms": 0.8,  # proxy p50 - direct p50 on the miss path at 1 connection
+    "rss_mb": 80.0,  # the proxy's VmRSS after the run
 }
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # The wrk script. `mode prefix nkeys` come after `--` on wrk's command line. Globals (not
 # locals) because done() reads each thread's status counts with thread:get().
@@ -238,8 +251,8 @@ def wrk_script() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    name: str  # direct | miss | replay | storm | miss-httpx | miss-json | miss-xml
-    target: str  # backend | proxy | proxy-httpx
+    name: str  # direct | miss | replay | storm | miss-httpx | miss-json | miss-xml | miss-w2
+    target: str  # backend | proxy | proxy-httpx | proxy-w2
     mode: str  # the key pattern: unique | replay | storm | json-key | xml-key
     connections: int
 
@@ -279,9 +292,19 @@ class Sample:
     errors: dict[str, int]
     executions: int | None = None  # charges the backend's ledger recorded in the round
     problems: list[str] = field(default_factory=list)
+    # CPU seconds each role's processes used over the round: proxy (the scenario's target
+    # when it is a proxy), backend, redis; per request, divided by `requests`.
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+    def cpu_us(self, role: str) -> float | None:
+        if role not in self.cpu_s or not self.requests:
+            return None
+        return self.cpu_s[role] / self.requests * 1e6
 
 
-def scenarios(transports: bool, keys: bool = True) -> list[Scenario]:
+def scenarios(
+    transports: bool, keys: bool = True, workers: bool = False, candidate: bool = False
+) -> list[Scenario]:
     out: list[Scenario] = []
     for connections in CONNECTIONS:
         out += [
@@ -295,6 +318,13 @@ def scenarios(transports: bool, keys: bool = True) -> list[Scenario]:
     if keys:
         out.append(Scenario("miss-json", "proxy", "json-key", 32))
         out.append(Scenario("miss-xml", "proxy", "xml-key", 32))
+    if workers:
+        out.append(Scenario("miss-w2", "proxy-w2", "unique", 32))
+    if candidate:
+        # The same scenarios through a proxy run from another checkout (--candidate).
+        for connections in CONNECTIONS:
+            out.append(Scenario("miss-cand", "proxy-cand", "unique", connections))
+        out.append(Scenario("replay-cand", "proxy-cand", "replay", 32))
     return out
 
 
@@ -341,10 +371,10 @@ def _preexec(cpus: set[int] | None) -> Callable[[], None]:
     return run
 
 
-def _env() -> dict[str, str]:
+def _env(tree: Path = REPO) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
+    env["PYTHONPATH"] = str(tree) + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
     return env
 
@@ -360,8 +390,10 @@ class Child:
         cpus: set[int] | None,
         port: int,
         ready: Callable[[], bool],
+        tree: Path = REPO,
     ) -> None:
         self.name = name
+        self.tree = tree  # the checkout whose code this child runs
         self.argv = argv
         self.log_path = workdir / f"{name}.log"
         self.cpus = cpus
@@ -376,8 +408,8 @@ class Child:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=REPO,
-                env=_env(),
+                cwd=self.tree,
+                env=_env(self.tree),
                 start_new_session=True,
                 preexec_fn=_preexec(self.cpus),
             )
@@ -467,10 +499,16 @@ def launch_redis(workdir: Path, cpus: set[int] | None) -> Child:
     return Child("redis", argv, workdir, cpus, port, lambda: _redis_ping(port)).start()
 
 
-def launch_backend(workdir: Path, cpus: set[int] | None) -> Child:
+def launch_backend(workdir: Path, cpus: set[int] | None, kind: str = "trivial") -> Child:
+    """`trivial`: scripts/bench_backend.py, a Starlette handler that answers 201 (the proxy's
+    own cost shows); `sample`: the sample backend, a SQLite insert per charge."""
     port = free_port()
-    argv = [sys.executable, "-m", "sample_backend", "--host", HOST, "--port", str(port)]
-    argv += ["--db", ":memory:", "--log-level", "warning"]
+    if kind == "trivial":
+        argv = [sys.executable, str(REPO / "scripts" / "bench_backend.py")]
+        argv += ["--host", HOST, "--port", str(port)]
+    else:
+        argv = [sys.executable, "-m", "sample_backend", "--host", HOST, "--port", str(port)]
+        argv += ["--db", ":memory:", "--log-level", "warning"]
 
     def ready() -> bool:
         return _http("GET", port, "/healthz")[0] == 200
@@ -485,10 +523,13 @@ def launch_proxy(
     redis_port: int,
     workdir: Path,
     cpus: set[int] | None,
+    workers: int = 1,
+    tree: Path = REPO,
 ) -> Child:
-    """The proxy in one worker; the backend need not be up yet (the upstream pool is lazy)."""
+    """The proxy in `workers` workers; the backend need not be up yet (the upstream pool is
+    lazy)."""
     port, admin_port = free_port(), free_port()
-    config = {
+    config: dict[str, Any] = {
         "upstream": f"http://{HOST}:{backend_port}",
         "listen": {"host": HOST, "port": port},
         "admin": {"host": HOST, "port": admin_port},
@@ -521,6 +562,8 @@ def launch_proxy(
             },
         ],
     }
+    if workers > 1:
+        config["workers"] = workers
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
     argv = [sys.executable, "-m", "proxy", "run", "--log-level", "warning"]
@@ -533,7 +576,16 @@ def launch_proxy(
         socket.create_connection((HOST, port), timeout=1).close()
         return True
 
-    return Child(name, argv, workdir, cpus, port, ready).start()
+    def workers_ready() -> bool:
+        # Several workers (uvicorn's supervisor) serve no admin port: every worker process
+        # started, and one of them answers a protected request on the traffic port.
+        if len(process_tree(child.pid)) < workers + 1:
+            return False
+        headers = {"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex}
+        return _http("POST", port, PATH, BODY, headers)[0] == 201
+
+    child = Child(name, argv, workdir, cpus, port, ready if workers == 1 else workers_ready, tree)
+    return child.start()
 
 
 def read_rss_kib(pid: int) -> dict[str, int]:
@@ -544,6 +596,41 @@ def read_rss_kib(pid: int) -> dict[str, int]:
             if name in ("VmRSS", "VmHWM"):
                 out[name] = int(value.split()[0])
     return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (uvicorn's supervisor and its workers), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(parents.get(current, []))
+    return out
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime of these processes (all their threads), in seconds."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                # Fields after the command name (which may hold spaces): state is [0],
+                # utime and stime are the 14th and 15th fields of the whole line.
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
 
 
 # --------------------------------------------------------------------------- load
@@ -687,6 +774,15 @@ class Servers:
     proxy: Child
     proxy_httpx: Child | None
     replay_prefix: str  # the keys the replay rounds repeat, COMPLETED before any round
+    pids: dict[str, list[int]] = field(default_factory=dict)  # child name -> its processes
+
+    def roles(self, target: str) -> dict[str, list[int]]:
+        """Whose CPU a round of a scenario on `target` reads: the proxy it drives (if any),
+        the backend and Redis."""
+        out = {"proxy": self.pids[target]} if target != "backend" else {}
+        out["backend"] = self.pids["backend"]
+        out["redis"] = self.pids["redis"]
+        return out
 
 
 def ledger_reset(backend_port: int) -> None:
@@ -749,16 +845,22 @@ def measure(
                 prefix = f"{scenario.name}-{nonce}-r{round_no}-c{scenario.connections}"
             ledger_settled(servers.backend)  # the previous round's stragglers, if any
             ledger_reset(servers.backend)
+            roles = servers.roles(scenario.target)
+            before = {role: cpu_seconds(pids) for role, pids in roles.items()}
             sample = run_round(
                 load, servers.ports[scenario.target], scenario, prefix, duration, round_no
             )
+            # After the stragglers settled: their completions are part of the rounds' cost.
             sample.executions = ledger_settled(servers.backend)
+            sample.cpu_s = {role: cpu_seconds(pids) - before[role] for role, pids in roles.items()}
             sample.problems = check(scenario, sample)
             results[scenario].append(sample)
             flag = "  INVALID: " + "; ".join(sample.problems) if sample.problems else ""
+            proxy_cpu = sample.cpu_us("proxy")
+            cpu = f"  proxy {proxy_cpu:5.0f} us/req" if proxy_cpu is not None else ""
             log(
                 f"round {round_no} {scenario.label:<15} {sample.rps:9.0f} req/s  "
-                f"p50 {sample.p50_ms:7.2f} ms  p99 {sample.p99_ms:7.2f} ms{flag}"
+                f"p50 {sample.p50_ms:7.2f} ms  p99 {sample.p99_ms:7.2f} ms{cpu}{flag}"
             )
     return results
 
@@ -776,7 +878,8 @@ def profile(
     """py-spy on the proxy under miss-path and replay-path load at 32 connections."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
-        raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
+        log("no profile: --profile needs py-spy (the bench extra: pip install -e '.[bench]')")
+        return {}
     outdir.mkdir(parents=True, exist_ok=True)
     tables: dict[str, list[dict[str, Any]]] = {}
     for name, mode, prefix in (
@@ -786,7 +889,7 @@ def profile(
         raw = outdir / f"{name}.txt"
         spy = subprocess.Popen(
             [py_spy, "record", "--pid", str(servers.proxy.pid), "--duration", str(seconds),
-             "--rate", "200", "--format", "raw", "--output", str(raw), "--nonblocking"],
+             "--rate", "250", "--format", "raw", "--output", str(raw), "--nonblocking"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         time.sleep(0.5)
@@ -794,10 +897,13 @@ def profile(
         run_round(load, servers.ports["proxy"], scenario, prefix, seconds + 1, 0)
         _, err = spy.communicate(timeout=seconds + 30)
         if spy.returncode != 0 or not raw.exists():
-            raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-2000:]}")
+            # Typically ptrace is not allowed here: the benchmark stands without a profile.
+            log(f"no profile: py-spy failed: {err.decode(errors='replace')[-500:]}")
+            return {}
         text = raw.read_text()
         tables[name] = bench_report.hottest(text, limit=10)
         tables[f"{name} (by package)"] = bench_report.by_package(text)
+        tables[f"{name} (by part of the path)"] = bench_report.breakdown(text)
         log(f"profile {name}: {raw}")
     return tables
 
@@ -828,6 +934,12 @@ def summarize(results: dict[Scenario, list[Sample]]) -> list[dict[str, Any]]:
                 "non_2xx": sum(v for k, v in statuses.items() if not 200 <= k < 300),
                 "errors": errors,
                 "executions": sum(s.executions or 0 for s in samples),
+                # Median over the rounds of each role's CPU per answered request.
+                "cpu_us": {
+                    role: statistics.median(v for s in samples if (v := s.cpu_us(role)) is not None)
+                    for role in ("proxy", "backend", "redis")
+                    if any(s.cpu_us(role) is not None for s in samples)
+                },
                 "problems": [f"round {s.round}: {p}" for s in samples for p in s.problems],
                 "rounds": [asdict(s) for s in samples],
             }
@@ -859,9 +971,7 @@ def comparisons(rows: list[dict[str, Any]], rss: dict[str, int]) -> dict[str, An
                 for p, d in zip(row["rounds"], base["rounds"], strict=False)
                 if d["rps"]
             ]
-            target = None
-            if connections == 32 and name in ("miss", "replay"):
-                target = TARGETS[f"{name}_throughput"]
+            target = None  # the targets are CPU per request now; the ratios inform
             value = row["rps"] / base["rps"]
             ratios.append(
                 {
@@ -928,12 +1038,73 @@ def comparisons(rows: list[dict[str, Any]], rss: dict[str, int]) -> dict[str, An
             if xml_row["rps"]
             else None,
         }
+    cpu = []
+    for name in ("miss", "replay"):
+        row = _find(rows, name, 32)
+        value = row["cpu_us"].get("proxy") if row else None
+        if value is None:
+            continue
+        target = TARGETS[f"{name}_cpu_us"]
+        cpu.append(
+            {
+                "name": name,
+                "connections": 32,
+                "value_us": value,
+                "per_round": [
+                    r["cpu_s"]["proxy"] / r["requests"] * 1e6
+                    for r in row["rounds"]
+                    if r["requests"]
+                ],
+                "target": target,
+                "verdict": _verdict(value <= target),
+            }
+        )
+    workers = None
+    one, two = _find(rows, "miss", 32), _find(rows, "miss-w2", 32)
+    if one is not None and two is not None and one["rps"]:
+        workers = {
+            "one": {k: one[k] for k in ("rps", "p50_ms", "p99_ms", "cpu_us")},
+            "two": {k: two[k] for k in ("rps", "p50_ms", "p99_ms", "cpu_us")},
+            "two_vs_one": two["rps"] / one["rps"],
+        }
+    candidate = []
+    for name, connections in (("miss", 1), ("miss", 32), ("replay", 32)):
+        base, cand = _find(rows, name, connections), _find(rows, f"{name}-cand", connections)
+        if base is None or cand is None:
+            continue
+        before, after = base["cpu_us"].get("proxy"), cand["cpu_us"].get("proxy")
+
+        def proxy_us(sample: dict[str, Any]) -> float | None:
+            spent = sample["cpu_s"].get("proxy")
+            return spent / sample["requests"] * 1e6 if spent and sample["requests"] else None
+
+        # Paired by round (the two ran close together in time), which cancels much of the
+        # machine's drift between rounds.
+        paired = [
+            b - a
+            for x, y in zip(base["rounds"], cand["rounds"], strict=False)
+            if (a := proxy_us(x)) is not None and (b := proxy_us(y)) is not None
+        ]
+        candidate.append(
+            {
+                "name": name,
+                "connections": connections,
+                "cpu_us": [before, after],
+                "paired_delta_us": statistics.median(paired) if paired else None,
+                "paired_range_us": [min(paired), max(paired)] if paired else None,
+                "p50_ms": [base["p50_ms"], cand["p50_ms"]],
+                "rps": [base["rps"], cand["rps"]],
+            }
+        )
     return {
         "ratios": ratios,
         "added_p50": added,
+        "cpu": cpu,
+        "candidate": candidate,
         "memory": memory,
         "transports": transports,
         "keys": keys,
+        "workers": workers,
     }
 
 
@@ -982,13 +1153,23 @@ def _package_versions() -> dict[str, str]:
 
 def print_summary(run: dict[str, Any], emit: Callable[[str], None]) -> None:
     emit("")
-    emit(f"{'scenario':<12}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}  statuses")
+    emit(
+        f"{'scenario':<12}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'proxy us':>10}{'backend us':>11}{'redis us':>9}  statuses"
+    )
+
+    def us(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
     for row in run["rows"]:
         statuses = " ".join(f"{k}:{v}" for k, v in row["statuses"].items())
+        cpu = row["cpu_us"]
         emit(
             f"{row['name']:<12}{row['connections']:>6}{row['rps']:>10.0f}"
-            f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}  {statuses}"
+            f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{us(cpu.get('proxy')):>10}"
+            f"{us(cpu.get('backend')):>11}{us(cpu.get('redis')):>9}  {statuses}"
         )
+    emit("(CPU per answered request, in us: utime + stime of each role's processes)")
     emit("")
     for ratio in run["comparisons"]["ratios"]:
         line = (
@@ -1003,6 +1184,11 @@ def print_summary(run: dict[str, Any], emit: Callable[[str], None]) -> None:
         if added["target"] is not None:
             line += f"  target <= {added['target']:.1f} ms  {added['verdict']}"
         emit(line)
+    for cpu in run["comparisons"]["cpu"]:
+        emit(
+            f"proxy CPU per request, {cpu['name']} c={cpu['connections']}  "
+            f"{cpu['value_us']:.0f} us  target <= {cpu['target']:.0f} us  {cpu['verdict']}"
+        )
     memory = run["comparisons"]["memory"]
     emit(
         f"proxy RSS after the run  {memory['rss_mb']:.1f} MB (peak {memory['peak_mb']:.1f} MB)"
@@ -1015,6 +1201,22 @@ def print_summary(run: dict[str, Any], emit: Callable[[str], None]) -> None:
             f"({transports['aiohttp_vs_direct']:.2f}x direct), httpx "
             f"{transports['httpx']['rps']:.0f} req/s ({transports['httpx_vs_direct']:.2f}x "
             f"direct): httpx/aiohttp {transports['httpx_vs_aiohttp']:.2f}x"
+        )
+    for cand in run["comparisons"].get("candidate") or []:
+        (cpu0, cpu1), (p0, p1), (r0, r1) = cand["cpu_us"], cand["p50_ms"], cand["rps"]
+        paired = cand["paired_delta_us"]
+        spread = cand["paired_range_us"]
+        emit(
+            f"candidate {cand['name']} c={cand['connections']}  proxy CPU/req "
+            f"{cpu0:.0f} -> {cpu1:.0f} us (paired by round {paired:+.0f}, "
+            f"{spread[0]:+.0f}..{spread[1]:+.0f}), p50 {p0:.2f} -> {p1:.2f} ms, "
+            f"{r0:.0f} -> {r1:.0f} req/s"
+        )
+    workers = run["comparisons"].get("workers")
+    if workers:
+        emit(
+            f"workers miss c=32  one {workers['one']['rps']:.0f} req/s, two "
+            f"{workers['two']['rps']:.0f} req/s: {workers['two_vs_one']:.2f}x"
         )
     keys = run["comparisons"].get("keys")
     if keys:
@@ -1042,8 +1244,11 @@ def print_summary(run: dict[str, Any], emit: Callable[[str], None]) -> None:
             "ledger executions as each path implies"
         )
     for name, table in (run.get("profile") or {}).items():
-        what = "packages" if "package" in name else "functions"
-        emit(f"\nhottest {what}, {name} path (self samples, share of active samples):")
+        if "part of the path" in name:
+            emit(f"\n{name.split(' (')[0]} path by part (share of active samples):")
+        else:
+            what = "packages" if "package" in name else "functions"
+            emit(f"\nhottest {what}, {name} path (self samples, share of active samples):")
         for entry in table:
             emit(f"  {entry['share'] * 100:5.1f}%  {entry['function']}")
 
@@ -1076,6 +1281,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also measure routes keyed by a JSON field and by an XML element (miss, 32 conns)",
     )
     parser.add_argument(
+        "--two-workers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run a proxy with --workers 2 (miss path, 32 connections)",
+    )
+    parser.add_argument(
+        "--candidate",
+        metavar="DIR",
+        help="also run the miss (1 and 32 connections) and replay (32) scenarios through a "
+        "proxy started from another checkout, interleaved with this one's: a change's gain",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("trivial", "sample"),
+        default="trivial",
+        help="trivial: a Starlette handler that answers 201, so the proxy's own cost shows "
+        "(default); sample: the sample backend with its SQLite ledger",
+    )
+    parser.add_argument(
         "--loadgen",
         choices=("auto", "wrk", "aiohttp"),
         default="auto",
@@ -1097,11 +1321,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="after measuring, py-spy the proxy on the miss and replay paths (raw stacks in DIR)",
     )
-    parser.add_argument("--profile-seconds", type=int, default=10)
+    parser.add_argument("--profile-seconds", type=int, default=9)
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.rounds, args.warmup = 1, 1, 1
-        args.transports, args.write = False, None
+        args.transports, args.two_workers, args.write = False, False, None
     if args.duration < 1 or args.rounds < 1:
         parser.error("--duration and --rounds must be at least 1")
     return args
@@ -1128,7 +1352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     nproc = len(os.sched_getaffinity(0))
     pinned = args.pin and nproc >= 2
     proxy_cpus, other_cpus = ({1}, {0}) if pinned else (None, None)
-    plan = scenarios(args.transports, args.keys)
+    candidate = Path(args.candidate).resolve() if args.candidate else None
+    if candidate is not None and not (candidate / "proxy" / "__init__.py").exists():
+        log(f"--candidate {args.candidate}: no proxy/ package there")
+        return 2
+    plan = scenarios(args.transports, args.keys, args.two_workers, candidate is not None)
     if args.only:
         wanted = {name.strip() for name in args.only.split(",") if name.strip()}
         plan = [scenario for scenario in plan if scenario.name in wanted]
@@ -1154,7 +1382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             children.append(redis_child)
             redis_child.wait_ready()
             # The rest start side by side: the proxies need Redis at start-up, not the backend.
-            backend_child = launch_backend(workdir, other_cpus)
+            backend_child = launch_backend(workdir, other_cpus, args.backend)
             children.append(backend_child)
             proxy_child = launch_proxy(
                 "proxy", "aiohttp", backend_child.port, redis_child.port, workdir, proxy_cpus
@@ -1167,11 +1395,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                     proxy_cpus,
                 )  # fmt: skip
                 children.append(httpx_child)
+            if any(scenario.target == "proxy-w2" for scenario in plan):
+                children.append(
+                    launch_proxy(
+                        "proxy-w2",
+                        "aiohttp",
+                        backend_child.port,
+                        redis_child.port,
+                        workdir,
+                        proxy_cpus,
+                        workers=2,
+                    )
+                )
+            if candidate is not None:
+                children.append(
+                    launch_proxy(
+                        "proxy-cand",
+                        "aiohttp",
+                        backend_child.port,
+                        redis_child.port,
+                        workdir,
+                        proxy_cpus,
+                        tree=candidate,
+                    )
+                )
             for child in children:
                 child.wait_ready()
             ports = {child.name: child.port for child in children[1:]}  # target -> port
             replay_prefix = f"replay-{nonce}"
             servers = Servers(backend_child.port, ports, proxy_child, httpx_child, replay_prefix)
+            servers.pids = {child.name: process_tree(child.pid) for child in children}
             log(
                 "servers up: "
                 + ", ".join(f"{child.name} :{child.port}" for child in children)
@@ -1224,6 +1477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pinned": pinned,
             "transports": args.transports,
             "keys": args.keys,
+            "two_workers": args.two_workers,
+            "backend": args.backend,
             "replay_keys": REPLAY_KEYS,
         },
         "rows": rows,

@@ -11,7 +11,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-SCENARIO_ORDER = ("direct", "miss", "replay", "storm", "miss-httpx", "miss-json", "miss-xml")
+SCENARIO_ORDER = (
+    "direct",
+    "miss",
+    "replay",
+    "storm",
+    "miss-httpx",
+    "miss-json",
+    "miss-xml",
+    "miss-w2",
+    "miss-cand",
+    "replay-cand",
+)
 COLOURS = {
     "direct": "#4c72b0",
     "miss": "#dd8452",
@@ -20,6 +31,9 @@ COLOURS = {
     "miss-httpx": "#8172b3",
     "miss-json": "#937860",
     "miss-xml": "#da8bc3",
+    "miss-w2": "#8c8c8c",
+    "miss-cand": "#ccb974",
+    "replay-cand": "#64b5cd",
 }
 DESCRIPTIONS = {
     "direct": "the backend itself, no proxy: the baseline every ratio divides by",
@@ -34,6 +48,10 @@ DESCRIPTIONS = {
     "(a new order per request, no header)",
     "miss-xml": "the miss path on `POST /soap/payments`, a SOAP 1.1 envelope keyed by its "
     "`p:OrderId` element (hardened parse, C14N 2.0 fingerprint); the backend answers 200",
+    "miss-w2": "the miss path through a third proxy started with `--workers 2` (uvicorn's "
+    "supervisor, one shared socket; its CPU is the sum over the supervisor and both workers)",
+    "miss-cand": "the miss path through a proxy run from another checkout (`--candidate DIR`)",
+    "replay-cand": "the replay path through the `--candidate` proxy (same keys, same Redis)",
 }
 
 _LINE = re.compile(r":\d+\)$")
@@ -100,6 +118,54 @@ def by_package(raw: str) -> list[dict[str, Any]]:
                 package = found
                 break
         counts[package] = counts.get(package, 0) + n
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    return [
+        {"function": name, "samples": n, "share": n / total if total else 0.0} for name, n in ranked
+    ]
+
+
+# The parts of a request's path, for the breakdown: the innermost frame that matches a
+# rule decides (stdlib frames without a rule of their own, such as asyncio's streams, are
+# charged to their caller). First match in this order within one frame.
+PARTS = (
+    ("proxy/store/", "store round trips (packing, socket, parsing, pool)"),
+    ("redis/", "store round trips (packing, socket, parsing, pool)"),
+    ("proxy/upstream.py", "upstream client (aiohttp, headers, URL)"),
+    ("aiohttp/", "upstream client (aiohttp, headers, URL)"),
+    ("multidict/", "upstream client (aiohttp, headers, URL)"),
+    ("yarl/", "upstream client (aiohttp, headers, URL)"),
+    ("uvicorn/", "server (uvicorn, httptools, ASGI send/receive)"),
+    ("proxy/app.py", "server (uvicorn, httptools, ASGI send/receive)"),
+    ("asyncio/timeouts.py", "timers, tasks, shielding"),
+    ("asyncio/tasks.py", "timers, tasks, shielding"),
+    ("asyncio/locks.py", "timers, tasks, shielding"),
+    ("asyncio/events.py", "timers, tasks, shielding"),
+    ("prometheus_client/", "metrics"),
+    ("proxy/metrics.py", "metrics"),
+    ("proxy/fingerprint.py", "fingerprint and key"),
+    ("proxy/keys.py", "fingerprint and key"),
+    ("proxy/request.py", "fingerprint and key"),
+    ("logging/", "logging"),
+    ("proxy/logs.py", "logging"),
+    ("proxy/", "lifecycle and replies (the rest of proxy/)"),
+    ("asyncio/runners.py", "event loop (uvloop C code: I/O, callbacks)"),
+)
+
+
+def breakdown(raw: str) -> list[dict[str, Any]]:
+    """Samples per part of the request's path (store, upstream client, server, timers and
+    tasks, metrics, fingerprint, logging, ...), as shares of the active samples."""
+    counts: dict[str, int] = {}
+    total = 0
+    for frames, n in _samples(raw):
+        total += n
+        part = "other"
+        for frame in reversed(frames):
+            found = next((name for marker, name in PARTS if marker in frame), None)
+            if found is not None:
+                part = found
+                break
+        counts[part] = counts.get(part, 0) + n
     ranked = sorted(counts.items(), key=lambda item: -item[1])
     return [
         {"function": name, "samples": n, "share": n / total if total else 0.0} for name, n in ranked
@@ -195,6 +261,10 @@ def write_chart(run: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------- markdown
 
 
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} µs"
+
+
 def _fmt_statuses(statuses: dict[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in statuses.items()) or "-"
 
@@ -229,11 +299,7 @@ def _miss_path_limits(run: dict[str, Any]) -> list[str]:
             f"At one connection the proxy adds {added['value_ms']:+.2f} ms at p50: the three "
             f"round trips (about {3 * rtt:.2f} ms here), the extra hop to the backend, and the "
             "proxy's own CPU per request (uvicorn, the key, the fingerprint, aiohttp), which "
-            "at one connection adds to latency rather than competing for throughput. The "
-            "1.5 ms target is out of reach on this machine with three sequential "
-            "transitions; folding the SENT step into the claim would save one round trip "
-            "but would turn every owner that dies before sending into an UNKNOWN record for "
-            "an operator, instead of a safe take-over."
+            "at one connection adds to latency rather than competing for throughput."
         )
         lines.append("")
     lines.append(
@@ -276,14 +342,12 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
     add("")
     add("| what | target | result | |")
     add("|---|---|---|---|")
-    for ratio in c["ratios"]:
-        if ratio["target"] is None:
-            continue
-        path = ratio["name"].split("/")[0]
+    for cpu in c.get("cpu", []):
+        rounds = ", ".join(f"{v:.0f}" for v in cpu["per_round"])
         add(
-            f"| {path}-path throughput, {ratio['connections']} connections, proxy / direct "
-            f"| >= {ratio['target']:.2f}x | {ratio['value']:.2f}x "
-            f"(rounds {ratio['rounds_min']:.2f}-{ratio['rounds_max']:.2f}) | {ratio['verdict']} |"
+            f"| {cpu['name']}-path CPU of the proxy per request, {cpu['connections']} "
+            f"connections | <= {cpu['target']:.0f} µs | {cpu['value_us']:.0f} µs "
+            f"(rounds {rounds}) | {cpu['verdict']} |"
         )
     for added in c["added_p50"]:
         if added["target"] is None:
@@ -299,8 +363,12 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
     )
     add("")
     add(
-        "Throughput targets are judged at 32 connections, where throughput is the question; "
-        "at 1 connection req/s is just 1 / latency and the ratios below are for information."
+        "CPU per request is the utime + stime of the proxy's own process (read from "
+        "`/proc/PID/stat` before and after each round, after the round's last forwards "
+        "finished) divided by the answers of the round: what one core spends per request, "
+        "whatever else runs on the machine. It is judged at 32 connections, where the "
+        "event loop batches as it does under real load; throughput ratios are for "
+        "information (they depend on what else shares the CPUs)."
     )
     add("")
     storm_409 = sum(r["statuses"].get("409", 0) for r in run["rows"] if r["name"] == "storm")
@@ -315,10 +383,10 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
     add(f"## Results (medians of {s['rounds']} interleaved rounds of {s['duration']} s)")
     add("")
     add(
-        "| scenario | connections | req/s | vs direct | p50 ms | p99 ms | answers "
-        "| executions (all rounds) |"
+        "| scenario | connections | req/s | vs direct | p50 ms | p99 ms | proxy CPU/req "
+        "| backend CPU/req | Redis CPU/req | answers | executions (all rounds) |"
     )
-    add("|---|---:|---:|---:|---:|---:|---|---:|")
+    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     direct = {r["connections"]: r for r in run["rows"] if r["name"] == "direct"}
     rows = sorted(
         run["rows"],
@@ -333,10 +401,12 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
             if row["name"] == "direct"
             else "-"
         )
+        cpu = row.get("cpu_us", {})
         add(
             f"| {row['name']} | {row['connections']} | {row['rps']:.0f} | {vs} "
-            f"| {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {_fmt_statuses(row['statuses'])} "
-            f"| {row['executions']} |"
+            f"| {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {_us(cpu.get('proxy'))} "
+            f"| {_us(cpu.get('backend'))} | {_us(cpu.get('redis'))} "
+            f"| {_fmt_statuses(row['statuses'])} | {row['executions']} |"
         )
     add("")
     add(
@@ -396,6 +466,40 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
             "comparison."
         )
         add("")
+    if c.get("candidate"):
+        add("## Candidate change (`--candidate`), interleaved with this checkout")
+        add("")
+        add("| path | connections | proxy CPU/req | paired by round | p50 ms | req/s |")
+        add("|---|---:|---:|---:|---:|---:|")
+        for cand in c["candidate"]:
+            (cpu0, cpu1), (p0, p1), (r0, r1) = cand["cpu_us"], cand["p50_ms"], cand["rps"]
+            paired = cand["paired_delta_us"]
+            add(
+                f"| {cand['name']} | {cand['connections']} | {_us(cpu0)} -> {_us(cpu1)} "
+                f"| {'-' if paired is None else f'{paired:+.0f} µs'} "
+                f"| {p0:.2f} -> {p1:.2f} | {r0:.0f} -> {r1:.0f} |"
+            )
+        add("")
+    w = c.get("workers")
+    if w:
+        add("## One worker or two (miss path, 32 connections)")
+        add("")
+        add("| proxy | req/s | p50 ms | p99 ms | proxy CPU/req |")
+        add("|---|---:|---:|---:|---:|")
+        for name, label in (("one", "1 worker"), ("two", "`--workers 2`")):
+            add(
+                f"| {label} | {w[name]['rps']:.0f} | {w[name]['p50_ms']:.2f} "
+                f"| {w[name]['p99_ms']:.2f} | {_us(w[name]['cpu_us'].get('proxy'))} |"
+            )
+        add("")
+        add(
+            f"Two workers carried {w['two_vs_one']:.2f}x one worker's miss-path throughput. "
+            f"On this {m['nproc']}-CPU machine the load generator, the backend and Redis "
+            "share the same CPUs, so a second worker can only take what they leave; on a "
+            "host with cores to spare the gain is closer to the CPU per request's ratio. "
+            "With several workers the admin port is not served (see docs/configuration.md)."
+        )
+        add("")
     k = c.get("keys")
     if k:
         add("## Key routes: a JSON field or an XML element (miss path, 32 connections)")
@@ -441,10 +545,18 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
         '- Redis: a private `redis-server --save "" --appendonly no` (no persistence, '
         "so no disk in the measurement)."
     )
-    add(
-        "- Backend: `python -m sample_backend --db :memory:`, one uvicorn worker, a "
-        "SQLite insert per charge."
-    )
+    if s.get("backend", "sample") == "trivial":
+        add(
+            "- Backend: `scripts/bench_backend.py`, one uvicorn worker (uvloop, httptools, "
+            "no access log), a Starlette handler that reads the body and answers 201 with a "
+            "small JSON body (the SOAP route: 200), counting charges in memory: the trivial "
+            "backend, so that the proxy's own cost shows."
+        )
+    else:
+        add(
+            "- Backend: `python -m sample_backend --db :memory:`, one uvicorn worker, a "
+            "SQLite insert per charge."
+        )
     add(
         "- Proxy: `python -m proxy run --log-level warning --redis-url ... --config ...`, "
         "one worker (uvloop, httptools), the route above, defaults otherwise."
@@ -491,11 +603,15 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
     add("```")
     add("")
     add(
-        "`make bench` runs `.venv/bin/python scripts/bench.py --write docs/benchmarks.md`. "
-        "`--quick` (1 s rounds, one round, no transports, "
-        "no write) is the smoke test's version; `--profile DIR` adds py-spy profiles of the "
-        "proxy on the miss and replay paths (py-spy is not a project dependency: "
-        "`.venv/bin/pip install py-spy`)."
+        "`make bench` runs `.venv/bin/python scripts/bench.py --write docs/benchmarks.md "
+        "--profile out/profile`. `--quick` (1 s rounds, one round, no transports, no second "
+        "worker, no write) is the smoke test's version; `--profile DIR` adds py-spy profiles "
+        "of the proxy on the miss and replay paths, raw stacks in DIR (py-spy comes with the "
+        "`bench` extra; where the machine forbids attaching to a process, the run goes on "
+        "without a profile); `--backend sample` puts the sample backend (SQLite) behind the "
+        "proxy instead of the trivial one; `--candidate DIR` runs the miss and replay paths "
+        "through a second proxy started from another checkout, interleaved with this one, "
+        "and reports the CPU per request of both, paired by round: a change's gain."
     )
     add("")
     add("## Noise")
@@ -526,7 +642,11 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
         add(
             "The proxy under 32 connections for a few seconds per path, sampled by py-spy; "
             "self samples (the innermost Python frame; C code counts for its Python caller) "
-            "as a share of the samples in which the process was busy."
+            "as a share of the samples in which the process was busy. *By part of the path* "
+            "charges each sample to the innermost frame that belongs to a part (a socket "
+            "write through asyncio's streams counts for whoever called it), so the parts add "
+            "up to the whole; multiplied by the CPU per request above, a share is that "
+            "part's µs per request."
         )
         add("")
         for name, table in run["profile"].items():
@@ -539,15 +659,22 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
             add("")
     add("## Per-round numbers")
     add("")
-    add("| scenario | connections | round | req/s | p50 ms | p99 ms | answers | executions |")
-    add("|---|---:|---:|---:|---:|---:|---|---:|")
+    add(
+        "| scenario | connections | round | req/s | p50 ms | p99 ms | proxy CPU/req "
+        "| answers | executions |"
+    )
+    add("|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for row in rows:
         for sample in row["rounds"]:
             statuses = {str(k): v for k, v in sample["statuses"].items()}
+            proxy_s = sample.get("cpu_s", {}).get("proxy")
+            proxy_us = (
+                proxy_s / sample["requests"] * 1e6 if proxy_s and sample["requests"] else None
+            )
             add(
                 f"| {row['name']} | {row['connections']} | {sample['round']} "
                 f"| {sample['rps']:.0f} | {sample['p50_ms']:.2f} | {sample['p99_ms']:.2f} "
-                f"| {_fmt_statuses(statuses)} | {sample['executions']} |"
+                f"| {_us(proxy_us)} | {_fmt_statuses(statuses)} | {sample['executions']} |"
             )
     add("")
     return "\n".join(out)

@@ -12,7 +12,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${1:-$ROOT/out/k8s}"
 VERSIONS=(1.29.0 1.33.0)
-KUSTOMIZATIONS=(base overlays/sidecar overlays/legacy-sidecar overlays/gateway)
+KUSTOMIZATIONS=(base overlays/dev overlays/sidecar overlays/legacy-sidecar overlays/gateway)
 
 # Prefer the project's virtualenv, then whatever is on PATH.
 find_tool() {

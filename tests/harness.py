@@ -461,6 +461,195 @@ def redis_binaries_missing(*names: str) -> list[str]:
     return [n for n in wanted if shutil.which(n) is None]
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a client certificate,
+    all signed by the CA (PEM files made with the openssl command)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def create(
+        cls, directory: Path, server_names: Sequence[str] = ("IP:127.0.0.1", "DNS:localhost")
+    ) -> TlsFiles:
+        directory.mkdir(parents=True, exist_ok=True)
+
+        def openssl(*args: str) -> None:
+            result = subprocess.run(
+                ["openssl", *args], capture_output=True, text=True, timeout=30, check=False
+            )
+            if result.returncode != 0:
+                raise HarnessError(f"openssl {args[0]} failed: {result.stderr}")
+
+        ca_key, ca = directory / "ca.key", directory / "ca.crt"
+        openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            str(ca_key),
+            "-out",
+            str(ca),
+        )
+        files = {}
+        for name, extension in (
+            ("server", f"subjectAltName={','.join(server_names)}"),
+            ("client", "extendedKeyUsage=clientAuth"),
+        ):
+            key, csr, cert = (directory / f"{name}.{ext}" for ext in ("key", "csr", "crt"))
+            ext_file = directory / f"{name}.ext"
+            ext_file.write_text(extension + "\n")
+            openssl(
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                f"/CN=test-{name}",
+                "-keyout",
+                str(key),
+                "-out",
+                str(csr),
+            )
+            openssl(
+                "x509",
+                "-req",
+                "-in",
+                str(csr),
+                "-CA",
+                str(ca),
+                "-CAkey",
+                str(ca_key),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                str(ext_file),
+                "-out",
+                str(cert),
+            )
+            files[name] = (cert, key)
+        return cls(ca, *files["server"], *files["client"])
+
+    def server_args(self) -> list[str]:
+        """redis-server options: TLS only, client certificates optional (as most managed
+        Redis services: the password or ACL user authenticates)."""
+        return [
+            "--tls-cert-file",
+            str(self.server_cert),
+            "--tls-key-file",
+            str(self.server_key),
+            "--tls-ca-cert-file",
+            str(self.ca),
+            "--tls-auth-clients",
+            "optional",
+        ]
+
+    def cli_args(self) -> list[str]:
+        return [
+            "--tls",
+            "--cacert",
+            str(self.ca),
+            "--cert",
+            str(self.client_cert),
+            "--key",
+            str(self.client_key),
+        ]
+
+    def client_kwargs(self) -> dict[str, Any]:
+        return {
+            "ssl": True,
+            "ssl_ca_certs": str(self.ca),
+            "ssl_certfile": str(self.client_cert),
+            "ssl_keyfile": str(self.client_key),
+        }
+
+    def store_settings(self, *, client_cert: bool = True) -> dict[str, Any]:
+        """The proxy's `store.tls` section for these files."""
+        section: dict[str, Any] = {"ca_file": str(self.ca)}
+        if client_cert:
+            section.update(cert_file=str(self.client_cert), key_file=str(self.client_key))
+        return section
+
+
+# The commands the proxy runs, and the ACL that allows exactly them (docs/operations.md).
+PROXY_ACL_RULES = (
+    "~idem:* resetchannels -@all "
+    "+ping +hello +auth +select +readonly "
+    "+evalsha +script|load "
+    "+hgetall +pttl +time +get +set +wait "
+    "+hget +hmget +hset +hdel +hincrby +del +exists +pexpire "
+    "+cluster|slots +cluster|shards +command +info"
+)
+
+
+def acl_user_args(user: str, password: str, rules: str = PROXY_ACL_RULES) -> list[str]:
+    """redis-server options that add an ACL user (the default user stays for the tests)."""
+    # One argv word per ACL rule: redis-server joins the words after --user into one line.
+    return ["--user", user, "on", f">{password}", *rules.split()]
+
+
+class SentinelServer(ManagedProcess):
+    """`redis-server sentinel.conf --sentinel` watching one master, optionally over TLS and
+    with its own password (`requirepass` on the sentinel)."""
+
+    name = "redis-sentinel"
+
+    def __init__(
+        self,
+        workdir: Path,
+        master_port: int,
+        *,
+        master_name: str = "mymaster",
+        quorum: int = 1,
+        tls: TlsFiles | None = None,
+        password: str | None = None,
+    ) -> None:
+        super().__init__(workdir, "sentinel.log")
+        self.port = free_port()
+        self.tls = tls
+        self.password = password
+        self.master_name = master_name
+        conf = [
+            f"port {0 if tls else self.port}",
+            f"bind {HOST}",
+            "daemonize no",
+            f'dir "{self.workdir}"',
+            'logfile ""',
+            "sentinel resolve-hostnames no",
+            f"sentinel monitor {master_name} {HOST} {master_port} {quorum}",
+            f"sentinel down-after-milliseconds {master_name} 1000",
+            f"sentinel failover-timeout {master_name} 3000",
+        ]
+        if tls is not None:
+            args = tls.server_args()
+            conf += [f"tls-port {self.port}", "tls-replication yes"]
+            conf += [f"{args[i][2:]} {args[i + 1]}" for i in range(0, len(args), 2)]
+        if password is not None:
+            conf.append(f"requirepass {password}")
+        self.conf = self.workdir / "sentinel.conf"
+        self.conf.write_text("\n".join(conf) + "\n")
+
+    def command(self) -> list[str]:
+        return ["redis-server", str(self.conf), "--sentinel"]
+
+    def wait_ready(self) -> None:
+        wait_for_port(HOST, self.port, 10.0, alive=self)
+
+    def url_part(self) -> str:
+        return f"{HOST}:{self.port}"
+
+
 class RedisServer(_PortServer):
     """A throwaway ``redis-server`` with no RDB snapshots and optional AOF."""
 
@@ -474,9 +663,12 @@ class RedisServer(_PortServer):
         appendonly: bool = False,
         args: Sequence[str] = (),
         ready_timeout: float = 10.0,
+        tls: TlsFiles | None = None,
     ) -> None:
         super().__init__(workdir, "redis.log", port=port, args=args, ready_timeout=ready_timeout)
         self.appendonly = appendonly
+        # With TLS the port speaks only TLS (`--port 0 --tls-port P`), as a managed Redis does.
+        self.tls = tls
 
     @property
     def host(self) -> str:
@@ -485,15 +677,17 @@ class RedisServer(_PortServer):
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:P/0``."""
-        return f"redis://{HOST}:{self._port}/0"
+        """``redis://127.0.0.1:P/0`` (``rediss://`` with TLS)."""
+        return f"{'rediss' if self.tls else 'redis'}://{HOST}:{self._port}/0"
 
     def command(self) -> list[str]:
         """redis-server argv; ``--logfile ""`` sends logs to stdout, i.e. our log file."""
+        ports = ["--port", str(self._port)]
+        if self.tls is not None:
+            ports = ["--port", "0", "--tls-port", str(self._port), *self.tls.server_args()]
         return [
             "redis-server",
-            "--port",
-            str(self._port),
+            *ports,
             "--bind",
             HOST,
             "--save",
@@ -520,6 +714,8 @@ class RedisServer(_PortServer):
         kwargs.setdefault("retry", Retry(NoBackoff(), 0))
         kwargs.setdefault("socket_timeout", 5.0)
         kwargs.setdefault("socket_connect_timeout", 2.0)
+        if self.tls is not None:
+            kwargs = {**self.tls.client_kwargs(), **kwargs}
         return redis.Redis(host=HOST, port=self._port, **kwargs)
 
     def wait_ready(self) -> None:
@@ -558,7 +754,11 @@ class RedisCluster(_StartStop):
         masters: int = 3,
         args: Sequence[str] = (),
         ready_timeout: float = 30.0,
+        tls: TlsFiles | None = None,
     ) -> None:
+        self.tls = tls
+        if tls is not None:
+            args = ["--tls-cluster", "yes", "--tls-replication", "yes", *args]
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ready_timeout = ready_timeout
@@ -578,6 +778,7 @@ class RedisCluster(_StartStop):
                         "5000",
                         *args,
                     ],
+                    tls=tls,
                 )
             )
 
@@ -593,8 +794,9 @@ class RedisCluster(_StartStop):
 
     @property
     def url(self) -> str:
-        """``redis+cluster://127.0.0.1:P1`` (the proxy discovers the rest)."""
-        return f"redis+cluster://{HOST}:{self.nodes[0].port}"
+        """``redis+cluster://127.0.0.1:P1`` (the proxy discovers the rest); ``rediss+`` with TLS."""
+        scheme = "rediss+cluster" if self.tls else "redis+cluster"
+        return f"{scheme}://{HOST}:{self.nodes[0].port}"
 
     @property
     def running(self) -> bool:
@@ -622,6 +824,7 @@ class RedisCluster(_StartStop):
             "--cluster-replicas",
             "0",
             "--cluster-yes",
+            *(self.tls.cli_args() if self.tls else []),
         ]
         try:
             result = subprocess.run(
@@ -669,6 +872,8 @@ class RedisCluster(_StartStop):
     def client(self, **kwargs: Any) -> redis.cluster.RedisCluster:
         """A sync cluster client bootstrapped from every master."""
         kwargs.setdefault("socket_timeout", 5.0)
+        if self.tls is not None:
+            kwargs = {**self.tls.client_kwargs(), **kwargs}
         nodes = [redis.cluster.ClusterNode(h, p) for h, p in self.startup_nodes]
         return redis.cluster.RedisCluster(startup_nodes=nodes, **kwargs)
 
@@ -864,9 +1069,10 @@ class RedisFactory(ServerFactory[RedisServer]):
         args: Sequence[str] = (),
         port: int | None = None,
         start: bool = True,
+        tls: TlsFiles | None = None,
     ) -> RedisServer:
         server = RedisServer(
-            self._mktemp("redis-extra"), port=port, appendonly=appendonly, args=args
+            self._mktemp("redis-extra"), port=port, appendonly=appendonly, args=args, tls=tls
         )
         return self._add(server, start)
 

@@ -134,8 +134,16 @@ async def test_health_and_metrics_without_leaking_request_data(
     # No request data anywhere in the exposition, labels or otherwise.
     for secret in (ORDER_ID, KEY, TENANT, CLIENT_ADDRESS, "/v1/", "/metrics"):
         assert secret not in text, secret
-    label_names = {name for _, labels in samples for name, _ in labels}
+    label_names = {
+        name
+        for metric, labels in samples
+        if metric != "idempotency_proxy_build_info"
+        for name, _ in labels
+    }
     assert label_names <= {"route", "outcome", "operation", "to", "le"}
+    # The build's own labels: constant, and about the build only.
+    build = [dict(labels) for metric, labels in samples if metric == "idempotency_proxy_build_info"]
+    assert [set(b) for b in build] == [{"version", "python"}]
     route_values = {v for _, labels in samples for k, v in labels if k == "route"}
     assert route_values <= {"pay", "charges", "-"}
 

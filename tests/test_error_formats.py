@@ -164,6 +164,23 @@ async def _upstream_failed(http: httpx.AsyncClient, url: str) -> httpx.Response:
     return await http.put(url + "/v1/echo", content=b"x", headers={"x-sample-drop": "before"})
 
 
+async def _target_invalid(http: httpx.AsyncClient, url: str) -> httpx.Response:
+    return await _raw(url, b"POST * HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n")
+
+
+async def _raw(url: str, head: bytes) -> httpx.Response:
+    # Asterisk-form: only a raw socket sends it as written.
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head + b"Connection: close\r\n\r\n")
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = [tuple(line.split(": ", 1)) for line in lines]
+    return httpx.Response(int(status_line.split()[1]), headers=headers, content=body)
+
+
 # name -> (scenario, the problem's own status)
 BACKEND_SCENARIOS: dict[str, tuple[Scenario, int]] = {
     "key-missing": (_key_missing, 400),
@@ -178,6 +195,7 @@ BACKEND_SCENARIOS: dict[str, tuple[Scenario, int]] = {
     "outcome-unknown": (_outcome_unknown, 502),
     "replay-unavailable": (_replay_unavailable, 409),
     "upstream-failed": (_upstream_failed, 502),
+    "target-invalid": (_target_invalid, 400),
 }
 RETRY_AFTER = {"request-in-progress", "store-unavailable"}
 STRIPE_400 = {"key-reused", "body-too-large", "headers-too-large", "unsupported-media-type"}
@@ -191,6 +209,7 @@ STRIPE_INVALID_REQUEST = {
     "body-timeout",
     "unsupported-media-type",
     "headers-too-large",
+    "target-invalid",
 }
 
 
@@ -337,6 +356,17 @@ async def test_request_id_is_kept_when_valid_replaced_when_not_and_forwarded(
             assert received == expected if expected else received not in ("", "bad\tid")
 
 
+async def test_the_answer_to_options_asterisk_carries_the_request_id(
+    backend: BackendServer,
+) -> None:
+    async with _proxy(_config(backend.url, "problem")) as (url, _):
+        mine = await _raw(url, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nX-Request-Id: r-9\r\n")
+        generated = await _raw(url, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n")
+    assert mine.status_code == generated.status_code == 204
+    assert mine.headers.get_list("x-request-id") == ["r-9"]
+    assert generated.headers["x-request-id"]
+
+
 async def test_a_replay_carries_the_current_request_id_never_the_original(
     backend: BackendServer, client: httpx.AsyncClient
 ) -> None:
@@ -377,6 +407,21 @@ async def test_a_replay_carries_the_current_request_id_never_the_original(
             "routes['charges'].error_format",
         ),
         ({"body": {"m": "x"}}, "nope", "routes['charges'].error_format: unknown format 'nope'"),
+        (
+            {"body": {"m": 2**64}},
+            "bad",
+            "routes['charges'].error_format: error_formats['bad']: integers",
+        ),
+        (
+            {"body": {"m": "x"}, "status": {"key-missing": 204}},
+            "bad",
+            "routes['charges'].error_format: error_formats['bad']: status: 204",
+        ),
+        (
+            {"body": {"m": "x"}, "status": {"*": 304}},
+            "bad",
+            "routes['charges'].error_format: error_formats['bad']: status: 304",
+        ),
     ],
 )
 def test_a_bad_format_is_one_line_naming_the_route(
@@ -390,6 +435,26 @@ def test_a_bad_format_is_one_line_naming_the_route(
     text = str(caught.value)
     assert text.startswith(message), text
     assert "\n" not in text
+
+
+async def test_template_header_values_never_carry_control_bytes_or_none(
+    backend: BackendServer, client: httpx.AsyncClient
+) -> None:
+    # A careless `code` (a pasted CR LF) must not split the header nor drop the answer,
+    # and a placeholder without a value is an empty header, not Python's "None".
+    config = _config(backend.url, "bad")
+    config["error_formats"]["bad"] = {
+        "body": {"c": "{code}"},
+        "code": {"*": "E1\r\nSet-Cookie: s=1"},
+        "headers": {"*": {"X-Code": "{code}", "X-Retry": "{retry_after}"}},
+    }
+    async with _proxy(config) as (url, _):
+        answer = await client.post(url + "/v1/charges", content=_charge(), headers=JSON)
+    assert answer.status_code == 400
+    assert "set-cookie" not in answer.headers
+    assert answer.headers["x-code"] == "E1??Set-Cookie: s=1"
+    assert answer.headers["x-retry"] == ""
+    assert answer.json() == {"c": "E1\r\nSet-Cookie: s=1"}
 
 
 def test_a_bad_default_format_names_the_defaults() -> None:

@@ -165,3 +165,45 @@ def test_json_body_without_json_media_type_is_raw() -> None:
 def test_non_finite_numbers_never_share_a_fingerprint(values: list[bytes]) -> None:
     prints = {_fp(b'{"order_id": "ord-1", "amount": %s}' % value) for value in values}
     assert len(prints) == len(values)
+
+
+def test_paths_that_differ_only_in_non_utf8_escapes_are_different_requests() -> None:
+    """`%FF` and `%FE` both decode to U+FFFD in the server's decoded path; the backend sees
+    two different paths, so the fingerprint must too (the raw target decides)."""
+    from proxy.request import ProxyRequest
+
+    def fp(raw_path: bytes) -> str:
+        return fingerprint(
+            ProxyRequest(
+                method="POST",
+                path="/v1/items/\ufffd",
+                raw_path=raw_path,
+                query_string=b"",
+                headers=[(b"content-type", b"application/json")],
+                body=PAY,
+            )
+        )
+
+    assert fp(b"/v1/items/%FF") != fp(b"/v1/items/%FE")
+    # An escape of an unreserved character is the same path to every backend.
+    assert fp(b"/v1/items/%41") == fp(b"/v1/items/A")
+
+
+def test_an_escaped_slash_is_not_a_slash() -> None:
+    """`/a%2Fb` is one path segment to many backends, `/a/b` two: not the same request."""
+    from proxy.request import ProxyRequest
+
+    def fp(raw_path: bytes) -> str:
+        return fingerprint(
+            ProxyRequest(
+                method="POST",
+                path="/a/b",
+                raw_path=raw_path,
+                query_string=b"",
+                headers=[],
+                body=b"",
+            )
+        )
+
+    assert fp(b"/a%2Fb") != fp(b"/a/b")
+    assert fp(b"/a%2fb") == fp(b"/a%2Fb")

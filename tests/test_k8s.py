@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,12 +28,22 @@ from proxy.config import ENV_PREFIX, load_settings
 from proxy.routes import RouteTable
 
 K8S = REPO_ROOT / "k8s"
-KUSTOMIZATIONS = ("base", "overlays/sidecar", "overlays/legacy-sidecar", "overlays/gateway")
+KUSTOMIZATIONS = (
+    "base",
+    "overlays/dev",
+    "overlays/sidecar",
+    "overlays/legacy-sidecar",
+    "overlays/gateway",
+)
+# Only the dev overlay deploys a Redis; the others expect the operator's Secret.
+DEV = ("overlays/dev",)
 # Native sidecars are beta and on by default from 1.29: the oldest release we support.
 K8S_VERSIONS = ("1.29.0", "1.33.0")
 PROXY = "idempotency-proxy"
 CONFIG_PATH = "/etc/idempotency-proxy/config.yaml"
 REDIS_URL_ENV = ENV_PREFIX + "REDIS_URL"
+PASSWORD_FILE_ENV = ENV_PREFIX + "STORE__PASSWORD_FILE"
+PROXY_ROLE = ("idempotency-proxy.dev/role", "proxy")
 TOOL_TIMEOUT = 120
 
 Doc = dict[str, Any]
@@ -130,7 +141,9 @@ def _ports(container: Doc) -> set[int]:
     return {int(p["containerPort"]) for p in container.get("ports", [])}
 
 
-def _check_proxy_container(container: Doc, docs: list[Doc], pod: Doc, upstream: str) -> None:
+def _check_proxy_container(
+    container: Doc, docs: list[Doc], pod: Doc, upstream: str, *, dev: bool
+) -> None:
     """What every proxy container needs, sidecar or gateway."""
     assert container["image"].startswith("idempotency-proxy:")
     assert container["args"] == ["run", "--upstream", upstream, "--config", CONFIG_PATH]
@@ -161,18 +174,9 @@ def _check_proxy_container(container: Doc, docs: list[Doc], pod: Doc, upstream: 
     for side in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(resources[side]), side
 
-    # The store URL comes from a Secret that exists in the render and names the dev Redis.
-    env = {e["name"]: e for e in container["env"]}
-    ref = env[REDIS_URL_ENV]["valueFrom"]["secretKeyRef"]
-    secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == ref["name"])
-    url = base64.b64decode(secret["data"][ref["key"]]).decode()
-    assert url == "redis://idempotency-redis:6379/0"
-    redis_service = _one(docs, "Service", "idempotency-redis")
-    assert redis_service["spec"]["clusterIP"] == "None"
-    assert any(p["port"] == 6379 for p in redis_service["spec"]["ports"])
-
     # --config points at a file the mounted ConfigMap provides.
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert "/tmp" in mounts  # a writable /tmp for a read-only root filesystem
     volume_name = mounts[os.path.dirname(CONFIG_PATH)]
     volume = next(v for v in pod["volumes"] if v["name"] == volume_name)
     configmap = next(
@@ -181,8 +185,31 @@ def _check_proxy_container(container: Doc, docs: list[Doc], pod: Doc, upstream: 
         if d["kind"] == "ConfigMap" and d["metadata"]["name"] == volume["configMap"]["name"]
     )
     assert os.path.basename(CONFIG_PATH) in configmap["data"]
-    # A writable /tmp for a read-only root filesystem.
-    assert "/tmp" in mounts
+    # The store URL and the password come from one Secret: the URL as a variable, the
+    # password as a mounted file (never in the environment).
+    env = {e["name"]: e for e in container["env"]}
+    ref = env[REDIS_URL_ENV]["valueFrom"]["secretKeyRef"]
+    password_file = env[PASSWORD_FILE_ENV]["value"]
+    mounted = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    secret_volume = next(
+        v for v in pod["volumes"] if v["name"] == mounted[os.path.dirname(password_file)]
+    )
+    assert secret_volume["secret"]["secretName"] == ref["name"]
+    assert secret_volume["secret"]["items"] == [{"key": "password", "path": "password"}]
+    assert not any("PASSWORD" in name and "FILE" not in name for name in env)
+    secrets = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == ref["name"]]
+    if not dev:
+        # Production: the operator's Secret points at their Redis; none is deployed.
+        assert secrets == [], "a production overlay must not ship a Secret"
+        assert not [d for d in docs if d["kind"] == "StatefulSet"], "no dev Redis in production"
+        return
+    [secret] = secrets
+    url = base64.b64decode(secret["data"][ref["key"]]).decode()
+    assert url == "redis://idempotency-redis:6379/0"
+    assert base64.b64decode(secret["data"]["password"])
+    redis_service = _one(docs, "Service", "idempotency-redis")
+    assert redis_service["spec"]["clusterIP"] == "None"
+    assert any(p["port"] == 6379 for p in redis_service["spec"]["ports"])
 
 
 def _check_config(text: str, tmp_path: Path) -> None:
@@ -223,7 +250,7 @@ def test_every_kustomization_is_valid(
 # --------------------------------------------------------------------------- sidecar
 
 
-@pytest.mark.parametrize("name", ["base", "overlays/sidecar"])
+@pytest.mark.parametrize("name", ["base", "overlays/dev", "overlays/sidecar"])
 def test_native_sidecar(rendered: dict[str, Path], name: str, tmp_path: Path) -> None:
     docs = _docs(rendered, name)
     deployment = _one(docs, "Deployment", "payment-api")
@@ -232,14 +259,19 @@ def test_native_sidecar(rendered: dict[str, Path], name: str, tmp_path: Path) ->
     # Exactly "Always": that is what makes an init container a sidecar; the schema
     # accepts any string here.
     assert sidecar["restartPolicy"] == "Always"
-    _check_proxy_container(sidecar, docs, pod, "http://127.0.0.1:9000")
+    _check_proxy_container(sidecar, docs, pod, "http://127.0.0.1:9000", dev=name in DEV)
     _check_config(
         _one(docs, "ConfigMap", "idempotency-proxy-config")["data"]["config.yaml"], tmp_path
     )
+    assert pod["automountServiceAccountToken"] is False
+    assert deployment["spec"]["template"]["metadata"]["labels"][PROXY_ROLE[0]] == PROXY_ROLE[1]
 
+    # The app listens on loopback: only the sidecar in its pod can reach it.
     app = _container(pod["containers"], "payment-api")
     assert app["image"] == "example/payment-api:1.0"
-    assert _ports(app) == {9000}
+    assert app["args"] == ["--host", "127.0.0.1", "--port", "9000"]
+    assert _ports(app) == set()
+    assert "readinessProbe" not in app  # the kubelet probes the pod IP, not loopback
     assert app["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
     assert PROXY not in {c["name"] for c in pod["containers"]}
     assert pod["terminationGracePeriodSeconds"] >= 35  # preStop + the proxy's drain
@@ -252,7 +284,7 @@ def test_native_sidecar(rendered: dict[str, Path], name: str, tmp_path: Path) ->
 
 
 def test_dev_redis_is_durable_and_never_evicts(rendered: dict[str, Path]) -> None:
-    docs = _docs(rendered, "base")
+    docs = _docs(rendered, "overlays/dev")
     statefulset = _one(docs, "StatefulSet", "idempotency-redis")
     args = " ".join(_pod(statefulset)["containers"][0]["args"])
     assert "--appendonly yes" in args
@@ -261,6 +293,107 @@ def test_dev_redis_is_durable_and_never_evicts(rendered: dict[str, Path]) -> Non
     [claim] = statefulset["spec"]["volumeClaimTemplates"]
     mounts = _pod(statefulset)["containers"][0]["volumeMounts"]
     assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in mounts
+
+
+def test_dev_redis_needs_a_password_and_admits_only_proxy_pods(
+    rendered: dict[str, Path],
+) -> None:
+    docs = _docs(rendered, "overlays/dev")
+    redis = _pod(_one(docs, "StatefulSet", "idempotency-redis"))["containers"][0]
+    assert redis["args"][1:3] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    env = {e["name"]: e for e in redis["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "password"
+    policy = _one(docs, "NetworkPolicy", "idempotency-redis-from-proxy-only")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "idempotency-redis"
+    }
+    [rule] = policy["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": dict([PROXY_ROLE])}}]
+    assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    # Every pod that runs the proxy carries that label; no other pod does.
+    labelled = {
+        d["metadata"]["name"]
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet")
+        and d["spec"]["template"]["metadata"]["labels"].get(PROXY_ROLE[0]) == PROXY_ROLE[1]
+    }
+    assert labelled == {"payment-api"}
+
+
+@pytest.mark.parametrize(
+    ("name", "app"),
+    [("overlays/sidecar", "payment-api"), ("overlays/gateway", "idempotency-gateway")],
+)
+def test_only_the_proxy_port_is_reachable(rendered: dict[str, Path], name: str, app: str) -> None:
+    """The pods that run the proxy admit 8080 from anyone and 9090 from monitoring only."""
+    docs = _docs(rendered, name)
+    [policy] = [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy"
+        and d["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": app}
+    ]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    open_rule, admin_rule = policy["spec"]["ingress"]
+    assert open_rule == {"ports": [{"port": 8080, "protocol": "TCP"}]}
+    assert admin_rule["ports"] == [{"port": 9090, "protocol": "TCP"}]
+    assert admin_rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+
+
+def test_monitoring_component(tmp_path: Path) -> None:
+    """ServiceMonitor + PrometheusRule next to a production overlay; the rule carries
+    every alert of docs/operations.md."""
+    overlay = os.path.relpath(K8S / "overlays" / "sidecar", tmp_path)
+    component = os.path.relpath(K8S / "components" / "monitoring", tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [overlay],
+                "components": [component],
+            }
+        )
+    )
+    text = _render(tmp_path)
+    (tmp_path / "rendered.yaml").write_text(text)
+    for version in K8S_VERSIONS:
+        result = _run(
+            _tool("kubernetes-validate"),
+            "--strict",
+            "--quiet",
+            "-k",
+            version,
+            str(tmp_path / "rendered.yaml"),
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    monitor = _one(docs, "ServiceMonitor", "idempotency-proxy")
+    service = _one(docs, "Service", "idempotency-proxy-metrics")
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    [endpoint] = monitor["spec"]["endpoints"]
+    [port] = service["spec"]["ports"]
+    assert (endpoint["port"], endpoint["path"]) == (port["name"], "/metrics")
+    assert port["targetPort"] == 9090
+    labels = _one(docs, "Deployment", "payment-api")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+
+    rule = _one(docs, "PrometheusRule", "idempotency-proxy")
+    exprs = " ".join(r["expr"] for g in rule["spec"]["groups"] for r in g["rules"])
+    table = (REPO_ROOT / "docs" / "operations.md").read_text().split("## Alerts", 1)[1]
+    table = table.split("\n## ", 1)[0]
+    metrics = {
+        m
+        for m in re.findall(r"\b((?:idempotency_proxy|redis|kube_pod)_\w+)", table)
+        if m != "redis_exporter"
+    }
+    assert metrics, table
+    missing = sorted(m for m in metrics if m not in exprs)
+    assert not missing, f"alerts in operations.md without a rule: {missing}"
 
 
 def test_legacy_overlay_runs_the_proxy_as_a_plain_container(
@@ -273,7 +406,7 @@ def test_legacy_overlay_runs_the_proxy_as_a_plain_container(
     proxy = _container(pod["containers"], PROXY)
     # restartPolicy on a regular container is refused by the API server.
     assert "restartPolicy" not in proxy
-    _check_proxy_container(proxy, docs, pod, "http://127.0.0.1:9000")
+    _check_proxy_container(proxy, docs, pod, "http://127.0.0.1:9000", dev=False)
     # Both containers get SIGTERM together here: the proxy keeps its port open meanwhile.
     assert proxy["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
 
@@ -341,7 +474,9 @@ def test_gateway_overlay(rendered: dict[str, Path], tmp_path: Path) -> None:
     pod = _pod(deployment)
     assert not pod.get("initContainers")
     proxy = _container(pod["containers"], PROXY)
-    _check_proxy_container(proxy, docs, pod, "http://legacy-payment-api:9000")
+    _check_proxy_container(proxy, docs, pod, "http://legacy-payment-api:9000", dev=False)
+    assert pod["automountServiceAccountToken"] is False
+    assert deployment["spec"]["template"]["metadata"]["labels"][PROXY_ROLE[0]] == PROXY_ROLE[1]
     assert proxy["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
     _check_config(
         _one(docs, "ConfigMap", "idempotency-gateway-config")["data"]["config.yaml"], tmp_path
@@ -396,7 +531,8 @@ def test_dockerfile_runtime_stage() -> None:
     instructions = list(_instructions())
     froms = [rest for word, rest in instructions if word == "FROM"]
     assert len(froms) >= 2, "multi-stage: a builder and a runtime stage"
-    assert froms[-1] == "python:3.11-slim"
+    # The Debian release in the tag (docs/operations.md: how to pin the digest).
+    assert all(f.split(" ")[0].startswith("python:3.11-slim-bookworm") for f in froms), froms
     runtime = instructions[max(i for i, (w, _) in enumerate(instructions) if w == "FROM") :]
     values = {word: rest for word, rest in runtime}
     assert values["USER"].split(":")[0] == "10001"
@@ -406,3 +542,36 @@ def test_dockerfile_runtime_stage() -> None:
     # No credential or store address is baked into the image.
     baked = " ".join(rest for word, rest in instructions if word in ("ENV", "ARG", "LABEL"))
     assert not any(w in baked.upper() for w in ("PASSWORD", "SECRET", "TOKEN", "REDIS://"))
+
+
+def test_dependencies_come_from_the_hashed_lock() -> None:
+    """Image and CI install the runtime dependencies from requirements.lock, hash-checked."""
+    lock = (REPO_ROOT / "requirements.lock").read_text()
+    pins = [line for line in lock.splitlines() if "==" in line and not line.startswith("#")]
+    assert pins
+    # Every pin is followed by at least one hash.
+    blocks = lock.split("==")[1:]
+    assert all("--hash=sha256:" in block.split("\n#", 1)[0] for block in blocks)
+    runs = " ".join(rest for word, rest in _instructions() if word == "RUN")
+    assert "--require-hashes" in runs and "-r requirements.lock" in runs
+    assert "--no-deps /wheels/" in runs
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert "--require-hashes -r $(LOCK)" in makefile
+    ignore = (REPO_ROOT / ".dockerignore").read_text().split()
+    assert {"!requirements.lock", "!LICENSE"} <= set(ignore)
+    # The environment the tests run in has the locked versions; the lock covers pyproject.
+    result = _run(sys.executable, str(REPO_ROOT / "scripts" / "check-lock.py"))
+    assert result.returncode == 0, result.stderr
+
+
+def test_license_matches_the_declared_one() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    assert project["license-files"] == ["LICENSE"]
+    text = (REPO_ROOT / "LICENSE").read_text()
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert "END OF TERMS AND CONDITIONS" in text
+    labels = " ".join(rest for word, rest in _instructions() if word == "LABEL")
+    assert 'org.opencontainers.image.licenses="Apache-2.0"' in labels

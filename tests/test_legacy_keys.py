@@ -84,6 +84,13 @@ HOSTILE = {
         b"<p:Amount>", b"<p:X>" * 80 + b"</p:X>" * 80 + b"<p:Amount>"
     ),
     "malformed": pay_envelope("broken", 1)[:-20],
+    # 320 kB: one element whose 9,000 attributes each sit in a namespace of their own.
+    "many-namespaces": pay_envelope("spread", 1).replace(
+        b"<p:Pay>",
+        b"<p:Pay "
+        + b" ".join(b'xmlns:n%d="urn:n%d" n%d:a="1"' % (i, i, i) for i in range(9_000))
+        + b">",
+    ),
 }
 
 
@@ -372,3 +379,51 @@ async def test_records_cli_names_a_composite_key_by_its_parts(
     code, out, err = await records_cli("show", *common, "--key", order)
     assert code == 2, (out, err)
     assert "2 part(s)" in err and len(err.strip().splitlines()) == 1
+    # A part no key can be (empty, a tab, non-ASCII) is a one-line error, not a traceback.
+    for bad in ("", "m\t7", "m-\u00e9"):
+        code, out, err = await records_cli("show", *common, "--key", bad, "--key", order)
+        assert code == 2, (out, err)
+        assert "--key" in err and len(err.strip().splitlines()) == 1, err
+
+
+# --------------------------------------------------------------------------- odd bytes
+
+
+def _odd_requests(order: str) -> list[tuple[bytes, dict[str, str] | list[tuple[str, str]]]]:
+    """SOAP bodies and headers a careless or hostile client may send; none is a 5xx."""
+    envelope = pay_envelope(order, 5)
+    text = envelope.decode()
+    utf16 = ('<?xml version="1.0" encoding="UTF-16"?>' + text).encode("utf-16")
+    return [
+        (utf16, {"content-type": "text/xml"}),  # BOM and declaration agree
+        (utf16, {"content-type": "text/xml; charset=utf-8"}),  # the charset lies
+        (b"\xef\xbb\xbf" + envelope, {"content-type": "text/xml"}),
+        (envelope, {"content-type": "text/xml; charset=x-nope"}),
+        (envelope, {"content-type": 'text/xml; CHARSET="UTF-8"; action="urn:Pay"'}),
+        (envelope, {"content-type": "text/xml; charset=utf-32"}),
+        (envelope, {"content-type": "application/soap+xml; charset=rot13"}),
+        (envelope.replace(order.encode(), order.encode() + b"&#x1e;x"), {}),
+        (envelope.replace(order.encode(), b"<![CDATA[" + order.encode() + b"]]>"), {}),
+        (envelope.replace(b"<p:Pay>", b"<?pi data?><!--c--><p:Pay>"), {}),
+        (envelope.replace(b"<p:Pay>", b'<p:Pay a="' + b"x" * 200_000 + b'">'), {}),
+        (envelope, [("content-type", "text/xml"), ("x-request-id", "a\x7fb")]),
+        (envelope, [("content-type", "text/xml"), ("x-request-id", '"}{\\')]),
+    ]
+
+
+async def test_odd_bytes_on_the_soap_route_are_never_a_5xx_nor_echoed(
+    client: httpx.AsyncClient, backend: BackendServer, replicas: list[ProxyServer]
+) -> None:
+    order = _order()
+    for body, headers in _odd_requests(order):
+        sent = httpx.Headers(headers)
+        if "content-type" not in sent:
+            sent["content-type"] = "text/xml; charset=utf-8"
+        response = await client.post(replicas[0].url + SOAP_PATH, content=body, headers=sent)
+        assert response.status_code < 500, (body[:80], headers, response.text)
+        if problem_name(response) is not None:  # the backend's own answer is untouched
+            assert response.headers["x-request-id"]
+            assert order.encode() not in response.content
+    assert _times_charged(backend, order) <= 1
+    assert "Traceback" not in replicas[0].logs()
+    assert order not in replicas[0].logs()

@@ -460,3 +460,87 @@ def test_a_json_key_inside_a_list_needs_an_explicit_position() -> None:
     with pytest.raises(Problem) as exc:
         _json_key(b'{"payments": {"0": {"order_id": "x"}}}', "payments[0].order_id")
     _problem(exc, "key-missing", 400)
+
+
+# --------------------------------------------------------------------------- review: namespaces
+
+
+def _many_namespaces(count: int) -> bytes:
+    # One element, each attribute in a namespace of its own: the canonical writer looks
+    # every name up among the namespaces in scope, so its cost grows with their square.
+    attrs = " ".join(f'xmlns:p{i}="urn:u{i}" p{i}:x="1"' for i in range(count))
+    return f"<r {attrs}><k>ord-1</k></r>".encode()
+
+
+def test_many_namespaces_in_scope_are_a_400_quickly() -> None:
+    body = _many_namespaces(9_000)  # 320 kB, under the default body cap
+    started = time.monotonic()
+    with pytest.raises(Problem) as exc:
+        extract(
+            _xml(body, "text/xml"),
+            KeySpec.model_validate({"from": "xml", "path": "/r/k"}),
+            {},
+            required=True,
+        )
+    assert time.monotonic() - started < 1.0
+    _problem(exc, "body-invalid", 400)
+    started = time.monotonic()
+    assert xmlkeys.canonical(_xml(body, "text/xml")) is None
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_namespace_redeclared_on_every_sibling_is_fine() -> None:
+    # Some serialisers repeat xmlns on every element: only what is in scope at once counts.
+    items = "".join(f'<i xmlns="urn:items{n}">{n}</i>' for n in range(2_000))
+    body = f"<r><k>ord-1</k>{items}</r>".encode()
+    spec = KeySpec.model_validate({"from": "xml", "path": "/r/k"})
+    assert extract(_xml(body, "text/xml"), spec, {}, required=True) == "ord-1"
+    assert xmlkeys.canonical(_xml(body, "text/xml")) is not None
+
+
+XSI = "http://www.w3.org/2001/XMLSchema-instance"
+
+
+def _typed(prefix: str, uri: str) -> bytes:
+    return (
+        f'<r xmlns:xsi="{XSI}" xmlns:{prefix}="{uri}"><m xsi:type="{prefix}:Card">1</m></r>'
+    ).encode()
+
+
+def test_an_xsi_type_keeps_the_namespace_its_prefix_names() -> None:
+    # The same text, `p:Card`, names two different types: two different requests.
+    assert _fp(_typed("p", "urn:cards")) != _fp(_typed("p", "urn:banks"))
+    # Another spelling of the same type is the same request, as for element names.
+    assert _fp(_typed("p", "urn:cards")) == _fp(_typed("q", "urn:cards"))
+
+
+def test_an_xml_key_loses_only_xml_whitespace() -> None:
+    # XML's whitespace is space, tab, CR and LF. A no-break space (or U+2028) is part of
+    # the value a backend reads, so `\u00a0ord-1` is not `ord-1`: it is not a valid key.
+    for padding in ("\u00a0", "\u2028", "\u3000"):
+        body = pay_envelope(f"{padding}ord-1", 10)
+        with pytest.raises(Problem) as exc:
+            extract(_xml(body), XML_SPEC, {}, required=True)
+        _problem(exc, "key-invalid", 400)
+    assert extract(_xml(pay_envelope(" \t\r\nord-1\n", 10)), XML_SPEC, {}, True) == "ord-1"
+
+
+def test_a_charset_inside_another_quoted_parameter_is_not_the_charset() -> None:
+    # SOAP 1.2 carries the action as a quoted parameter; its text is not a charset.
+    envelope = pay_envelope("ord-1", 10, soap12=True)
+    content_type = 'application/soap+xml; action="urn:Pay;charset=utf-16"; charset=utf-8'
+    assert extract(_xml(envelope, content_type), XML_SPEC, {}, required=True) == "ord-1"
+    assert _fp(envelope, content_type) == _fp(envelope, "application/soap+xml; charset=utf-8")
+    assert xmlkeys._charset(b'text/xml; a="x;charset=utf-16"') is None
+    assert xmlkeys._charset(b'text/xml;CharSet="ISO-8859-1"') == "ISO-8859-1"
+
+
+def test_raw_bytes_never_pass_for_another_bodys_canonical_form() -> None:
+    # The canonical form binds no-namespace names to `xmlns:n0=""`, which is not itself
+    # well-formed XML: sent as a body, those exact bytes fall back to the raw fingerprint
+    # and must not equal that of the document they are the canonical form of.
+    document = b"<r><amount> 10 </amount></r>"
+    canonical = xmlkeys.canonical(_xml(document, "text/xml"))
+    assert canonical is not None
+    assert xmlkeys.canonical(_xml(canonical, "text/xml")) is None
+    assert _fp(canonical) != _fp(document)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.store.base import Store, StoreUnavailable
+from proxy.store.base import CorruptRecord, Store, StoreUnavailable
 
 
 def open_store(url: str, **options: object) -> Store:
@@ -21,4 +21,4 @@ def open_store(url: str, **options: object) -> Store:
     return RedisStore(url, **options)  # type: ignore[arg-type]
 
 
-__all__ = ["Store", "StoreUnavailable", "open_store"]
+__all__ = ["CorruptRecord", "Store", "StoreUnavailable", "open_store"]

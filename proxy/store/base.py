@@ -2,7 +2,9 @@
 
 Implementations must give the same answers for the same history (the behaviour
 suite runs against each); times are milliseconds, and the store's own clock
-decides leases so that every replica shares one clock.
+decides leases so that every replica shares one clock. Every failure of a call,
+whatever the client library raised, comes out as `StoreUnavailable` (or its
+`CorruptRecord`), so that callers answer 503 or retry in the background, never 500.
 """
 
 from __future__ import annotations
@@ -14,6 +16,15 @@ from proxy.records import CheckClaim, CheckResult, ClaimResult, Record, StoredRe
 
 class StoreUnavailable(Exception):
     """The store did not answer (in time): nothing may be assumed about the write."""
+
+
+class CorruptRecord(StoreUnavailable):
+    """The record exists but cannot be read (a field missing or malformed, not a hash).
+
+    The contract treats it as alive: never overwritten, never taken over. Every caller
+    that handles an unavailable store handles this too; a claim answers it apart (409,
+    counted and logged), because it is no outage and a fail-open route must not forward.
+    """
 
 
 class Store(Protocol):

@@ -29,9 +29,21 @@ RETRYABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
 
 
 class ConnectionPool:
-    def __init__(self, url: str, *, timeout: float, retries: int, max_connections: int) -> None:
-        options: dict[str, Any] = dict(parse_url(url))
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        retries: int,
+        max_connections: int,
+        connection: dict[str, Any] | None = None,
+    ) -> None:
+        # Credentials and TLS files from the settings beat what the URL says.
+        options: dict[str, Any] = {**parse_url(url), **(connection or {})}
         connection_class: type[Connection] = options.pop("connection_class", Connection)
+        if connection_class is Connection:
+            # TLS options belong to SSLConnection only (a plain URL without store.tls).
+            options = {k: v for k, v in options.items() if not k.startswith("ssl")}
         options.update(socket_timeout=None, socket_connect_timeout=timeout)
         self._options = options
         self._connection_class = connection_class

@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
@@ -22,6 +23,7 @@ from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
     NoScriptError,
+    RedisClusterException,
     RedisError,
     ResponseError,
 )
@@ -38,7 +40,7 @@ from proxy.records import (
     decode_headers,
     encode_headers,
 )
-from proxy.store.base import StoreUnavailable
+from proxy.store.base import CorruptRecord, StoreUnavailable
 from proxy.store.guard import CANARY_KEY, CircuitBreaker, DataLossWatch, canary_keys
 from proxy.store.pool import ConnectionPool
 from proxy.store.wake import Subscription, Waiters
@@ -52,6 +54,8 @@ _UNREACHABLE = (
     RedisTimeoutError,
     BusyLoadingError,
     ClusterDownError,
+    # No node of the cluster reachable (not a RedisError subclass).
+    RedisClusterException,
 )
 
 SCRIPTS = (
@@ -72,18 +76,34 @@ def _source(name: str) -> str:
     return resources.files("proxy.store").joinpath(f"lua/{name}.lua").read_text("utf-8")
 
 
-def _client(url: str, timeout: float, retries: int, max_connections: int) -> Any:
+def _client(
+    url: str,
+    timeout: float,
+    retries: int,
+    max_connections: int,
+    connection: dict[str, Any],
+    sentinel_connection: dict[str, Any],
+) -> Any:
+    """The redis-py client for the URL's topology. `connection` (credentials, TLS) applies to
+    every node; `sentinel_connection` to the sentinels."""
     retry = Retry(ExponentialBackoff(cap=0.05, base=0.005), retries)
     common: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "retry": retry,
         "health_check_interval": 0,
+        **connection,
     }
-    if url.startswith("redis+cluster://"):
-        cluster_url = "redis://" + url.removeprefix("redis+cluster://")
-        return RedisCluster.from_url(cluster_url, max_connections=max_connections, **common)
-    if url.startswith("redis+sentinel://"):
+    scheme, _, rest = url.partition("://")
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        # The cluster client speaks TLS to every node it discovers when ssl is set.
+        # The settings' credentials beat the URL's (`from_url` would do the opposite).
+        options = {**parse_url(f"redis://{rest}"), **common}
+        options.pop("connection_class", None)
+        if scheme == "rediss+cluster":
+            options["ssl"] = True
+        return RedisCluster(max_connections=max_connections, **options)
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
         parts = urlsplit(url)
         hosts = []
         for item in parts.netloc.rsplit("@", 1)[-1].split(","):
@@ -96,15 +116,36 @@ def _client(url: str, timeout: float, retries: int, max_connections: int) -> Any
             )
         service = unquote(path[0])
         db = int(path[1]) if len(path) > 1 else 0
-        password = unquote(parts.password) if parts.password else None
+        if parts.password and "password" not in common:
+            common["password"] = unquote(parts.password)
+        if parts.username and "username" not in common:
+            common["username"] = unquote(parts.username)
+        if scheme == "rediss+sentinel":
+            common["ssl"] = True
+        to_sentinels = {"socket_timeout": timeout, **sentinel_connection}
+        if scheme == "rediss+sentinel":
+            to_sentinels["ssl"] = True
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            hosts, socket_timeout=timeout, sentinel_kwargs={"socket_timeout": timeout}
+            hosts, socket_timeout=timeout, sentinel_kwargs=to_sentinels
         )
-        return sentinel.master_for(service, db=db, password=password, **common)
-    pool = BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=timeout, **common
+        return sentinel.master_for(service, db=db, **common)
+    # Built from the parsed URL rather than `from_url`, so that the settings' credentials
+    # beat the URL's, as they do on the hot path's pool.
+    pool = BlockingConnectionPool(
+        max_connections=max_connections,
+        timeout=timeout,
+        **{**parse_url(url), **_for_url(url, common)},
     )
     return Redis(connection_pool=pool, retry=retry)
+
+
+def _for_url(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Connection options for a single node: `ssl` (store.tls.enabled on a plain
+    `redis://` URL) picks the TLS connection class, as `rediss://` does."""
+    options = dict(options)
+    if options.pop("ssl", False):
+        options["connection_class"] = SSLConnection
+    return options
 
 
 class RedisStore:
@@ -125,19 +166,28 @@ class RedisStore:
         breaker_cooldown: float = 1.0,
         safe_mode_seconds: float = 40.0,
         canary_interval: float = 1.0,
+        connection: dict[str, Any] | None = None,
+        sentinel_connection: dict[str, Any] | None = None,
     ) -> None:
         self.url = url
-        self.cluster = url.startswith("redis+cluster://")
-        self._client = _client(url, timeout, retries, max_connections)
+        self.cluster = url.startswith(("redis+cluster://", "rediss+cluster://"))
+        self.connection = dict(connection or {})
+        self._client = _client(
+            url, timeout, retries, max_connections, self.connection, sentinel_connection or {}
+        )
         self.waiters = Waiters()
-        self.subscription = _subscription(url, timeout, self._client, self.waiters)
+        self.subscription = _subscription(url, timeout, self._client, self.connection, self.waiters)
         self._scripts = {name: self._client.register_script(_source(name)) for name in SCRIPTS}
         # A single node gets the lean hot path; Cluster and Sentinel keep the full client.
         self._pool = (
             None
-            if url.startswith(("redis+cluster://", "redis+sentinel://"))
+            if "+" in url.partition("://")[0]
             else ConnectionPool(
-                url, timeout=timeout, retries=retries, max_connections=max_connections
+                url,
+                timeout=timeout,
+                retries=retries,
+                max_connections=max_connections,
+                connection=_for_url(url, self.connection),
             )
         )
         self._wait_replicas = wait_replicas
@@ -162,7 +212,7 @@ class RedisStore:
             await self._client.ping()
             for script in self._scripts.values():
                 script.sha = await self._client.script_load(script.script)
-        except (TimeoutError, RedisError, OSError) as exc:
+        except Exception as exc:  # a cluster whose seed is down raises RedisClusterException
             raise StoreUnavailable(f"cannot reach {_safe_url(self.url)}: {exc}") from exc
         finally:
             if self._canary_interval > 0 and self._watch_task is None:
@@ -226,7 +276,7 @@ class RedisStore:
         while True:
             try:
                 await self.check_canary()
-            except (TimeoutError, RedisError, OSError):
+            except (TimeoutError, RedisError, RedisClusterException, OSError):
                 pass  # an outage is answered per request; only a loss matters here
             except Exception as exc:
                 # The cluster client can raise other errors while its topology moves; the
@@ -243,16 +293,28 @@ class RedisStore:
                 result, acknowledged = await self._run_pooled(name, key, args, wait)
             else:
                 result, acknowledged = await self._run_client(name, key, args, wait)
-        except (TimeoutError, RedisError, OSError) as exc:
-            # Only an unreachable store opens the circuit: one corrupt record (WRONGTYPE)
-            # must not take every other key down with it.
-            if isinstance(exc, _UNREACHABLE):
-                self.breaker.failure()
-            raise StoreUnavailable(type(exc).__name__) from exc
+        except Exception as exc:
+            raise self._failure(exc) from exc
         self.breaker.success()
         if wait and int(acknowledged) < self._wait_replicas:
             self.replica_shortfalls += 1
         return result
+
+    def _failure(self, exc: Exception) -> StoreUnavailable:
+        """Whatever the client raised, as the store's failure: never a 500.
+
+        A node down or coming back makes the cluster client raise more than RedisError
+        (RuntimeError and AttributeError from a closed transport, RedisClusterException):
+        all of it is an unreachable store. An error answer from Redis itself is not, and
+        must not open the circuit: one corrupt record (WRONGTYPE) would take every other
+        key down with it.
+        """
+        if isinstance(exc, ResponseError) and not isinstance(exc, _UNREACHABLE):
+            if str(exc).startswith("WRONGTYPE"):
+                return CorruptRecord("not a hash")
+            return StoreUnavailable(type(exc).__name__)
+        self.breaker.failure()
+        return StoreUnavailable(type(exc).__name__)
 
     async def _run_pooled(
         self, name: str, key: str, args: tuple[Any, ...], wait: bool
@@ -379,12 +441,19 @@ class RedisStore:
         try:
             fields, ttl = await asyncio.gather(self._client.hgetall(key), self._client.pttl(key))
             timing = await self._client.time()
-        except (TimeoutError, RedisError, OSError) as exc:
+        except ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):
+                raise CorruptRecord("not a hash") from exc
+            raise StoreUnavailable(type(exc).__name__) from exc
+        except Exception as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
         if not fields:
             return None
         now_ms = int(timing[0]) * 1000 + int(timing[1]) // 1000
-        return _record(fields, int(ttl), now_ms)
+        try:
+            return _record(fields, int(ttl), now_ms)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CorruptRecord(f"unreadable record ({type(exc).__name__})") from exc
 
     async def resolve(self, key: str, response: StoredResponse, force: bool) -> bool:
         reply = await self._run(
@@ -411,7 +480,7 @@ class RedisStore:
             policy = await self._client.config_get("maxmemory-policy")
             persistence = await self._client.info("persistence")
             replication = await self._client.info("replication")
-        except (TimeoutError, RedisError, OSError) as exc:
+        except Exception as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
         return {"config": policy, "persistence": persistence, "replication": replication}
 
@@ -420,37 +489,72 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _subscription(url: str, timeout: float, client: Any, waiters: Waiters) -> Subscription:
+def _subscription(
+    url: str, timeout: float, client: Any, connection: dict[str, Any], waiters: Waiters
+) -> Subscription:
     """Sentinel: the master's client (it follows failovers). Cluster: one node, since a
-    classic PUBLISH reaches every node. A single node: its own connection."""
-    if url.startswith("redis+sentinel://"):
+    classic PUBLISH reaches every node. A single node: its own connection. Credentials and
+    TLS as for the store's other connections; no read timeout (it listens)."""
+    scheme, _, rest = url.partition("://")
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
         return Subscription(lambda: client, waiters, owned=False)
-    if url.startswith("redis+cluster://"):
-        url = "redis://" + url.removeprefix("redis+cluster://").split(",", 1)[0]
-    return Subscription(
-        lambda: Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=None), waiters
-    )
+    options: dict[str, Any] = {"socket_connect_timeout": timeout, **connection}
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        node = "redis://" + rest.split(",", 1)[0]
+        if scheme == "rediss+cluster":
+            options["ssl"] = True
+        url = node
+    settings = {**parse_url(url), **_for_url(url, options), "socket_timeout": None}
+    return Subscription(lambda: Redis(**settings), waiters)
 
 
 def _claim_result(reply: list[Any]) -> ClaimResult:
+    """The claim script's answer; a record that cannot be read raises CorruptRecord.
+
+    A field the script found missing cuts its reply short (Lua arrays end at the first
+    nil), so a short reply is as corrupt as a malformed field.
+    """
+    try:
+        return _parse_claim(reply)
+    except (IndexError, TypeError, ValueError, AttributeError) as exc:
+        # The type only: a field's content must not reach the logs.
+        raise CorruptRecord(f"unreadable claim reply ({type(exc).__name__})") from exc
+
+
+def _parse_claim(reply: list[Any]) -> ClaimResult:
     kind = _text(reply[0])
     if kind == "claimed":
         return ClaimResult(ClaimKind.CLAIMED, fence=int(reply[1]))
     if kind == "completed":
+        status = _status(reply[1])
+        body = reply[3] or b""
+        if status in (204, 304) and body:
+            raise ValueError("a body in a response that has none")
         response = StoredResponse(
-            status=int(reply[1]),
-            headers=decode_headers(reply[2]),
-            body=reply[3] or b"",
+            status=status,
+            headers=decode_headers(reply[2], strict=True),
+            body=body,
             replayable=reply[4] != b"0",
         )
         return ClaimResult(ClaimKind.COMPLETED, response=response, ttl_ms=int(reply[5]))
     if kind == "unknown":
         return ClaimResult(
-            ClaimKind.UNKNOWN, response=StoredResponse(status=int(reply[1])), reason=_text(reply[2])
+            ClaimKind.UNKNOWN,
+            response=StoredResponse(status=_status(reply[1])),
+            reason=_text(reply[2]),
         )
     if kind == "in_flight":
         return ClaimResult(ClaimKind.IN_FLIGHT, retry_after_ms=max(0, int(reply[1])))
-    return ClaimResult(ClaimKind.MISMATCH)
+    if kind == "mismatch":
+        return ClaimResult(ClaimKind.MISMATCH)
+    raise ValueError("unexpected claim reply")
+
+
+def _status(value: Any) -> int:
+    status = int(value)
+    if not 100 <= status <= 599:
+        raise ValueError("status out of range")
+    return status
 
 
 def _record(fields: dict[bytes, bytes], ttl_ms: int, now_ms: int) -> Record:
