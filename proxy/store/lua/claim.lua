@@ -31,7 +31,7 @@ local lease, retention = tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-local r = redis.call('HMGET', key, 'state', 'fp', 'token', 'fence', 'lease')
+local r = redis.call('HMGET', key, 'state', 'fp', 'token', 'fence', 'lease', 'waiters')
 local state = r[1]
 if not state then
   if redis.call('EXISTS', key) == 1 then
@@ -73,8 +73,8 @@ elseif state == 'SENT' then
   if deadline <= now then
     redis.call('HSET', key, 'state', 'UNKNOWN', 'status', 502, 'reason', 'owner-lost')
     redis.call('HDEL', key, 'lease')
-    if redis.call('HEXISTS', key, 'waiters') == 1 then
-      redis.call('PUBLISH', 'idem:settled', key)
+    if r[6] then
+      redis.pcall('PUBLISH', 'idem:settled', key)  -- a hint: never fails the claim
     end
     return {'unknown', '502', 'owner-lost'}
   end

@@ -10,11 +10,12 @@
 --          it arrived after the client's timeout, during the route's outcome_wait)
 --
 -- Wakes the record's waiting duplicates on every replica (PUBLISH idem:settled <key>)
--- when claim.lua marked it 'waiters'; a lost message only costs them a poll.
+-- when claim.lua marked it 'waiters'; a lost message only costs them a poll, so the
+-- PUBLISH is a pcall: a user whose ACL lacks it still settles the record.
 --
 -- Returns 1 when stored (or already stored by this token: a retried call); 0 when
 -- fenced. The TTL set at claim time is kept: retention runs from the first write.
-local r = redis.call('HMGET', KEYS[1], 'state', 'token')
+local r = redis.call('HMGET', KEYS[1], 'state', 'token', 'waiters')
 if r[2] ~= ARGV[1] then
   return 0
 end
@@ -30,7 +31,7 @@ redis.call('HDEL', KEYS[1], 'lease')
 if ARGV[6] and ARGV[6] ~= '' then
   redis.call('HSET', KEYS[1], 'reason', ARGV[6])
 end
-if redis.call('HEXISTS', KEYS[1], 'waiters') == 1 then
-  redis.call('PUBLISH', 'idem:settled', KEYS[1])
+if r[3] then
+  redis.pcall('PUBLISH', 'idem:settled', KEYS[1])
 end
 return 1
