@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +29,9 @@ def _flag_help(text: str, env: str, default: object) -> str:
     return f"{text} (env {ENV_PREFIX}{env}; default: {default})"
 
 
-def _add_store_flags(parser: argparse.ArgumentParser) -> None:
+def _add_store_flags(
+    parser: argparse.ArgumentParser, default: str = "the in-process memory store"
+) -> None:
     parser.add_argument(
         "--redis-url",
         metavar="URL",
@@ -35,7 +39,7 @@ def _add_store_flags(parser: argparse.ArgumentParser) -> None:
             "the shared store: redis://, rediss://, redis+sentinel://h:p/master, "
             "redis+cluster://h:p, or memory:// for one process",
             "REDIS_URL",
-            "the in-process memory store",
+            default,
         ),
     )
     parser.add_argument(
@@ -127,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--memory",
         action="store_true",
-        help="use the in-process memory store even if redis-server is installed",
+        help="use the in-process memory store even if redis-server is installed "
+        "(default: a private redis-server when one is on PATH)",
     )
     demo.add_argument(
         "--error-format",
@@ -151,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--upstream", metavar="URL", help=_flag_help("as for run", "UPSTREAM", "none")
     )
     check_config.add_argument(
-        "--quiet", "-q", action="store_true", help="print nothing when the config is valid"
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="print nothing when the config is valid (default: print the settings)",
     )
 
     check = commands.add_parser(
@@ -164,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
             "cannot be reached or the config is wrong."
         ),
     )
-    _add_store_flags(check)
+    _add_store_flags(check, "store.url from --config, else memory://, which has nothing to check")
 
     records = commands.add_parser(
         "records",
@@ -183,13 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("release", "delete the record so a retry executes (UNKNOWN only without --force)"),
     ):
         action = actions.add_parser(name, help=text, description=text)
-        _add_store_flags(action)
+        _add_store_flags(action, "store.url from --config; the memory store is refused")
         which = action.add_mutually_exclusive_group(required=True)
         which.add_argument(
             "--key",
             action="append",
             help="the idempotency key as the client sent it; for a composite key, once per "
-            "part, in the route's order",
+            "part, in the route's order (required: --key or --hash)",
         )
         which.add_argument(
             "--hash",
@@ -197,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
             help=(
                 "the key_hash from a log line instead of the key (needs the proxy's "
                 f"key_hash_secret: env {ENV_PREFIX}KEY_HASH_SECRET or the config file); "
-                "it names the record, so --route and --tenant are not needed"
+                "it names the record, so --route and --tenant are not needed (required: "
+                "--key or --hash)"
             ),
         )
         action.add_argument(
@@ -213,13 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name != "show":
             action.add_argument(
-                "--force", action="store_true", help="also act on non-UNKNOWN records"
+                "--force",
+                action="store_true",
+                help="also act on records that are not UNKNOWN (default: UNKNOWN only)",
             )
         if name == "resolve":
-            action.add_argument("--status", type=int, required=True, help="HTTP status to replay")
-            action.add_argument("--body", default="", help="response body to replay (text)")
             action.add_argument(
-                "--content-type", default="application/json", help="(default: application/json)"
+                "--status", type=int, required=True, help="HTTP status to replay (required)"
+            )
+            action.add_argument(
+                "--body", default="", help="response body to replay, as text (default: empty)"
+            )
+            action.add_argument(
+                "--content-type",
+                default="application/json",
+                help="Content-Type of the replayed response (default: application/json)",
             )
     return parser
 
@@ -366,6 +383,13 @@ async def _records(args: argparse.Namespace) -> int:
     settings = _store_settings(args)
     if settings.store.url.startswith("memory://"):
         raise ConfigError("records: needs --redis-url; the memory store lives inside the proxy")
+    if args.action == "resolve":
+        # What is stored here is replayed to clients as it is: a status no HTTP response
+        # can have, or a header with a line break, would break every replay of the record.
+        if not 200 <= args.status <= 599:
+            raise ConfigError(f"--status: {args.status} is not a final HTTP status (200-599)")
+        if not _PRINTABLE.fullmatch(args.content_type):
+            raise ConfigError("--content-type: must be printable ASCII")
     hasher = keys.KeyHasher(settings.key_hash_secret)
     if args.hash is not None:
         try:
@@ -395,8 +419,12 @@ async def _records(args: argparse.Namespace) -> int:
         tenant = args.tenant
         if tenant is None and not settings.tenant.header:
             tenant = keys.DEFAULT_TENANT
-        storage_key = hasher.scope(tenant, namespaces[args.route], key).storage_key
-        what = f"this key (route {args.route}, tenant {tenant})"
+        # The proxy reads the tenant header's bytes as latin-1; the operator's terminal
+        # passes the same name's bytes (UTF-8 for `café`): read them the same way.
+        scoped_tenant = None if tenant is None else os.fsencode(tenant).decode("latin-1")
+        storage_key = hasher.scope(scoped_tenant, namespaces[args.route], key).storage_key
+        shown = None if tenant is None else os.fsencode(tenant).decode("utf-8", "replace")
+        what = f"this key (route {args.route}, tenant {shown})"
     store = _open_store(settings)
     try:
         await store.start()
@@ -421,7 +449,8 @@ async def _records(args: argparse.Namespace) -> int:
                 response = StoredResponse(
                     args.status,
                     ((b"content-type", args.content_type.encode("latin-1")),),
-                    args.body.encode(),
+                    # The bytes the shell passed, also when they are not UTF-8.
+                    args.body.encode("utf-8", "surrogateescape"),
                 )
                 done = await store.resolve(storage_key, response, args.force)
             else:
@@ -442,6 +471,9 @@ async def _records(args: argparse.Namespace) -> int:
         return 2
     finally:
         await store.close()
+
+
+_PRINTABLE = re.compile(r"[\x20-\x7e]+")
 
 
 def _record_json(record: Any) -> dict[str, Any]:

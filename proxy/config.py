@@ -8,6 +8,7 @@ operator reading a crash-looping pod's log should not have to read a traceback.
 from __future__ import annotations
 
 import base64
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -60,6 +61,9 @@ def parse_duration(value: Any) -> float:
         if not match:
             raise ValueError(f"{value!r} is not a duration (use 250ms, 10s, 5m, 24h or seconds)")
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds):
+        # `.inf` for "forever" cannot become a TTL or a timer: refused, not a traceback.
+        raise ValueError(f"{value!r} is not a finite duration")
     if seconds < 0:
         raise ValueError(f"{value!r} is negative")
     return seconds
@@ -79,6 +83,12 @@ def parse_size(value: Any) -> int:
     if size < 0:
         raise ValueError(f"{value!r} is negative")
     return size
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -220,6 +230,12 @@ class StoreSettings(BaseModel):
     # milliseconds, and the lease (not the client timeout) decides liveness.
     timeout: Duration = 0.5
     retries: int = Field(default=2, ge=0, le=5)
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        return _positive(value)
+
     max_connections: int = Field(default=64, ge=1)
     # COMPLETED records are immutable until they expire, so each process may keep
     # the hottest ones and answer duplicates without a round trip.
@@ -331,12 +347,12 @@ class Policy(BaseModel):
     # first requests and count what enforcement would have done with each duplicate.
     mode: Literal["enforce", "observe"] = "enforce"
 
-    @field_validator("lease", "retention")
+    # A zero upstream_timeout is no "no timeout": each request would time out after being
+    # sent, and become UNKNOWN.
+    @field_validator("lease", "retention", "upstream_timeout")
     @classmethod
     def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be greater than zero")
-        return value
+        return _positive(value)
 
 
 KeyFrom = Literal["header", "json", "form", "query", "path", "xml"]
@@ -484,6 +500,12 @@ class RouteSettings(BaseModel):
     error_format: str | None = None
     # Resolves this route's UNKNOWN records by asking the backend (proxy/resolution.py).
     status_check: StatusCheck | None = None
+
+    # A route's own values are not validated again as a Policy (policy() copies them in).
+    @field_validator("lease", "retention", "upstream_timeout")
+    @classmethod
+    def _positive(cls, value: float | None) -> float | None:
+        return None if value is None else _positive(value)
 
     @field_validator("methods", mode="before")
     @classmethod

@@ -268,6 +268,7 @@ def _stripe() -> TemplateFormat:
             "unsupported-media-type": "invalid_request_error",
             "headers-too-large": "invalid_request_error",
             "target-invalid": "invalid_request_error",
+            "request-invalid": "invalid_request_error",
             "*": "api_error",
         },
         headers={"*": request_id, "outcome-unknown": no_retry, "replay-unavailable": no_retry},
@@ -304,6 +305,7 @@ def _gocardless() -> TemplateFormat:
             "unsupported-media-type": "invalid_api_usage",
             "headers-too-large": "invalid_api_usage",
             "target-invalid": "invalid_api_usage",
+            "request-invalid": "invalid_api_usage",
             "*": "gocardless",
         },
     )

@@ -1,8 +1,12 @@
 """The canonical fingerprint of a request: what 'the same request' means.
 
 sha256 over method, path, query (sorted by parameter name, repeated parameters in
-their order), media type and body. A JSON body is canonicalised (parsed, keys
-sorted, compact) so whitespace and key order do not make a retry look like a
+their order), media type and body. Path and query are the bytes the backend gets, not
+a decoding of them: backends decode differently (`%2F` is not `/` to a router on the
+raw path, `;` separates parameters to some query parsers), so two targets whose bytes
+differ are two requests, beyond the order of parameters and RFC 3986 equivalences
+(escaped unreserved characters). A JSON body is canonicalised
+(parsed, keys sorted, compact) so whitespace and key order do not make a retry look like a
 different payment; an XML body likewise (C14N 2.0, see proxy.xmlkeys for what is
 and is not made equal). A JSON body the canonical form cannot hold exactly (NaN,
 Infinity, 1e400: not finite numbers) is fingerprinted by its raw bytes instead.
@@ -15,7 +19,6 @@ import hashlib
 import json
 import re
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
@@ -39,17 +42,22 @@ def canonical_json(value: Any) -> bytes:
 def canonical_query(query_string: bytes) -> bytes:
     if not query_string:
         return b""
-    # latin-1 both ways maps each percent-decoded byte to one character and back, so bytes
-    # that are not UTF-8 (%FF, %FE) stay distinct instead of all becoming U+FFFD.
-    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
+    # Never percent-decoded (beyond escapes of unreserved characters, as the path):
+    # decoding would make `;` and `%3B`, or `+` and `%20`, one request. Some parsers
+    # split on `;` as well as `&`, so with a `;` in it the order is kept as sent:
+    # `x=1;a=1&a=2` and `a=2&x=1;a=1` are another `a` to them.
+    if b";" in query_string:
+        return _ESCAPE.sub(_unescape_unreserved, query_string)
     # Sorted by name only (a stable sort): the values of a repeated parameter keep their
     # order, because a last-wins backend reads `amount=100&amount=1` as another amount.
+    # Empty segments are nothing to any parser.
+    pairs = [_ESCAPE.sub(_unescape_unreserved, pair) for pair in query_string.split(b"&") if pair]
     ordered = sorted(pairs, key=_name)
-    return urlencode(ordered, encoding="latin-1").encode("latin-1")
+    return b"&".join(ordered)
 
 
-def _name(pair: tuple[str, str]) -> str:
-    return pair[0]
+def _name(pair: bytes) -> bytes:
+    return pair.split(b"=", 1)[0]
 
 
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")

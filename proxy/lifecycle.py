@@ -296,8 +296,14 @@ class Lifecycle:
             raise  # no outage: answered by `handle`, and never forwarded unrecorded
         except StoreUnavailable:
             if route.fail_open:
-                return await self._forward_unrecorded(request, route, "fail_open")
-            return problem_reply(problems.store_unavailable(), "store_unavailable", self.date())
+                reply = await self._forward_unrecorded(request, route, "fail_open")
+            else:
+                reply = problem_reply(
+                    problems.store_unavailable(), "store_unavailable", self.date()
+                )
+            # A call that timed out is store time too: the log line says where it went.
+            reply.store_ms = (time.perf_counter() - started) * 1000
+            return reply
         store_ms = (time.perf_counter() - started) * 1000
         if claim.kind is ClaimKind.CLAIMED:
             self.metrics.transition("CLAIMED")
@@ -435,11 +441,14 @@ class Lifecycle:
                 "mark_sent", self.store.mark_sent(key, token, attempt.lease_ms, attempt.check)
             )
         except StoreUnavailable:
+            failed_ms = (time.perf_counter() - store_started) * 1000
             # Nothing was sent, but the mark may have been applied before its answer was
             # lost: release the record (now or in the background) so that a retry executes
             # instead of waiting for an operator.
             await self._settle("release", attempt, lambda: self.store.release(key, token))
-            return problem_reply(problems.store_unavailable(), "store_unavailable", date)
+            reply = problem_reply(problems.store_unavailable(), "store_unavailable", date)
+            reply.store_ms = failed_ms
+            return reply
         store_ms = (time.perf_counter() - store_started) * 1000
         if not sent:
             self.metrics.fence("mark_sent")

@@ -6,9 +6,10 @@ counts the bytes of each head as they arrive and answers 431 once they pass the
 cap, and ends a connection whose head does not arrive within the header timeout:
 otherwise connections that never finish a head would hold the concurrency cap
 (`max_concurrency`, uvicorn's `limit_concurrency`) forever. Requests over that cap
-get a 503 problem instead of uvicorn's plain-text one, and CONNECT's authority-form
-target, which the parser refuses before the application sees it, gets the proxy's
-`target-invalid` problem instead of a plain-text 400.
+get a 503 problem instead of uvicorn's plain-text one, and whatever the parser refuses
+before the application sees it is a problem too, not a plain-text 400: CONNECT's
+authority-form and a target with no path (`http://host`) are `target-invalid`, other
+bad bytes `request-invalid`.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        # After a chunk's size line and before its data: the last chunk's trailer fields
+        # come here, and their bytes are counted against the head's cap.
+        self._after_chunk_size = False
+        self._trailer_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -84,7 +89,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if not self._in_head:
+            if not self._after_chunk_size:
+                super().data_received(data)
+                return
+            # Possibly trailer fields, which the parser buffers: bounded like a head.
+            self._trailer_bytes += len(data)
             super().data_received(data)
+            if (
+                self._after_chunk_size
+                and self._trailer_bytes > self._head_cap
+                and not self.transport.is_closing()
+            ):
+                self._refuse(
+                    Problem("headers-too-large", 431, "the request trailers exceed the limit"),
+                    "headers_too_large",
+                )
             return
         # Counted before parsing, judged after: the chunk that ends a head may carry
         # body bytes, which must not count against the head.
@@ -106,11 +125,38 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._head_bytes = 0
         self._stop_head_timer()
+        # Reads are counted as they come, but a head that arrives within one read (or
+        # behind a pipelined request in one) was never judged: its own size, exactly.
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self._head_cap:
+            self._refuse(
+                Problem("headers-too-large", 431, "the request head exceeds the limit"),
+                "headers_too_large",
+            )
+            raise _Refused  # stops the parser: nothing more of this connection is read
         super().on_headers_complete()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            # A trailer field (after a chunked body): dropped, never merged into the headers
+            # the application already holds. It comes after the body, past where the gateway
+            # sets the tenant header and strips the client's, so as a header it could name
+            # another tenant or reach the backend as anything (RFC 9110 6.5.1).
+            return
+        super().on_header(name, value)
+
+    def on_chunk_header(self) -> None:
+        self._after_chunk_size = True
+        self._trailer_bytes = 0
+
+    def on_body(self, body: bytes) -> None:
+        self._after_chunk_size = False
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         # What follows on this connection is the next request's head.
         self._in_head = True
+        self._after_chunk_size = False
         super().on_message_complete()
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
@@ -125,14 +171,24 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._count("overloaded")
 
     def send_400_response(self, msg: str) -> None:
-        try:
-            connect = self.parser.get_method() == b"CONNECT"
-        except Exception:  # nothing parsed yet
-            connect = False
-        if not connect:
-            super().send_400_response(msg)
+        """Whatever the parser refused (bad bytes, a target the server cannot split into a
+        path, such as `http://host` without one) is a problem, not plain text."""
+        if self.transport.is_closing():  # refused already (_Refused)
             return
-        self._refuse(target_invalid(), "target_invalid")
+        if self._method() == b"CONNECT" or (self.url and not self.url.startswith(b"/")):
+            self._refuse(target_invalid(), "target_invalid")
+            return
+        self._refuse(
+            Problem("request-invalid", 400, "the request is not valid HTTP/1.1", close=True),
+            "request_invalid",
+        )
+
+    def _method(self) -> bytes | None:
+        try:
+            method: bytes = self.parser.get_method()
+        except Exception:  # nothing parsed yet
+            return None
+        return method
 
     # -- the head's bounds -----------------------------------------------------------
 
@@ -170,6 +226,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
             lines += [name + b": " + value + b"\r\n" for name, value in headers]
             lines.append(b"connection: close\r\n\r\n")
+            if self._method() == b"HEAD":
+                body = b""  # the answer to HEAD has its headers only
             self.transport.write(b"".join(lines) + body)
         self.transport.close()
         # Closing stops the reads: nothing more of this connection is parsed.
@@ -179,6 +237,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _count(self, outcome: str) -> None:
         if self._metrics is not None:
             self._metrics.count("-", outcome)
+
+
+class _Refused(Exception):
+    """Raised from a parser callback after the protocol answered: the parser stops there."""
 
 
 def _reason(status: int) -> bytes:

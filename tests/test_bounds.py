@@ -153,6 +153,33 @@ def test_a_header_flood_is_cut_off_while_parsing_and_memory_stays_bounded(
     assert response.status_code == 201
 
 
+def test_a_trailer_flood_is_cut_off_like_a_header_flood(plain_proxy: ProxyServer) -> None:
+    """Trailer fields after a chunked body are buffered by the parser like a head: 50 MiB
+    of them is cut off once past the head's cap, and memory does not follow."""
+    pid = plain_proxy.pid
+    rss_before = _rss_kib(pid)
+    total = 50 * 1024 * 1024
+    batch = (b"X-Flood: " + b"a" * 4087 + b"\r\n") * 16
+    sent = 0
+    with socket.create_connection((HOST, plain_proxy.port), timeout=10) as sock:
+        sock.sendall(
+            b"PUT /v1/echo HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"1\r\nx\r\n0\r\n"
+        )
+        while sent < total:
+            try:
+                sock.sendall(batch)
+            except OSError:
+                break
+            sent += len(batch)
+        raw = _read_until_closed(sock, 15)
+    rss_after = _rss_kib(pid)
+    assert sent < total, "the proxy read the whole 50 MiB of trailers"
+    assert rss_after - rss_before < 16 * 1024, (rss_before, rss_after)
+    # The upload was already on its way to the backend: no answer, the connection closed.
+    assert raw == b"" or raw.startswith(b"HTTP/1.1 431"), raw[:300]
+
+
 def test_answers_made_before_a_route_is_known_follow_the_default_error_format(
     proxy_factory: ProxyFactory, ledger_backend: BackendServer
 ) -> None:
@@ -180,6 +207,50 @@ def test_headers_just_under_the_limit_still_pass(plain_proxy: ProxyServer) -> No
     with plain_proxy.http() as http:
         response = http.post(PAY_PATH, content=body_of("padded"), headers={**JSON_HEADERS, **pad})
     assert response.status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("max_header_bytes", "size"),
+    [(4096, 20_000), (4096, 40_000), (4096, 60_000), (32768, 80_000), (32768, 200_000)],
+)
+def test_a_head_over_the_cap_is_431_when_it_arrives_in_one_read(
+    proxy_factory: ProxyFactory, ledger_backend: BackendServer, max_header_bytes: int, size: int
+) -> None:
+    """A head sent in one write is parsed from one read: counting reads alone let a target
+    of up to a read's size past the cap (2 x max_header_bytes + 8 KiB) and on to the
+    backend, or, past 64 KiB, into the server's plain-text 400."""
+    proxy = proxy_factory(ledger_backend.url, config=pay_config(max_header_bytes=max_header_bytes))
+    with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
+        sock.sendall(
+            b"GET /v1/echo?" + b"a" * size + b" HTTP/1.1\r\nHost: proxy\r\n"
+            b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        raw = _read_until_closed(sock, 10)
+    # The proxy's own answer: forwarded, the backend would have answered.
+    _problem(raw, 431, "headers-too-large")
+
+
+@pytest.mark.parametrize(
+    ("request_line", "name"),
+    [
+        (b"GET http://127.0.0.1:1 HTTP/1.1", "target-invalid"),
+        (b"POST http://127.0.0.1:1?x=1 HTTP/1.1", "target-invalid"),
+        (b"GET /a b HTTP/1.1", "request-invalid"),
+        (b"GET /\x7f HTTP/1.1", "request-invalid"),
+        (b"G\x00T / HTTP/1.1", "request-invalid"),
+    ],
+    ids=["absolute-form-without-path", "absolute-form-query-only", "space", "del", "nul-method"],
+)
+def test_a_request_the_parser_refuses_is_a_problem(
+    plain_proxy: ProxyServer, request_line: bytes, name: str
+) -> None:
+    """Bad bytes are a 4xx problem+json like every other answer the proxy makes, not the
+    server's plain-text 400 (docs/security.md)."""
+    with socket.create_connection((HOST, plain_proxy.port), timeout=10) as sock:
+        sock.sendall(request_line + b"\r\nHost: proxy\r\nContent-Length: 0\r\n\r\n")
+        raw = _read_until_closed(sock, 10)
+    headers = _problem(raw, 400, name)
+    assert headers["connection"] == "close"
 
 
 def test_a_head_that_trickles_in_gets_408_and_a_silent_connection_is_closed(

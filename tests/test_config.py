@@ -583,6 +583,51 @@ def test_cli_run_with_a_bad_mode_is_one_line(tmp_path: Path) -> None:
     assert "IDEMPOTENCY_PROXY_MODE" in _cli("run", "--help").stdout
 
 
+@pytest.mark.parametrize(
+    ("tree", "where", "reason"),
+    [
+        pytest.param(
+            {"defaults": {"retention": float("inf")}}, "defaults.retention", "finite", id="inf"
+        ),
+        pytest.param({"defaults": {"lease": float("nan")}}, "defaults.lease", "finite", id="nan"),
+        pytest.param(
+            {"store": {"timeout": float("nan")}}, "store.timeout", "finite", id="store-nan"
+        ),
+        pytest.param(
+            {"defaults": {"upstream_timeout": 0}},
+            "defaults.upstream_timeout",
+            "greater than zero",
+            id="upstream-timeout-zero",
+        ),
+        pytest.param(
+            {"store": {"timeout": "0ms"}}, "store.timeout", "greater than zero", id="store-zero"
+        ),
+        pytest.param(
+            {"routes": [{**PAY_ROUTE, "lease": 0}]},
+            "routes['pay'].lease",
+            "greater than zero",
+            id="route-lease-zero",
+        ),
+        pytest.param(
+            {"routes": [{**PAY_ROUTE, "upstream_timeout": "0s"}]},
+            "routes['pay'].upstream_timeout",
+            "greater than zero",
+            id="route-upstream-timeout-zero",
+        ),
+    ],
+)
+def test_durations_that_cannot_work_are_one_line(
+    tmp_path: Path, tree: Any, where: str, reason: str
+) -> None:
+    """`.inf` as "keep forever" or 0 as "no timeout" is a careless operator's guess: an
+    infinite retention was a traceback at start-up, and a zero upstream timeout marked
+    every payment UNKNOWN (504) without a chance to answer; a zero store timeout fails
+    every claim; a route's own zero lease passed where the default's was refused."""
+    message = _error(tmp_path, tree)
+    assert message.removeprefix("config: ").startswith(f"{where}:"), message
+    assert reason in message, message
+
+
 def test_outcome_wait_and_status_check_are_read_and_checked(tmp_path: Path) -> None:
     check = {"path": "/v1/orders/{order_id}/status", "after": "30s", "max_checks": 4}
     route = {

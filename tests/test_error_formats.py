@@ -482,3 +482,21 @@ async def test_a_generated_request_id_leads_to_the_one_log_line(
     assert len(lines) == 1
     assert getattr(lines[0], "outcome", None) == "key_reused"
     assert getattr(lines[0], "status", None) == 400
+
+
+@pytest.mark.parametrize(
+    ("preset", "client_error"),
+    [("stripe", "invalid_request_error"), ("gocardless", "invalid_api_usage")],
+)
+@pytest.mark.parametrize("name", ["target-invalid", "request-invalid", "tenant-invalid"])
+def test_presets_class_a_bad_request_as_the_clients_error(
+    preset: str, client_error: str, name: str
+) -> None:
+    """A 400 the client caused must not read as the API's own failure (`api_error`), which
+    SDKs treat as retryable server trouble."""
+    from proxy.errorformat import PRESETS
+    from proxy.problems import Problem
+
+    _, _, body = PRESETS[preset]().render(Problem(name, 400, "x"), [], b"rid")
+    assert body is not None
+    assert orjson.loads(body)["error"]["type"] == client_error

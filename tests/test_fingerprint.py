@@ -167,6 +167,47 @@ def test_non_finite_numbers_never_share_a_fingerprint(values: list[bytes]) -> No
     assert len(prints) == len(values)
 
 
+def _fp_target(raw_path: bytes, query: bytes = b"") -> str:
+    from urllib.parse import unquote
+
+    from proxy.request import ProxyRequest
+
+    request = ProxyRequest(
+        method="POST",
+        path=unquote(raw_path.decode("latin-1")),  # as the server decodes it
+        raw_path=raw_path,
+        query_string=query,
+        headers=[(b"content-type", b"application/json")],
+        body=PAY,
+    )
+    return fingerprint(request)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ((b"/v1/a/b", b""), (b"/v1/a%2Fb", b"")),
+        ((b"/v1/a", b"note=a;b=2"), (b"/v1/a", b"note=a%3Bb=2")),
+        ((b"/v1/a", b"note=a+b"), (b"/v1/a", b"note=a%20b")),
+        ((b"/v1/a", b"flag"), (b"/v1/a", b"flag=")),
+    ],
+    ids=["encoded-slash", "semicolon", "plus", "flag"],
+)
+def test_targets_are_fingerprinted_as_sent(
+    first: tuple[bytes, bytes], second: tuple[bytes, bytes]
+) -> None:
+    # The backend gets these bytes, and may read them differently (a raw-path router, a
+    # `;`-splitting query parser): never one fingerprint. A client that re-encodes its own
+    # target between retries gets 422, the safe direction.
+    assert _fp_target(*first) != _fp_target(*second)
+    assert _fp_target(b"/v1/a%2Fb", b"b=2&a=1") == _fp_target(b"/v1/a%2Fb", b"a=1&b=2")
+    # Empty segments are nothing to any parser, nor is an escaped unreserved character.
+    assert _fp_target(b"/v1/a", b"a=1&&b=2&") == _fp_target(b"/v1/a", b"a=1&b=2")
+    assert _fp_target(b"/v1/a", b"a=%41") == _fp_target(b"/v1/a", b"a=A")
+    # To a parser that splits on `;` too, the second reads another (last) `a`.
+    assert _fp_target(b"/v1/a", b"x=1;a=1&a=2") != _fp_target(b"/v1/a", b"a=2&x=1;a=1")
+
+
 def test_paths_that_differ_only_in_non_utf8_escapes_are_different_requests() -> None:
     """`%FF` and `%FE` both decode to U+FFFD in the server's decoded path; the backend sees
     two different paths, so the fingerprint must too (the raw target decides)."""

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 from harness import (
     BackendServer,
     ProxyFactory,
@@ -98,13 +99,17 @@ def _read_lines(proxy: ProxyServer) -> list[dict[str, Any]]:
     return lines
 
 
+@pytest.mark.parametrize("upstream_client", ["aiohttp", "httpx"])
 async def test_logs_are_json_lines_with_one_request_line_each_and_no_secrets(
     proxy_factory: ProxyFactory,
     ledger_backend: BackendServer,
     redis_url: str,
     client: httpx.AsyncClient,
+    upstream_client: str,
 ) -> None:
-    proxy = proxy_factory(ledger_backend.url, redis_url, CONFIG, log_level="info")
+    # Each upstream client library may log on its own (httpx logs every URL at INFO).
+    config = {**CONFIG, "upstream_pool": {"client": upstream_client}}
+    proxy = proxy_factory(ledger_backend.url, redis_url, config, log_level="info")
     sender = Sender(client, proxy)
     pay_key = f"key-{MARKER}-123"
     expected: dict[str, tuple[str, str, int]] = {}

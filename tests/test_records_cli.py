@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+import redis
 from harness import BackendServer, ProxyFactory, pay_route, records_cli, wait_for_http
 
 ROUTE = "pay"
@@ -152,3 +155,107 @@ async def test_records_without_tenant_find_the_anonymous_scope(
     mine, theirs = await show(), await show("--tenant", "default")
     assert base64.b64decode(mine["response"]["body_base64"]) == anonymous.content
     assert base64.b64decode(theirs["response"]["body_base64"]) == named.content
+
+
+async def test_records_find_a_tenant_whose_name_is_not_ascii(
+    ledger_backend: BackendServer, redis_url: str, proxy_factory: ProxyFactory
+) -> None:
+    """The proxy takes the tenant header's bytes as they came (`café` in UTF-8 from the
+    gateway); the operator types the same name in a UTF-8 terminal, and finds the record."""
+    proxy = proxy_factory(ledger_backend.url, redis_url, config=CONFIG)
+    assert proxy.config_path is not None
+    order_id = f"ord-cafe-{uuid.uuid4().hex[:8]}"
+    order = {"order_id": order_id, "amount": 990, "currency": "EUR"}
+    async with httpx.AsyncClient(timeout=15.0, trust_env=False) as client:
+        paid = await client.post(
+            f"{proxy.url}/v1/orders/pay", json=order, headers={"X-Tenant-Id": "café".encode()}
+        )
+    assert paid.status_code == 201
+    code, out, err = await records_cli(
+        "show", "--redis-url", redis_url, "--config", str(proxy.config_path), "--route", ROUTE,
+        "--tenant", "café", "--key", order_id, timeout=CLI_TIMEOUT,
+    )  # fmt: skip
+    assert code == 0, (out, err)
+    assert base64.b64decode(json.loads(out)["response"]["body_base64"]) == paid.content
+
+
+RAW_FF = os.fsdecode(b"\xff")  # a byte the terminal sent that is not UTF-8
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["show", "--key", "a\tb"],
+        ["show", "--key", "a\nb"],
+        ["show", "--key", "x" * 300],
+        ["show", "--key", ""],
+        ["show", "--key", RAW_FF],
+        ["resolve", "--key", "ok", "--status", "99999"],
+        ["resolve", "--key", "ok", "--status", "100"],
+        ["resolve", "--key", "ok", "--status", "201", "--content-type", "a/b\r\nSet-Cookie: x=1"],
+        ["resolve", "--key", "ok", "--status", "201", "--content-type", "caf\u00e9/json"],
+    ],
+    ids=[
+        "tab",
+        "newline",
+        "too-long",
+        "empty",
+        "key-not-utf8",
+        "status-not-http",
+        "status-informational",
+        "content-type-crlf",
+        "content-type-non-ascii",
+    ],
+)
+async def test_hostile_arguments_are_one_line_and_touch_nothing(
+    redis_url: str, tmp_path: Path, argv: list[str]
+) -> None:
+    """An operator's typo or a pasted log fragment: one line naming the flag, exit 2 (like
+    any config error), never a traceback, and nothing written (a stored status 99999 or a
+    header with a line break would break every later replay of the record)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(CONFIG))
+    action, *rest = argv
+    code, out, err = await records_cli(
+        action, "--redis-url", redis_url, "--config", str(config), "--route", ROUTE, *rest
+    )
+    assert code == 2, (out, err)
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("idempotency-proxy: config error: --"), err
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.dbsize() == 0
+    finally:
+        client.close()
+
+
+async def test_a_body_of_raw_bytes_is_stored_as_given(redis_url: str, tmp_path: Path) -> None:
+    """`--body` is bytes as the shell passed them; bytes that are not UTF-8 are not a
+    traceback (there is no record here, so: `no record`)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(CONFIG))
+    code, _out, err = await records_cli(
+        "resolve",
+        "--redis-url",
+        redis_url,
+        "--config",
+        str(config),
+        "--route",
+        ROUTE,
+        "--key",
+        "ok",
+        "--status",
+        "201",
+        "--body",
+        RAW_FF,
+    )
+    assert (code, "Traceback" in err) == (1, False), err
+    assert "no record" in err
+    # A tenant of such bytes is a name like any other: looked up, not a traceback.
+    code, out, err = await records_cli(
+        "show", "--redis-url", redis_url, "--config", str(config), "--route", ROUTE,
+        "--key", "ok", "--tenant", RAW_FF,
+    )  # fmt: skip
+    assert (code, "Traceback" in err) == (1, False), err
+    assert "no record" in out

@@ -291,3 +291,33 @@ def test_a_bad_upstream_url_is_reported_without_its_credentials() -> None:
             load_settings(None, {"upstream": url}, environ={})
         assert PASSWORD not in str(caught.value), url
         assert str(caught.value).startswith("upstream:"), caught.value
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (b"/x/a/b", b"/x/a%2Fb"),
+        (b"/x?note=a;b=2", b"/x?note=a%3Bb=2"),
+        (b"/x?note=a+b", b"/x?note=a%20b"),
+    ],
+    ids=["encoded-slash", "semicolon", "plus-and-%20"],
+)
+async def test_a_target_the_backend_may_read_differently_is_never_another_targets_replay(
+    proxy_factory: ProxyFactory,
+    listeners: tuple[Listener, Listener],
+    first: bytes,
+    second: bytes,
+) -> None:
+    """The backend gets the target's bytes, not the proxy's decoding of them: many backends
+    route on the raw path (`%2F` is not `/`) or split a query on `;`. Two targets whose bytes
+    differ (beyond the order of parameters) are two requests, so one key sent with both is
+    422, never the first one's replay answering for a request the backend never saw."""
+    upstream, _ = listeners
+    proxy = start_proxy(proxy_factory, upstream, "aiohttp")
+    headers = protected(f"fp-{uuid.uuid4().hex}")
+    status, _, body = parse(await send_raw(proxy, b"POST " + first + b" HTTP/1.1", headers))
+    assert (status, body) == (200, b"/api" + first)
+    status, got, body = parse(await send_raw(proxy, b"POST " + second + b" HTTP/1.1", headers))
+    assert (status, problem_type(got, body)) == (422, "key-reused"), body
+    assert b"idempotent-replayed" not in got
+    assert upstream.connections == 1

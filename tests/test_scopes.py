@@ -207,3 +207,67 @@ async def test_retention_below_lease_and_upstream_timeout_refuses_to_start(
     assert len(lines) == 1, err
     assert "routes['pay'].retention" in lines[0]
     assert "lease + upstream_timeout" in lines[0]
+
+
+# --------------------------------------------------------------------------- trailers
+
+
+def _chunked_with_trailer(
+    method: str, target: str, headers: dict[str, str], payload: bytes, trailer: bytes
+) -> bytes:
+    head = [f"{method} {target} HTTP/1.1", "Host: proxy", "Transfer-Encoding: chunked"]
+    head += [f"{name}: {value}" for name, value in headers.items()]
+    head.append("Connection: close")
+    chunk = b"%x\r\n%s\r\n" % (len(payload), payload)
+    return "\r\n".join(head).encode() + b"\r\n\r\n" + chunk + b"0\r\n" + trailer + b"\r\n\r\n"
+
+
+async def _exchange(proxy: ProxyServer, raw: bytes) -> tuple[bytes, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        async with asyncio.timeout(20):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    return head.lower(), rest
+
+
+async def test_a_trailer_never_names_the_tenant_or_becomes_a_header(
+    proxy: ProxyServer, backend: BackendServer, client: httpx.AsyncClient
+) -> None:
+    """Trailer fields come after the body, where the gateway that sets the tenant header
+    (and strips the client's) does not look. Taken as headers, a client sending none could
+    name another tenant in a trailer and read its replays, or hand the backend any header.
+    They are not headers: the request stays in its own (anonymous) scope."""
+    order = new_order()
+    key = f"trailer-{order}"
+    victim = await client.post(
+        f"{proxy.url}/v1/charges",
+        content=body(order),
+        headers={**JSON_HEADERS, TENANT: "victim", "Idempotency-Key": key},
+    )
+    assert victim.status_code == 201
+    raw = _chunked_with_trailer(
+        "POST",
+        "/v1/charges",
+        {**JSON_HEADERS, "Idempotency-Key": key},
+        body(order),
+        f"{TENANT}: victim".encode(),
+    )
+    head, answer = await _exchange(proxy, raw)
+    assert head.startswith(b"http/1.1 201"), head
+    assert b"idempotent-replayed" not in head
+    assert answer != victim.content  # its own charge, not the victim's
+    assert await times_charged(client, backend, order) == 2
+
+    # Pass-through: the backend's echo lists the headers it received.
+    raw = _chunked_with_trailer(
+        "PUT", "/v1/echo?headers=1", {}, b"x", b"X-Smuggled: 1\r\nAuthorization: Bearer x"
+    )
+    head, answer = await _exchange(proxy, raw)
+    assert head.startswith(b"http/1.1 200"), head
+    assert b"x-smuggled" not in head + answer.lower()
+    assert b"bearer x" not in head + answer.lower()

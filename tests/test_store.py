@@ -804,3 +804,38 @@ async def test_without_a_notification_a_waiter_times_out_to_poll(store: Store) -
     # A renewal settles nothing: still no wake-up.
     assert await store.renew(key, owner, LEASE_MS)
     assert await store.settled(key, 0.1) is False
+
+
+async def test_a_connection_that_timed_out_mid_command_never_answers_a_later_one(
+    redis_factory: Any,
+) -> None:
+    """The lean pool's connections, on a real Redis frozen (SIGSTOP) with commands in
+    flight: every command that times out leaves its connection, so after the thaw every
+    reply read belongs to the command that asked for it. A connection kept with an unread
+    reply would hand one request's answer to the next (a claim reading another's state)."""
+    from proxy.store.pool import ConnectionPool
+
+    redis = redis_factory()
+    pool = ConnectionPool(redis.url, timeout=0.1, retries=0, max_connections=4)
+    try:
+
+        async def echo(token: str) -> bool:
+            replies = await pool.execute([("ECHO", token), ("ECHO", token + "-2")])
+            assert replies == [token.encode(), (token + "-2").encode()], (token, replies)
+            return True
+
+        assert all(await asyncio.gather(*(echo(f"warm-{n}") for n in range(8))))
+        for round_ in range(3):
+            redis.pause()
+            try:
+                frozen = await asyncio.gather(
+                    *(echo(f"frozen-{round_}-{n}") for n in range(8)), return_exceptions=True
+                )
+            finally:
+                redis.resume()
+            assert all(isinstance(result, TimeoutError) for result in frozen), frozen
+            # The frozen commands' replies are on the wire now, to connections that left.
+            await asyncio.sleep(0.05)
+            assert all(await asyncio.gather(*(echo(f"after-{round_}-{n}") for n in range(32))))
+    finally:
+        await pool.aclose()

@@ -6,6 +6,7 @@ Also: no `_created` series, and the start-up line when several workers leave no 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 from harness import (
@@ -44,7 +45,10 @@ async def test_store_health_metrics_follow_the_store(
     config = {
         "admin": {"host": "127.0.0.1"},
         "store": {
-            "timeout": "100ms",
+            # A frozen Redis times out whatever the timeout; a loaded machine must not make
+            # a healthy one look frozen (the first payment after the cooldown connects
+            # afresh and makes three store calls, each within this, with no retry).
+            "timeout": "500ms",
             "retries": 0,
             "breaker_threshold": 2,
             "breaker_cooldown": "5s",
@@ -120,6 +124,44 @@ async def test_store_health_metrics_follow_the_store(
     closed = await _metrics(client, proxy)
     assert closed["idempotency_proxy_store_circuit_open"] == 0
     assert closed["idempotency_proxy_store_circuit_opened_total"] == 1
+
+
+async def test_a_503_logs_the_time_it_spent_on_the_store(
+    ledger_backend: BackendServer,
+    redis_factory: RedisFactory,
+    proxy_factory: ProxyFactory,
+    client: httpx.AsyncClient,
+) -> None:
+    """A store call that timed out is store time: the log line of the 503 it caused says
+    so, instead of 0 (or only the time of the calls that succeeded before it)."""
+    redis = redis_factory()
+    config = {
+        "admin": {"host": "127.0.0.1"},
+        "store": {"timeout": "300ms", "retries": 0, "breaker_threshold": 100},
+        "routes": [pay_route()],
+    }
+    proxy = proxy_factory(ledger_backend.url, redis.url, config=config)
+    wait_for_http(f"{proxy.admin_url}/readyz", 15.0)
+    redis.pause()
+    try:
+        refused = await client.post(
+            proxy.url + PAY_PATH, content=body_of("slow-store"), headers=JSON_HEADERS
+        )
+    finally:
+        redis.resume()
+    assert refused.status_code == 503
+    request_id = refused.headers["x-request-id"]
+
+    async def logged() -> dict[str, object] | None:
+        for line in proxy.logs().splitlines():
+            if request_id in line and '"msg":"request"' in line:
+                found: dict[str, object] = json.loads(line)
+                return found
+        return None
+
+    line = await eventually(logged, "the request's log line")
+    assert line["outcome"] == "store_unavailable"
+    assert isinstance(line["store_ms"], float) and line["store_ms"] >= 250, line
 
 
 def test_several_workers_say_the_admin_port_needs_one(
