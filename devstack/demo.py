@@ -43,6 +43,8 @@ from sample_backend.soap import pay_envelope
 SLOW_SECONDS = 1.5
 CALLER_TIMEOUT = 0.5
 CLICK_DELAY = 0.3
+# The slow-then-reset story: the backend charges, takes RESET_AFTER seconds, then resets.
+RESET_AFTER = 0.8
 BURST_MAX_COPIES = 5
 BURST_TAMPER_SHARE = 0.10
 BURST_SEED = 20240601
@@ -165,13 +167,16 @@ class Phase:
     conflicts: int = 0
     mismatches: int = 0
     timeouts: int = 0
+    unknowns: int = 0
     other: dict[str, int] = field(default_factory=dict)
     # Observe mode: duplicates that enforcement would have answered itself (no charge).
     would_prevent: int | None = None
 
     def count(self, outcome: Outcome) -> None:
         self.requests += 1
-        if outcome.status is None:
+        if outcome.problem == "outcome-unknown":
+            self.unknowns += 1
+        elif outcome.status is None:
             if outcome.error == "timeout":
                 self.timeouts += 1
             else:
@@ -224,8 +229,11 @@ class Player:
         *,
         delay: float | None = None,
         timeout: float = 30.0,
+        reset: bool = False,
     ) -> Outcome:
         headers = {"X-Sample-Delay": str(delay)} if delay is not None else {}
+        if reset:  # charge, then close the connection without a response byte
+            headers["X-Sample-Drop"] = "after"
         body = {"order_id": order_id, "amount": amount, "currency": "EUR"}
         try:
             async with self.session.post(
@@ -371,6 +379,28 @@ class Player:
             phase.count(outcome)
         say(f"  {phase.mode:8} two submits -> {', '.join(_label(o) for o in seen)}")
 
+    async def slow_then_reset(self, phase: Phase) -> None:
+        """The backend charges, is slow, then resets the connection: nobody saw an answer.
+        The client retries (bounded) until it gets one."""
+        order = self.order("reset", phase.mode, 1)
+        targets = self.targets(phase.mode)
+        phase.orders = 1
+        seen = [await self.pay(targets[0], order, 2500, delay=RESET_AFTER, reset=True)]
+        for tries in range(40):
+            outcome = await self.pay(targets[(1 + tries) % len(targets)], order, 2500)
+            seen.append(outcome)
+            # Straight to the backend, the retry is answered (by a second charge); through
+            # the proxies, outcome-unknown until the status check found the one charge.
+            if outcome.problem != "outcome-unknown" and not _in_progress(outcome):
+                break
+            await asyncio.sleep(0.25)
+        for outcome in seen:
+            phase.count(outcome)
+        shown = [_label(o) for o in seen]
+        if len(shown) > 4:
+            shown = [*shown[:2], f"... ({len(shown) - 3} more)", shown[-1]]
+        say(f"  {phase.mode:8} attempts -> {', '.join(shown)}")
+
     async def burst(self, phase: Phase, orders: int) -> None:
         """Many orders, each sent 1 to 5 times at once across random replicas; ~10% of them
         with one copy whose amount was tampered with."""
@@ -490,6 +520,7 @@ COLUMNS = (
     ("409s", ">"),
     ("422s", ">"),
     ("timeouts", ">"),
+    ("unknown", ">"),
     ("other", ">"),
     ("would prevent", ">"),
 )
@@ -511,6 +542,7 @@ def table(phases: Sequence[Phase]) -> str:
                 str(p.conflicts),
                 str(p.mismatches),
                 str(p.timeouts),
+                str(p.unknowns),
                 str(other),
                 "-" if p.would_prevent is None else str(p.would_prevent),
             ]
@@ -545,6 +577,12 @@ async def _play(player: Player, orders: int) -> list[Phase]:
             "legacy SOAP",
             "a SOAP client submits one payment twice, the second re-serialised",
             player.legacy_soap,
+        ),
+        (
+            "slow+reset",
+            f"backend charges, takes {RESET_AFTER}s, then resets the connection; the client "
+            "retries until it has an answer",
+            player.slow_then_reset,
         ),
         (
             "burst",

@@ -124,12 +124,12 @@ class TlsFiles:
 
 # The commands the proxy runs, and the ACL that allows exactly them (docs/operations.md).
 PROXY_ACL_RULES = (
-    "~idem:* resetchannels -@all "
+    "~idem:* resetchannels &idem:settled -@all "
     "+ping +hello +auth +select +readonly "
     "+evalsha +script|load "
     "+hgetall +pttl +time +get +set +wait "
     "+hget +hmget +hset +hdel +hincrby +del +exists +type +pexpire "
-    "+cluster|slots +cluster|shards +command +info"
+    "+cluster|slots +cluster|shards +command +info +publish +subscribe"
 )
 
 

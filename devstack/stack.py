@@ -27,6 +27,13 @@ ROUTES: list[dict[str, Any]] = [
         "path": "/v1/orders/pay",
         "key": {"from": "json", "field": "order_id"},
         "required": True,
+        # When the backend resets after it may have charged, ask its ledger instead of an
+        # operator. (In production `after` exceeds the backend's longest processing time.)
+        "status_check": {
+            "path": "/v1/orders/{order_id}/status",
+            "after": "500ms",
+            "backoff": "250ms",
+        },
     },
     {
         "name": "charges",

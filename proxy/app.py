@@ -39,6 +39,8 @@ Send = Any
 logger = logging.getLogger("idempotency_proxy")
 
 SHUTDOWN_GRACE_SECONDS = 30.0
+# How long recording abandoned late answers as UNKNOWN may take at shutdown.
+ABANDON_SECONDS = 5.0
 
 
 # Closing while request bytes are still unread makes the kernel reset the connection, and
@@ -95,6 +97,8 @@ class ProxyApp:
             date=http_date,
             hasher=KeyHasher(settings.key_hash_secret),
             tracing=tracing,
+            max_held_exchanges=settings.upstream_pool.max_held_exchanges,
+            wake_waiters=settings.store.wake_waiters,
         )
         self.tracing = tracing
         self.metrics.health.attach(self.store, self.lifecycle.cache)
@@ -188,10 +192,17 @@ class ProxyApp:
     async def shutdown(self) -> None:
         """Let forwards and completions that are still running finish, then close."""
         self.draining = True
+        self.lifecycle.checker.stop()
         pending = set(self.lifecycle.tasks)
         if pending:
             logger.info("waiting for in-flight requests", extra={"count": len(pending)})
             await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_SECONDS)
+        # Exchanges still waiting for a late answer after the grace period: their records
+        # turn UNKNOWN now (they were sent, so never released) rather than by lease expiry.
+        abandoned = self.lifecycle.late.abandon()
+        if abandoned:
+            logger.warning("abandoning late answers at shutdown", extra={"count": abandoned})
+            await asyncio.wait(set(self.lifecycle.tasks), timeout=ABANDON_SECONDS)
         await self.upstream.close()
         await self.passthrough_upstream.close()
         if self._owns_store:

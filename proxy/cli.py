@@ -498,6 +498,7 @@ def _record_json(record: Record) -> dict[str, Any]:
         "lease_remaining_ms": record.lease_remaining_ms,
         "ttl_ms": record.ttl_ms,
         "reason": record.reason or None,
+        "checks": record.checks,
     }
     if record.response is not None:
         body = record.response.body

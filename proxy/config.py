@@ -255,6 +255,9 @@ class StoreSettings(BaseModel):
     # until records expire (as Redis does with maxmemory-policy noeviction).
     memory_max_entries: int = Field(default=1_000_000, ge=1)
     memory_max_bytes: Size = 256 * 1024 * 1024
+    # Wake `in_flight: wait` duplicates when their record settles (Redis pub/sub across
+    # replicas) instead of polling every 250 ms; polling stays the fallback (each second).
+    wake_waiters: bool = True
 
     @field_validator("url")
     @classmethod
@@ -310,6 +313,10 @@ class UpstreamPool(BaseModel):
     # under us is an ambiguous failure for a POST.
     keepalive_expiry: Duration = 2.0
     connect_timeout: Duration = 2.0
+    # Exchanges kept open past the client's timeout to record a late answer
+    # (`outcome_wait`) each hold a pooled connection; past this many, a timeout turns the
+    # record UNKNOWN at once, as with `outcome_wait: 0`.
+    max_held_exchanges: int = Field(default=64, ge=0)
 
 
 class Tenant(BaseModel):
@@ -324,6 +331,9 @@ class Policy(BaseModel):
     retention: Duration = 24 * 3600.0
     lease: Duration = 10.0
     upstream_timeout: Duration = 30.0
+    # After the upstream timeout the client gets its 504 at once, but the exchange stays
+    # open this much longer so that a late answer is recorded and replayed; 0: give up.
+    outcome_wait: Duration = 120.0
     max_request_body: Size = 1024 * 1024
     # A client that trickles its body (slow loris) holds a connection and a buffer;
     # uvicorn has no body read timeout, so the proxy bounds the whole read (408).
@@ -427,6 +437,44 @@ def _key_shape(value: Any) -> Any:
     return {"parts": value} if isinstance(value, list | tuple) else value
 
 
+class StatusCheck(BaseModel):
+    """A read-only request that asks the backend whether an UNKNOWN request executed."""
+
+    model_config = _FROZEN
+    method: Literal["GET", "HEAD"] = "GET"
+    # Placeholders: {key} (the idempotency key), a path parameter of the route, or a
+    # top-level field of the request's JSON or form body; each value is percent-encoded.
+    path: str
+    executed: tuple[HttpStatus, ...] = (200,)
+    not_executed: tuple[HttpStatus, ...] = (404,)
+    # What duplicates get once executed: the check's own answer (status, content type,
+    # body), or this status with the check's body.
+    replay_status: HttpStatus | None = None
+    # The first check no sooner than this after the request arrived: longer than the
+    # backend may take to act on a request it already holds (a check must not say
+    # "not executed" about a request the backend is still working on).
+    after: Duration = 60.0
+    backoff: Duration = 10.0  # before the 2nd check; doubled for each next one
+    max_checks: int = Field(default=6, ge=1, le=100)
+    timeout: Duration = 5.0
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r} must start with '/'")
+        return value
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> StatusCheck:
+        both = set(self.executed) & set(self.not_executed)
+        if both:
+            raise ValueError(f"status {min(both)} cannot mean both executed and not executed")
+        if self.timeout <= 0 or self.backoff <= 0:
+            raise ValueError("timeout and backoff must be greater than zero")
+        return self
+
+
 class RouteSettings(BaseModel):
     model_config = _FROZEN
     name: str
@@ -443,6 +491,7 @@ class RouteSettings(BaseModel):
     retention: Duration | None = None
     lease: Duration | None = None
     upstream_timeout: Duration | None = None
+    outcome_wait: Duration | None = None
     max_request_body: Size | None = None
     max_body_read_time: Duration | None = None
     max_stored_response: Size | None = None
@@ -453,6 +502,8 @@ class RouteSettings(BaseModel):
     replay_headers: tuple[str, ...] | None = None
     mode: Literal["enforce", "observe"] | None = None
     error_format: str | None = None
+    # Resolves this route's UNKNOWN records by asking the backend (proxy/resolution.py).
+    status_check: StatusCheck | None = None
 
     # A route's own values are not validated again as a Policy (policy() copies them in).
     @field_validator("lease", "retention", "upstream_timeout")

@@ -22,10 +22,12 @@ from typing import TypeVar
 from proxy import keys, logs, problems
 from proxy.fingerprint import fingerprint
 from proxy.metrics import Metrics
+from proxy.outcome import Held, LateAnswers, silence_bounded
 from proxy.problems import Problem
 from proxy.records import ClaimKind, ClaimResult, StoredResponse
 from proxy.replay import REPLAYED, ReplayCache, http_date, replay_headers, stored_headers
 from proxy.request import ProxyRequest
+from proxy.resolution import StatusChecker, render_target
 from proxy.routes import Route
 from proxy.store import CorruptRecord, Store, StoreUnavailable
 from proxy.tracing import Tracing
@@ -68,6 +70,8 @@ _PROXY_ANSWERS = frozenset(
 
 # How long background completion keeps trying after the store failed at the end.
 BACKGROUND_RETRY_SECONDS = 60.0
+# With wake-ups, a waiting duplicate still claims again at least this often.
+WAKE_POLL_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -108,6 +112,16 @@ def outcome_unknown(status: int, reason: str) -> Problem:
     )
 
 
+def outcome_pending(wait: float) -> Problem:
+    return Problem(
+        "outcome-unknown",
+        504,
+        "the backend has not answered in time (timeout); the proxy keeps listening for its "
+        f"answer for up to {wait:g}s more and will not send the request again: retry with the "
+        "same key to get the answer",
+    )
+
+
 def replay_unavailable() -> Problem:
     return Problem(
         "replay-unavailable",
@@ -124,6 +138,9 @@ class _Attempt:
     storage_key: str
     token: str
     lease_ms: int
+    key_hash: str = ""
+    # The status check's target for this request ('' without one), kept at mark_sent.
+    check: str = ""
     renewal: asyncio.TimerHandle | None = None
     fenced: bool = False
     done: bool = False
@@ -143,6 +160,8 @@ class Lifecycle:
         date: Callable[[], bytes],
         hasher: keys.KeyHasher | None = None,
         tracing: Tracing | None = None,
+        max_held_exchanges: int = 64,
+        wake_waiters: bool = True,
     ) -> None:
         self.store = store
         self.hasher = hasher or keys.KeyHasher()
@@ -160,6 +179,9 @@ class Lifecycle:
         # Forwards and completions run as tasks that outlive a client that hangs up;
         # shutdown waits for them.
         self.tasks: set[asyncio.Task[object]] = set()
+        self.late = LateAnswers(max_held_exchanges, metrics)
+        self.checker = StatusChecker(store, upstream, metrics)
+        self.wake = wake_waiters
 
     # -- the story -------------------------------------------------------------------
 
@@ -212,8 +234,15 @@ class Lifecycle:
         if cached is not None:
             reply = self._duplicate_of_completed(cached[0] == fp, cached[1])
         else:
+            check = (
+                render_target(route.status_check, key, params, request)
+                if route.status_check is not None
+                else ""
+            )
             try:
-                reply = await self._claim_and_execute(request, route, scoped.storage_key, fp)
+                reply = await self._claim_and_execute(
+                    request, route, scoped.storage_key, fp, scoped.log_hash, check
+                )
             except CorruptRecord as exc:
                 reply = self._unreadable(route, scoped.log_hash, exc)
         reply.scoped = scoped
@@ -255,6 +284,8 @@ class Lifecycle:
         route: Route,
         storage_key: str,
         fp: str,
+        key_hash: str = "",
+        check: str = "",
     ) -> Reply:
         token = next(_tokens)
         lease_ms = route.lease_ms
@@ -276,10 +307,14 @@ class Lifecycle:
         store_ms = (time.perf_counter() - started) * 1000
         if claim.kind is ClaimKind.CLAIMED:
             self.metrics.transition("CLAIMED")
-            attempt = _Attempt(route, storage_key, token, lease_ms)
+            attempt = _Attempt(route, storage_key, token, lease_ms, key_hash, check)
             reply = await self._shielded(self._execute(attempt, request, fp))
         else:
             reply = self._duplicate(claim, storage_key, fp)
+            if claim.kind is ClaimKind.UNKNOWN:
+                # Any replica that meets an UNKNOWN record may check it (the store lets
+                # one at a time, when due): also the records of owners that died.
+                self.checker.soon(route, storage_key, key_hash)
         reply.store_ms += store_ms
         return reply
 
@@ -291,20 +326,32 @@ class Lifecycle:
         claimed by the waiter, which then executes as a retry would."""
         policy = route.policy
         retention_ms = route.retention_ms
+        waiting = policy.in_flight == "wait"
         deadline = time.monotonic() + policy.wait_timeout
         delay = 0.02
         while True:
-            claim = await self._timed(
-                "claim", self.store.claim(storage_key, token, fp, lease_ms, retention_ms)
-            )
-            if claim.kind is not ClaimKind.IN_FLIGHT or policy.in_flight != "wait" or route.observe:
+            if waiting and self.wake:  # the settling transition must wake this waiter
+                call = self.store.claim(
+                    storage_key, token, fp, lease_ms, retention_ms, waiting=True
+                )
+            else:
+                call = self.store.claim(storage_key, token, fp, lease_ms, retention_ms)
+            claim = await self._timed("claim", call)
+            if claim.kind is not ClaimKind.IN_FLIGHT or not waiting or route.observe:
                 return claim
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return claim
-            # Poll gently: a waiting duplicate must not hammer the store.
-            await asyncio.sleep(min(delay, remaining, max(claim.retry_after_ms, 1) / 1000))
-            delay = min(delay * 2, 0.25)
+            pause = min(delay, remaining, max(claim.retry_after_ms, 1) / 1000)
+            if self.wake:
+                # Woken when the record settles, on whichever replica; polling only as
+                # the fallback for a lost notification, so it can be slow.
+                await self.store.settled(storage_key, pause)
+                delay = min(delay * 2, WAKE_POLL_SECONDS)
+            else:
+                # Poll gently: a waiting duplicate must not hammer the store.
+                await asyncio.sleep(pause)
+                delay = min(delay * 2, 0.25)
 
     def _tenant(self, request: ProxyRequest) -> str | None:
         """The request's tenant; None for a request without the tenant header, which is a
@@ -391,7 +438,7 @@ class Lifecycle:
         store_started = time.perf_counter()
         try:
             sent = await self._timed(
-                "mark_sent", self.store.mark_sent(key, token, attempt.lease_ms)
+                "mark_sent", self.store.mark_sent(key, token, attempt.lease_ms, attempt.check)
             )
         except StoreUnavailable:
             failed_ms = (time.perf_counter() - store_started) * 1000
@@ -411,15 +458,26 @@ class Lifecycle:
         self._schedule_renewal(attempt)
         self.metrics.in_flight.inc()
         upstream_started = time.perf_counter()
-        try:
-            response = await self.upstream.send(
+        wait = policy.outcome_wait
+        # One exchange, whose own deadline includes the outcome wait: the client's timeout
+        # only stops waiting for it here (proxy.outcome).
+        exchange = self.late.start(
+            self.upstream.send(
                 request.method,
                 _target(request),
                 _forward_headers(request),
                 request.body,
-                timeout=policy.upstream_timeout,
+                timeout=policy.upstream_timeout + wait,
                 read_limit=policy.max_stored_response,
             )
+        )
+        try:
+            response = await self.late.answer(exchange, policy.upstream_timeout, wait)
+        except Held as held:
+            # The lease keeps being renewed: the record stays SENT while the proxy listens.
+            self._track(asyncio.ensure_future(self._follow_late(attempt, held.exchange, fp)))
+            reply = problem_reply(outcome_pending(wait), "outcome_unknown", self.date())
+            return _timed_reply(reply, upstream_started, store_ms)
         except NotSent as exc:
             self._stop_renewal(attempt)
             await self._settle("release", attempt, lambda: self.store.release(key, token))
@@ -442,6 +500,7 @@ class Lifecycle:
                 attempt,
                 lambda: self.store.mark_unknown(key, token, status, reason),
             )
+            self.checker.soon(route, key, attempt.key_hash)
             reply = problem_reply(
                 outcome_unknown(exc.status, exc.reason), "outcome_unknown", self.date()
             )
@@ -451,12 +510,27 @@ class Lifecycle:
             self.metrics.upstream_call(route.name, time.perf_counter() - upstream_started)
         self._stop_renewal(attempt)
         headers = response_headers(response.headers)
+        outcome = await self._record(attempt, response, headers, fp)
+        if response.rest is not None and wait > 0:
+            response.rest = silence_bounded(response.rest, policy.upstream_timeout)
+        reply = _reply_from(response, headers, outcome)
+        return _timed_reply(reply, upstream_started, store_ms)
 
+    async def _record(
+        self,
+        attempt: _Attempt,
+        response: UpstreamResponse,
+        headers: list[tuple[bytes, bytes]],
+        fp: str,
+        how: str = "",
+    ) -> str:
+        """Store the backend's answer for replays (or release the record for a
+        `release_statuses` status); the same for an on-time and a late answer."""
+        route, key, token = attempt.route, attempt.storage_key, attempt.token
+        policy = route.policy
         if response.status in policy.release_statuses:
             await self._settle("release", attempt, lambda: self.store.release(key, token))
-            reply = _reply_from(response, headers, "released")
-            return _timed_reply(reply, upstream_started, store_ms)
-
+            return "released"
         if response.complete and len(response.body) <= policy.max_stored_response:
             stored = StoredResponse(
                 response.status, stored_headers(headers, route.replay_headers), response.body
@@ -464,12 +538,62 @@ class Lifecycle:
         else:
             stored = StoredResponse(response.status, replayable=False)
         completed = await self._settle(
-            "complete", attempt, lambda: self.store.complete(key, token, stored)
+            "complete", attempt, lambda: self.store.complete(key, token, stored, how)
         )
         if completed and stored.replayable:
             self.cache.put(key, fp, stored, route.retention_ms)
-        reply = _reply_from(response, headers, "forwarded")
-        return _timed_reply(reply, upstream_started, store_ms)
+        return "forwarded"
+
+    async def _follow_late(
+        self, attempt: _Attempt, exchange: asyncio.Future[UpstreamResponse], fp: str
+    ) -> None:
+        """After the client got its 504: record the late answer like an on-time one, or
+        turn the record UNKNOWN when the exchange breaks, the wait runs out or shutdown
+        abandons it. (If this process dies, the lease runs out: UNKNOWN as well.)"""
+        key, token = attempt.storage_key, attempt.token
+        await asyncio.wait({exchange})
+        try:
+            try:
+                response = exchange.result()
+            except NotSent:
+                # Still connecting when the client's timeout fired: nothing was sent.
+                await self._settle("release", attempt, lambda: self.store.release(key, token))
+                self._resolved(attempt, "released", "not sent")
+                return
+            except (OutcomeUnknown, asyncio.CancelledError) as exc:
+                reason = exc.reason if isinstance(exc, OutcomeUnknown) else "timeout"
+                status = 504 if reason == "timeout" else 502
+                await self._settle(
+                    "mark_unknown",
+                    attempt,
+                    lambda: self.store.mark_unknown(key, token, status, reason),
+                )
+                result = "abandoned" if isinstance(exc, asyncio.CancelledError) else reason
+                self._resolved(attempt, "unknown", result)
+                self.checker.soon(attempt.route, key, attempt.key_hash)
+                return
+            try:
+                headers = response_headers(response.headers)
+                outcome = await self._record(attempt, response, headers, fp, "late-answer")
+            finally:
+                response.close()
+            result = "released" if outcome == "released" else "executed"
+            self._resolved(attempt, result, str(response.status))
+        finally:
+            self._stop_renewal(attempt)
+
+    def _resolved(self, attempt: _Attempt, result: str, detail: str) -> None:
+        self.metrics.resolution("late_answer", result)
+        logger.info(
+            "late answer: %s",
+            result,
+            extra={
+                "route": attempt.route.name,
+                "key_hash": attempt.key_hash,
+                "result": result,
+                "detail": detail,
+            },
+        )
 
     async def _forward_unrecorded(
         self,

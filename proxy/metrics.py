@@ -107,6 +107,18 @@ class Metrics:
             "Body bytes answered from stored responses.",
             registry=self.registry,
         )
+        self.held_exchanges = Gauge(
+            "idempotency_proxy_held_exchanges",
+            "Exchanges kept open past the client's timeout, waiting for a late answer.",
+            registry=self.registry,
+        )
+        self.resolutions = Counter(
+            "idempotency_proxy_outcome_resolutions_total",
+            "How timed-out or ambiguous exchanges ended: via late_answer or status_check, "
+            "by result (executed, released, unknown, ...).",
+            ["via", "result"],
+            registry=self.registry,
+        )
         self.observed = Counter(
             "idempotency_proxy_observed_total",
             "Observe mode: duplicates forwarded that enforcement would have answered itself, "
@@ -135,6 +147,9 @@ class Metrics:
 
     def fence(self, operation: str) -> None:
         self._child(self.fenced, operation).inc()
+
+    def resolution(self, via: str, result: str) -> None:
+        self._child(self.resolutions, via, result).inc()
 
     def store_call(self, operation: str, seconds: float, failed: bool) -> None:
         self._child(self.store_seconds, operation).observe(seconds)

@@ -52,6 +52,22 @@ class ClaimResult:
     reason: str = ""
 
 
+class CheckResult(enum.StrEnum):
+    """What a route's status check learned about an UNKNOWN record's request."""
+
+    EXECUTED = "executed"
+    NOT_EXECUTED = "not_executed"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckClaim:
+    """The caller holds an UNKNOWN record's status check (`claim_check`)."""
+
+    target: str
+    attempt: int
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """A record as an operator sees it (`records show`)."""
@@ -65,6 +81,8 @@ class Record:
     ttl_ms: int
     reason: str = ""
     response: StoredResponse | None = None
+    # Status checks made so far (UNKNOWN records of routes with a status check).
+    checks: int = 0
 
 
 def encode_headers(headers: Headers) -> bytes:

@@ -10,7 +10,7 @@ from typing import Any
 from starlette.convertors import IntegerConvertor
 from starlette.routing import compile_path
 
-from proxy.config import ConfigError, KeySpec, Policy, RouteSettings, Settings
+from proxy.config import ConfigError, KeySpec, Policy, RouteSettings, Settings, StatusCheck
 from proxy.errorformat import PRESETS, PROBLEM, ErrorFormat, TemplateFormat
 
 # The default rule's methods: those that create or change something. GET, PUT and
@@ -47,6 +47,7 @@ class Route:
     _convertors: dict[str, Any]
     # The shape of the proxy's own answers on this route, compiled at start-up.
     error_format: ErrorFormat = PROBLEM
+    status_check: StatusCheck | None = None
 
     def match(self, method: str, path: str) -> dict[str, str] | None:
         """Path parameters when this route protects the request, else None."""
@@ -104,14 +105,15 @@ def _replay_headers(policy: Policy) -> frozenset[bytes]:
 
 
 def _check_retention(where: str, policy: Policy) -> None:
-    """One line at start-up when a record could expire while its request is still running:
-    a duplicate would then find no record and execute again."""
-    request_s = policy.lease + policy.upstream_timeout
+    """One line at start-up when a record could expire while its request is still running
+    (including the wait for a late answer): a duplicate would then find no record and
+    execute again."""
+    request_s = policy.lease + policy.upstream_timeout + policy.outcome_wait
     if policy.retention < RETENTION_FACTOR * request_s:
         raise ConfigError(
             f"{where}.retention: {policy.retention:g}s is too short; records must outlive "
             f"their requests, so it must be at least {RETENTION_FACTOR} x (lease + "
-            f"upstream_timeout) = {RETENTION_FACTOR * request_s:g}s"
+            f"upstream_timeout + outcome_wait) = {RETENTION_FACTOR * request_s:g}s"
         )
 
 
@@ -193,6 +195,8 @@ def _compile(settings: Settings, formats: _Formats) -> list[Route]:
                     f"of the path {spec.path!r}"
                 )
         fail_open = (policy.failure_mode == "open") if policy.failure_mode else store_fail_open
+        if spec.status_check is not None:
+            _check_placeholders(spec, set(convertors))
         compiled.append(
             Route(
                 name=spec.name,
@@ -210,6 +214,27 @@ def _compile(settings: Settings, formats: _Formats) -> list[Route]:
                 _regex=regex,
                 _convertors=convertors,
                 error_format=formats.get(policy.error_format, f"routes[{spec.name!r}]"),
+                status_check=spec.status_check,
             )
         )
     return compiled
+
+
+_PLACEHOLDER = re.compile(r"{([^{}]*)}")
+
+
+def _check_placeholders(spec: RouteSettings, params: set[str]) -> None:
+    """A status-check placeholder must name the key, a path parameter, or (on a route
+    whose key comes from the body) a body field, which can only be checked per request."""
+    assert spec.status_check is not None
+    route, key = spec.name, spec.key
+    for name in _PLACEHOLDER.findall(spec.status_check.path):
+        if name == "key" or name in params:
+            continue
+        if not name.isidentifier():
+            raise ConfigError(f"routes[{route!r}].status_check.path: bad placeholder {{{name}}}")
+        if not any(part.source in ("json", "form") for part in key.sources):
+            raise ConfigError(
+                f"routes[{route!r}].status_check.path: {{{name}}} is neither {{key}} nor a "
+                f"parameter of the path {spec.path!r}"
+            )

@@ -247,6 +247,10 @@ class AiohttpUpstream(_PoolSettings):
         except aiohttp.ClientError as exc:
             _discard(response)
             raise OutcomeUnknown("protocol") from exc
+        except asyncio.CancelledError:
+            # A held exchange abandoned (proxy.outcome): close its connection now.
+            _discard(response)
+            raise
         if response.content.at_eof():
             response.release()
             return UpstreamResponse(response.status, _lower(response.raw_headers), data)

@@ -147,6 +147,8 @@ class _Api:
     def __init__(self, ledger: Ledger, default_delay: float) -> None:
         self.ledger = ledger
         self.default_delay = default_delay
+        # Status-check requests per order (in memory: what tests count, not business data).
+        self.status_checks: dict[str, int] = {}
 
     async def _charge(self, request: Request, *, order_required: bool) -> Response:
         self.ledger.note_request()
@@ -232,8 +234,28 @@ class _Api:
                 "order_id": order_id,
                 "charges": [charge.to_json() for charge in charges],
                 "times_charged": len(charges),
+                "status_checks": self.status_checks.get(order_id, 0),
             }
         )
+
+    async def order_status(self, request: Request) -> Response:
+        """Was this order charged? 200 with its (first) charge, the same shape the pay
+        endpoint answers, or 404 when the ledger has no charge for it: the read-only
+        status check a proxy may ask about a request whose outcome it does not know.
+        Faults: ``reject`` (e.g. 503, a status service that is down) and ``delay_before``."""
+        order_id: str = request.path_params["order_id"]
+        self.status_checks[order_id] = self.status_checks.get(order_id, 0) + 1
+        try:
+            faults = Faults.from_request(request, default_delay=0.0)
+        except FaultError as exc:
+            return error_response(400, "invalid_fault", str(exc))
+        early = await faults.before_work()
+        if early is not None:
+            return early
+        charges = self.ledger.charges_for_order(order_id)
+        if not charges:
+            return error_response(404, "not_found", "no charge for this order")
+        return _json(charges[0].to_json())
 
     async def ledger_summary(self, request: Request) -> Response:
         return _json(self.ledger.summary())
@@ -331,6 +353,7 @@ def create_app(db_path: str, *, default_delay: float = 0.0) -> Starlette:
         Route("/soap/payments", api.soap_pay, methods=["POST"]),
         Route("/v1/charges/{charge_id}", api.get_charge, methods=["GET"]),
         Route("/v1/orders/{order_id}", api.get_order, methods=["GET"]),
+        Route("/v1/orders/{order_id}/status", api.order_status, methods=["GET"]),
         Route("/v1/ledger", api.ledger_summary, methods=["GET"]),
         Route("/v1/ledger/reset", api.ledger_reset, methods=["POST"]),
         Route("/healthz", api.healthz, methods=["GET"]),

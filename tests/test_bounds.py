@@ -424,8 +424,12 @@ async def test_a_full_memory_store_answers_503_and_frees_up_as_records_expire(
         config={
             "admin": {"host": HOST},
             "store": {"url": "memory://", "memory_max_entries": 3},
-            # The shortest retention allowed: 2 x (lease + upstream_timeout).
-            "routes": [pay_route(retention="3s", lease="250ms", upstream_timeout="1250ms")],
+            # The shortest retention allowed: 2 x (lease + upstream_timeout + outcome_wait).
+            "routes": [
+                pay_route(
+                    retention="3s", lease="250ms", upstream_timeout="1250ms", outcome_wait="0"
+                )
+            ],
         },
     )
     firsts = [await pay(client, proxy, f"cap-{i}") for i in range(3)]

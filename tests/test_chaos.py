@@ -435,13 +435,32 @@ async def test_redis_restart_mid_burst_fails_closed_then_every_order_completes_o
 # --------------------------------------------------------------------------- (d) slow backend
 
 
+def unknown_share(title: str, finals: Iterable[Outcome]) -> float:
+    """Print and return the share of orders whose final answer is outcome-unknown."""
+    outcomes = list(finals)
+    unknown = sum(o.problem == "outcome-unknown" for o in outcomes)
+    share = unknown / len(outcomes)
+    print(f"\n[{title}] final outcome-unknown: {unknown}/{len(outcomes)} = {share:.0%}")
+    return share
+
+
+@pytest.mark.parametrize("outcome_wait", ["0", "20s"])
 async def test_backend_slower_than_the_lease_and_than_the_upstream_timeout(
-    redis_factory: RedisFactory, ledger_backend: BackendServer, proxy_factory: ProxyFactory
+    redis_factory: RedisFactory,
+    ledger_backend: BackendServer,
+    proxy_factory: ProxyFactory,
+    outcome_wait: str,
 ) -> None:
-    """Renewal keeps a slow owner alive; a timeout becomes UNKNOWN and is never re-sent."""
+    """Renewal keeps a slow owner alive; a timeout is never re-sent. Without an outcome
+    wait it becomes UNKNOWN; with one, the late answer is recorded and replayed."""
     redis = redis_factory(appendonly=True)
     proxies = start_replicas(
-        proxy_factory, ledger_backend.url, redis.url, lease="1200ms", upstream_timeout="3500ms"
+        proxy_factory,
+        ledger_backend.url,
+        redis.url,
+        lease="1200ms",
+        upstream_timeout="3500ms",
+        outcome_wait=outcome_wait,
     )
     slow = [f"slow-{i}" for i in range(15)]  # 2.5 s: twice the lease, under the timeout
     late = [f"late-{i}" for i in range(10)]  # charged, then 4.5 s: past the timeout
@@ -467,9 +486,11 @@ async def test_backend_slower_than_the_lease_and_than_the_upstream_timeout(
             )
         )
         first = {o: await task for o, task in firsts.items()}
-        finals = await gather(
-            *(pay(http, proxies[(i + 3) % REPLICAS], o) for i, o in enumerate(orders))
+        # A retrying client: again while the answer is still being waited for.
+        tries = await gather(
+            *(pay_until(http, proxies[(i + 3) % REPLICAS], o) for i, o in enumerate(orders))
         )
+        finals = [seen[-1] for seen in tries]
         # The stuck requests' handlers still run in the backend after the proxy gave up.
         book = await charged(http, ledger_backend, orders, timeout=15.0)
     kill_all(proxies)
@@ -477,6 +498,7 @@ async def test_backend_slower_than_the_lease_and_than_the_upstream_timeout(
     tally("first copies", first.values())
     tally("copies while in flight", copies)
     tally("copies afterwards", finals)
+    share = unknown_share(f"slow backend, outcome_wait {outcome_wait}", finals)
     assert_never_twice(book)
     assert all(times_charged(book, o) == 1 for o in orders)
     assert book["requests_seen"] == ORDERS
@@ -485,7 +507,13 @@ async def test_backend_slower_than_the_lease_and_than_the_upstream_timeout(
     assert all(first[o].label == "504 outcome-unknown" for o in late + stuck)
     final = {o.order: o for o in finals}
     assert all(final[o].label == "201 (replayed)" for o in slow)
-    assert all(final[o].label == "504 outcome-unknown (replayed)" for o in late + stuck)
+    if outcome_wait == "0":
+        assert all(final[o].label == "504 outcome-unknown (replayed)" for o in late + stuck)
+        assert share == 0.5
+    else:
+        # The one real charge, answered late, replayed to the retrying client.
+        assert all(final[o].label == "201 (replayed)" for o in late + stuck)
+        assert share == 0.0
 
 
 # --------------------------------------------------------------------------- (e) dropped connection
@@ -566,3 +594,70 @@ async def test_backend_drops_the_connection_then_an_operator_reconciles(
     assert_never_twice(book_after)
     assert times_charged(book_after, before[0]) == 1
     assert times_charged(book_after, after[0]) == 1
+
+
+async def test_backend_drops_the_connection_and_the_status_check_reconciles(
+    redis_factory: RedisFactory, ledger_backend: BackendServer, proxy_factory: ProxyFactory
+) -> None:
+    """The same drops on a route with a status check: every replica that meets an UNKNOWN
+    record may check it, one at a time; charged orders replay the check's answer, uncharged
+    ones are released and their retry executes exactly once. No operator."""
+    redis = redis_factory(appendonly=True)
+    config = pay_config()
+    config["routes"][0]["status_check"] = {
+        "path": "/v1/orders/{order_id}/status",
+        "after": "0s",
+        "backoff": "200ms",
+    }
+    proxies = [
+        proxy_factory(ledger_backend.url, redis.url, config, start=False) for _ in range(REPLICAS)
+    ]
+    with ThreadPoolExecutor(max_workers=REPLICAS) as pool:
+        for started in [pool.submit(proxy.start) for proxy in proxies]:
+            started.result()
+    after = [f"check-after-{i}" for i in range(15)]  # charged, then the connection closed
+    before = [f"check-before-{i}" for i in range(15)]  # closed without charging
+    orders = after + before
+    drop = {**{o: "after" for o in after}, **{o: "before" for o in before}}
+
+    async with client() as http:
+        first = await gather(
+            *(
+                pay(http, proxies[i % REPLICAS], o, {"X-Sample-Drop": drop[o]})
+                for i, o in enumerate(orders)
+            )
+        )
+        # Clients retry, through other replicas, while the answer is outcome-unknown.
+        tries = await gather(
+            *(
+                pay_until(
+                    http,
+                    proxies[(i + 1) % REPLICAS],
+                    o,
+                    retry_on=("outcome-unknown", "request-in-progress"),
+                    timeout=15.0,
+                )
+                for i, o in enumerate(orders)
+            )
+        )
+        finals = [seen[-1] for seen in tries]
+        again = await gather(
+            *(pay(http, proxies[(i + 2) % REPLICAS], o) for i, o in enumerate(orders))
+        )
+        book = await ledger(http, ledger_backend)
+    kill_all(proxies)
+
+    tally("first copies", first)
+    tally("retries until answered", flatten(tries))
+    tally("copies afterwards", again)
+    share = unknown_share("dropped connections, status check", again)
+    assert_never_twice(book)
+    assert all(times_charged(book, o) == 1 for o in orders)
+    assert {o.label for o in first} == {"502 outcome-unknown"}
+    final = {o.order: o for o in finals}
+    assert all(final[o].label == "200 (replayed)" for o in after)
+    # Released by the check: exactly one retry per order executed (the rest replayed).
+    executed = [o for o in flatten(tries) if o.executed_here]
+    assert sorted(o.order for o in executed) == sorted(before)
+    assert share == 0.0
+    assert {o.label for o in again} <= {"200 (replayed)", "201 (replayed)"}

@@ -361,6 +361,21 @@ def test_path_key_not_in_template_is_one_line() -> None:
         ),
         ({"defaults": {"retention": "1m", "upstream_timeout": "30s"}}, "defaults"),
         ({"defaults": {"retention": "1m"}, "routes": [PAY_ROUTE]}, "routes['pay']"),
+        # The wait for a late answer counts: 2 x (10 s + 10 s + 1 s) > 41 s.
+        (
+            {
+                "routes": [
+                    {
+                        **PAY_ROUTE,
+                        "retention": "41s",
+                        "lease": "10s",
+                        "upstream_timeout": "10s",
+                        "outcome_wait": "1s",
+                    }
+                ]
+            },
+            "routes['pay']",
+        ),
     ],
 )
 def test_retention_must_comfortably_outlast_a_request(tree: dict[str, Any], where: str) -> None:
@@ -376,7 +391,15 @@ def test_retention_must_comfortably_outlast_a_request(tree: dict[str, Any], wher
 
 def test_retention_twice_a_request_and_more_is_accepted() -> None:
     tree = {
-        "routes": [{**PAY_ROUTE, "retention": "41s", "lease": "10s", "upstream_timeout": "10s"}]
+        "routes": [
+            {
+                **PAY_ROUTE,
+                "retention": "41s",
+                "lease": "10s",
+                "upstream_timeout": "10s",
+                "outcome_wait": "0",
+            }
+        ]
     }
     RouteTable(Settings.model_validate({"upstream": "http://127.0.0.1:1", **tree}))
     RouteTable(Settings())  # the defaults: 24 h against 10 s + 30 s
@@ -603,3 +626,36 @@ def test_durations_that_cannot_work_are_one_line(
     message = _error(tmp_path, tree)
     assert message.removeprefix("config: ").startswith(f"{where}:"), message
     assert reason in message, message
+
+
+def test_outcome_wait_and_status_check_are_read_and_checked(tmp_path: Path) -> None:
+    check = {"path": "/v1/orders/{order_id}/status", "after": "30s", "max_checks": 4}
+    route = {
+        "name": "pay",
+        "path": "/v1/orders/pay",
+        "key": {"from": "json", "field": "order_id"},
+        "outcome_wait": "45s",
+        "status_check": check,
+    }
+    settings = _load(tmp_path, {"routes": [route]})
+    assert settings.defaults.outcome_wait == 120.0  # 2m by default
+    assert settings.upstream_pool.max_held_exchanges == 64
+    (compiled,) = RouteTable(settings).routes
+    assert compiled.policy.outcome_wait == 45.0
+    assert compiled.status_check is not None and compiled.status_check.after == 30.0
+    assert compiled.status_check.executed == (200,)
+
+    both = {**check, "executed": [200], "not_executed": [200]}
+    message = _error(tmp_path, {"routes": [{**route, "status_check": both}]})
+    assert message.startswith("routes['pay'].status_check") and "200" in message
+    assert _error(tmp_path, {"routes": [{**route, "outcome_wait": "soon"}]}).startswith(
+        "routes['pay'].outcome_wait"
+    )
+    header_keyed = {
+        **route,
+        "key": {"from": "header"},
+        "status_check": {"path": "/v1/orders/{order_id}"},
+    }
+    with pytest.raises(ConfigError) as exc:
+        RouteTable(_load(tmp_path, {"routes": [header_keyed]}))
+    assert str(exc.value).startswith("routes['pay'].status_check.path: {order_id}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -302,3 +303,17 @@ async def test_backend_that_stalls_mid_body_does_not_hold_the_client_forever(
     async with httpx.AsyncClient(timeout=20.0, trust_env=False) as http:
         with pytest.raises(httpx.RemoteProtocolError):
             await http.get(proxy.url + "/stall")
+
+
+async def test_a_protected_stream_that_stalls_is_cut_at_the_upstream_timeout(
+    proxy_factory: ProxyFactory, raw_upstream: str
+) -> None:
+    # The exchange's own deadline includes the outcome wait (for a late answer), but once
+    # the answer is streaming to its client a silent backend is cut at the upstream timeout.
+    defaults = {"upstream_timeout": "1s", "outcome_wait": "60s", "max_stored_response": 5}
+    proxy = proxy_factory(raw_upstream, config={"admin": {"host": HOST}, "defaults": defaults})
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=20.0, trust_env=False) as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.post(proxy.url + "/stall", headers={"Idempotency-Key": "stall-1"})
+    assert time.monotonic() - started < 8.0

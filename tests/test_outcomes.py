@@ -61,7 +61,7 @@ MAIN_CONFIG: dict[str, Any] = {"tenant": {"header": "X-Tenant-Id"}, "routes": [P
 ALT_CONFIG: dict[str, Any] = {
     "routes": [
         pay_route(name="pay-wait", in_flight="wait", wait_timeout="20s"),
-        charges_route(name="charges-timeout", upstream_timeout="300ms"),
+        charges_route(name="charges-timeout", upstream_timeout="300ms", outcome_wait="0"),
     ]
 }
 

@@ -104,7 +104,12 @@ async def test_charges_endpoint_and_lookups(base_url: str, session: aiohttp.Clie
     async with session.get(f"{base_url}/v1/charges/ch_999999") as response:
         assert response.status == 404
     async with session.get(f"{base_url}/v1/orders/never") as response:
-        assert await response.json() == {"order_id": "never", "charges": [], "times_charged": 0}
+        assert await response.json() == {
+            "order_id": "never",
+            "charges": [],
+            "times_charged": 0,
+            "status_checks": 0,
+        }
 
 
 async def test_reject_answers_without_charging(
@@ -293,6 +298,23 @@ def test_stderr_holds_only_the_start_message(sample_backend_server: _CleanBacken
     message = json.loads(lines[0])
     assert message["event"] == "sample_backend.started"
     assert message["port"] == sample_backend_server.port
+
+
+async def test_order_status_answers_from_the_ledger(
+    base_url: str, session: aiohttp.ClientSession
+) -> None:
+    async with session.get(f"{base_url}/v1/orders/status-1/status") as response:
+        assert response.status == 404
+    order = {"order_id": "status-1", "amount": 7, "currency": "EUR"}
+    async with session.post(f"{base_url}/v1/orders/pay", json=order) as response:
+        charged = await response.json()
+    async with session.get(f"{base_url}/v1/orders/status-1/status") as response:
+        assert response.status == 200
+        assert await response.json() == charged
+    async with session.get(f"{base_url}/v1/orders/status-1/status?reject=503") as response:
+        assert response.status == 503
+    async with session.get(f"{base_url}/v1/orders/status-1") as response:
+        assert (await response.json())["status_checks"] == 3
 
 
 # --------------------------------------------------------------------------- SOAP

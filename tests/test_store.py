@@ -19,7 +19,7 @@ import pytest
 
 from proxy.config import StoreSettings
 from proxy.keys import scope
-from proxy.records import ClaimKind, ClaimResult, StoredResponse
+from proxy.records import CheckClaim, CheckResult, ClaimKind, ClaimResult, StoredResponse
 from proxy.store.base import Store, StoreUnavailable
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
@@ -245,6 +245,34 @@ async def test_complete_is_idempotent_for_the_same_token(store: Store) -> None:
     assert not await store.release(key, owner)
     record = await store.get(key)
     assert record is not None and record.state == "COMPLETED" and record.response == RESPONSE
+
+
+async def test_a_late_answer_completes_a_renewed_record_and_says_so(store: Store) -> None:
+    """The outcome wait: the owner renews past its first lease, then completes with
+    `how='late-answer'`, which `records show` displays as the reason."""
+    key, owner = _key(), _token()
+    await _claim(store, key, owner, lease_ms=SHORT_LEASE_MS)
+    assert await store.mark_sent(key, owner, SHORT_LEASE_MS)
+    for _ in range(3):
+        await asyncio.sleep(SHORT_LEASE_MS / 2000)
+        assert await store.renew(key, owner, SHORT_LEASE_MS)
+        assert (await _claim(store, key, _token())).kind is ClaimKind.IN_FLIGHT
+    assert await store.complete(key, owner, RESPONSE, "late-answer")
+    record = await store.get(key)
+    assert record is not None and record.state == "COMPLETED"
+    assert record.reason == "late-answer" and record.response == RESPONSE
+
+
+async def test_a_late_answer_never_overwrites_unknown(store: Store) -> None:
+    """An owner that stopped renewing (frozen) and answers after its SENT record turned
+    UNKNOWN is fenced: UNKNOWN then belongs to the status check and the operator."""
+    key, owner = _key(), _token()
+    await _claim(store, key, owner, lease_ms=SHORT_LEASE_MS)
+    assert await store.mark_sent(key, owner, SHORT_LEASE_MS)
+    assert (await _claim_until_not_in_flight(store, key, _token())).kind is ClaimKind.UNKNOWN
+    assert not await store.complete(key, owner, RESPONSE, "late-answer")
+    record = await store.get(key)
+    assert record is not None and record.state == "UNKNOWN" and record.reason == "owner-lost"
 
 
 async def test_complete_needs_sent(store: Store) -> None:
@@ -637,6 +665,148 @@ async def test_redis_unreadable_record_is_alive_never_overwritten(
     assert await answers(redis_store.complete(key, stranger, RESPONSE)) in (False, "unavailable")
     assert await answers(redis_store.release(key, _token())) in (False, "unavailable")
     assert await client.dump(key) == before
+
+
+# --------------------------------------------------------------------------- status checks
+
+TARGET = "/v1/orders/ord-1/status"
+CHECK_LEASE_MS = 5_000
+
+
+async def _unknown_with_check(store: Store, key: str) -> str:
+    token = _token()
+    assert (await _claim(store, key, token)).kind is ClaimKind.CLAIMED
+    assert await store.mark_sent(key, token, LEASE_MS, TARGET)
+    assert await store.mark_unknown(key, token, 502, "reset")
+    return token
+
+
+async def _check(store: Store, key: str, token: str, max_checks: int = 3, min_age_ms: int = 0):  # type: ignore[no-untyped-def]
+    return await store.claim_check(key, token, CHECK_LEASE_MS, max_checks, min_age_ms)
+
+
+async def test_only_unknown_records_with_a_target_are_checked(store: Store) -> None:
+    key, owner = _key(), _token()
+    await _claim(store, key, owner)
+    assert await _check(store, key, _token()) is None  # CLAIMED
+    assert await store.mark_sent(key, owner, LEASE_MS, TARGET)
+    # SENT belongs to its owner, who may still get a late answer: never checked.
+    assert await _check(store, key, _token()) is None
+    assert await store.mark_unknown(key, owner, 504, "timeout")
+    assert isinstance(await _check(store, key, _token()), CheckClaim)
+    plain = _key()
+    await _unknown(store, plain)  # sent without a target: nothing to check
+    assert await _check(store, plain, _token()) is None
+    assert await _check(store, _key(), _token()) is None  # absent
+
+
+async def test_one_checker_at_a_time_and_a_stale_one_is_fenced(store: Store) -> None:
+    key = _key()
+    await _unknown_with_check(store, key)
+    first, second = _token(), _token()
+    claimed = await _check(store, key, first)
+    assert claimed == CheckClaim(TARGET, 1)
+    busy = await _check(store, key, second)
+    assert isinstance(busy, int) and 0 < busy <= CHECK_LEASE_MS
+    assert not await store.finish_check(key, second, CheckResult.EXECUTED, RESPONSE, 0)
+    record = await store.get(key)
+    assert record is not None and record.state == "UNKNOWN" and record.checks == 1
+
+
+async def test_executed_completes_with_the_checks_answer(store: Store) -> None:
+    key, checker = _key(), _token()
+    owner = await _unknown_with_check(store, key)
+    await _check(store, key, checker)
+    assert await store.finish_check(key, checker, CheckResult.EXECUTED, RESPONSE, 0)
+    result = await _claim(store, key, _token())
+    assert result.kind is ClaimKind.COMPLETED and result.response == RESPONSE
+    record = await store.get(key)
+    assert record is not None and record.reason == "status-check"
+    assert record.response == RESPONSE
+    # The old owner cannot change it any more, nor can the checker again.
+    await store.complete(key, owner, StoredResponse(500))
+    assert not await store.mark_unknown(key, owner, 504, "timeout")
+    assert not await store.release(key, owner)
+    assert not await store.finish_check(key, checker, CheckResult.NOT_EXECUTED, None, 0)
+    assert await _check(store, key, _token()) is None
+
+
+async def test_not_executed_releases_so_the_retry_executes(store: Store) -> None:
+    key, checker = _key(), _token()
+    await _unknown_with_check(store, key)
+    await _check(store, key, checker)
+    assert await store.finish_check(key, checker, CheckResult.NOT_EXECUTED, None, 0)
+    assert await store.get(key) is None
+    assert (await _claim(store, key, _token())).kind is ClaimKind.CLAIMED
+
+
+async def test_dont_know_backs_off_and_stops_at_the_limit(store: Store) -> None:
+    key = _key()
+    await _unknown_with_check(store, key)
+    for attempt in (1, 2):
+        checker = _token()
+        claimed = await _check(store, key, checker, max_checks=2)
+        assert claimed == CheckClaim(TARGET, attempt)
+        assert await store.finish_check(key, checker, CheckResult.UNKNOWN, None, 150)
+        wait = await _check(store, key, _token(), max_checks=2)
+        assert attempt == 2 or (isinstance(wait, int) and 0 < wait <= 150)
+        await asyncio.sleep(0.3)
+    assert await _check(store, key, _token(), max_checks=2) is None  # the limit
+    record = await store.get(key)
+    assert record is not None and record.state == "UNKNOWN" and record.checks == 2
+
+
+async def test_a_young_record_is_not_checked_yet(store: Store) -> None:
+    key = _key()
+    await _unknown_with_check(store, key)
+    wait = await _check(store, key, _token(), min_age_ms=60_000)
+    assert isinstance(wait, int) and 50_000 < wait <= 60_000
+
+
+async def test_an_operator_decision_fences_the_check(store: Store) -> None:
+    key, checker = _key(), _token()
+    await _unknown_with_check(store, key)
+    await _check(store, key, checker)
+    assert await store.resolve(key, RESPONSE, False)
+    assert not await store.finish_check(key, checker, CheckResult.NOT_EXECUTED, None, 0)
+    record = await store.get(key)
+    assert record is not None and record.state == "COMPLETED" and record.reason == "resolved"
+
+
+# --------------------------------------------------------------------------- wake-ups
+
+
+@pytest.mark.parametrize("settle", ["complete", "mark_unknown", "release"])
+async def test_a_waiter_is_woken_when_the_record_settles(store: Store, settle: str) -> None:
+    key, owner = _key(), _token()
+    await _claim(store, key, owner)
+    assert await store.mark_sent(key, owner, LEASE_MS)
+    waiter = await store.claim(key, _token(), FP, LEASE_MS, RETENTION_MS, waiting=True)
+    assert waiter.kind is ClaimKind.IN_FLIGHT
+    woken = asyncio.ensure_future(store.settled(key, 10.0))
+    await asyncio.sleep(0.3)  # subscribed by now (Redis: one subscription per store)
+    assert not woken.done()
+    started = time.monotonic()
+    if settle == "complete":
+        assert await store.complete(key, owner, RESPONSE)
+    elif settle == "mark_unknown":
+        assert await store.mark_unknown(key, owner, 502, "reset")
+    else:
+        assert await store.release(key, owner)
+    assert await woken is True
+    assert time.monotonic() - started < 2.0
+
+
+async def test_without_a_notification_a_waiter_times_out_to_poll(store: Store) -> None:
+    key, owner = _key(), _token()
+    await _claim(store, key, owner)
+    assert await store.mark_sent(key, owner, LEASE_MS)
+    started = time.monotonic()
+    assert await store.settled(key, 0.2) is False
+    assert time.monotonic() - started >= 0.2
+    # A renewal settles nothing: still no wake-up.
+    assert await store.renew(key, owner, LEASE_MS)
+    assert await store.settled(key, 0.1) is False
 
 
 async def test_a_connection_that_timed_out_mid_command_never_answers_a_later_one(

@@ -40,7 +40,7 @@ async def test_waiting_duplicate_gets_unknown_or_executes_after_a_release(
     store: str,
 ) -> None:
     redis_url = request.getfixturevalue("redis_url") if store == "redis" else None
-    route = pay_route(in_flight="wait", wait_timeout="20s", upstream_timeout="1s")
+    route = pay_route(in_flight="wait", wait_timeout="20s", upstream_timeout="1s", outcome_wait="0")
     proxy = proxy_factory(
         ledger_backend.url, redis_url, config={"admin": {"host": HOST}, "routes": [route]}
     )

@@ -17,8 +17,17 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from proxy.records import ClaimKind, ClaimResult, Record, State, StoredResponse
+from proxy.records import (
+    CheckClaim,
+    CheckResult,
+    ClaimKind,
+    ClaimResult,
+    Record,
+    State,
+    StoredResponse,
+)
 from proxy.store.base import StoreUnavailable
+from proxy.store.wake import Waiters
 
 logger = logging.getLogger("idempotency_proxy")
 
@@ -48,10 +57,17 @@ class _Entry:
     response: StoredResponse | None = None
     reason: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    # The status check (check_claim.lua / check_done.lua).
+    check: str = ""
+    checks: int = 0
+    check_token: str = ""
+    check_lease_ms: int = 0
+    check_next_ms: int = 0
 
 
 def _size(key: str, entry: _Entry) -> int:
     size = ENTRY_OVERHEAD + len(key) + len(entry.token) + len(entry.fingerprint)
+    size += len(entry.check)
     response = entry.response
     if response is not None:
         size += len(response.body) + sum(len(k) + len(v) + 16 for k, v in response.headers)
@@ -72,6 +88,7 @@ class MemoryStore:
         # No record expires before this: a full store sweeps only once it has passed.
         self._earliest_expiry = 0
         self._full_logged = False
+        self.waiters = Waiters()
 
     async def start(self) -> None:
         return None
@@ -144,8 +161,18 @@ class MemoryStore:
         entry = self._live(key, _now_ms())
         return entry if entry is not None and entry.token == token else None
 
+    async def settled(self, key: str, timeout: float) -> bool:
+        return await self.waiters.wait(key, timeout)
+
     async def claim(
-        self, key: str, token: str, fingerprint: str, lease_ms: int, retention_ms: int
+        self,
+        key: str,
+        token: str,
+        fingerprint: str,
+        lease_ms: int,
+        retention_ms: int,
+        *,
+        waiting: bool = False,
     ) -> ClaimResult:
         now = _now_ms()
         self._sweep(now)
@@ -195,12 +222,13 @@ class MemoryStore:
             self._resize(key, entry, StoredResponse(status=502))
             entry.reason = "owner-lost"
             entry.lease_ms = None
+            self.waiters.notify(key)
             return ClaimResult(
                 ClaimKind.UNKNOWN, response=StoredResponse(status=502), reason="owner-lost"
             )
         return ClaimResult(ClaimKind.IN_FLIGHT, retry_after_ms=deadline - now)
 
-    async def mark_sent(self, key: str, token: str, lease_ms: int) -> bool:
+    async def mark_sent(self, key: str, token: str, lease_ms: int, check: str = "") -> bool:
         entry = self._owned(key, token)
         if entry is None:
             return False
@@ -213,6 +241,9 @@ class MemoryStore:
         entry.lease_ms = now + lease_ms
         # The request runs from now: its record must not expire under it.
         entry.expires_ms = max(entry.expires_ms, now + entry.retention_ms)
+        if check:
+            entry.check = check
+            self.bytes += len(check)
         return True
 
     async def renew(self, key: str, token: str, lease_ms: int) -> bool:
@@ -222,7 +253,7 @@ class MemoryStore:
         entry.lease_ms = _now_ms() + lease_ms
         return True
 
-    async def complete(self, key: str, token: str, response: StoredResponse) -> bool:
+    async def complete(self, key: str, token: str, response: StoredResponse, how: str = "") -> bool:
         entry = self._owned(key, token)
         if entry is None:
             return False
@@ -233,6 +264,9 @@ class MemoryStore:
         entry.state = State.COMPLETED
         self._resize(key, entry, response)
         entry.lease_ms = None
+        if how:
+            entry.reason = how
+        self.waiters.notify(key)
         return True
 
     async def mark_unknown(self, key: str, token: str, status: int, reason: str) -> bool:
@@ -247,6 +281,7 @@ class MemoryStore:
         self._resize(key, entry, StoredResponse(status=status))
         entry.reason = reason
         entry.lease_ms = None
+        self.waiters.notify(key)
         return True
 
     async def release(self, key: str, token: str) -> bool:
@@ -256,6 +291,52 @@ class MemoryStore:
         if entry.token != token or entry.state not in (State.CLAIMED, State.SENT):
             return False
         self._delete(key)
+        self.waiters.notify(key)
+        return True
+
+    async def claim_check(
+        self, key: str, token: str, lease_ms: int, max_checks: int, min_age_ms: int
+    ) -> CheckClaim | int | None:
+        now = _now_ms()
+        entry = self._live(key, now)
+        if entry is None or entry.state is not State.UNKNOWN or not entry.check:
+            return None
+        if entry.checks >= max_checks:
+            return None
+        due = max(entry.check_lease_ms, entry.check_next_ms, entry.created_ms + min_age_ms)
+        if due > now:
+            return due - now
+        entry.check_token = token
+        entry.check_lease_ms = now + lease_ms
+        entry.checks += 1
+        return CheckClaim(entry.check, entry.checks)
+
+    async def finish_check(
+        self,
+        key: str,
+        token: str,
+        result: CheckResult,
+        response: StoredResponse | None,
+        backoff_ms: int,
+    ) -> bool:
+        now = _now_ms()
+        entry = self._live(key, now)
+        if entry is None or entry.state is not State.UNKNOWN or entry.check_token != token:
+            return False
+        if result is CheckResult.EXECUTED:
+            entry.state = State.COMPLETED
+            self.bytes -= len(entry.check)
+            self._resize(key, entry, response or StoredResponse(0))
+            entry.reason = "status-check"
+            entry.lease_ms = None
+            entry.check = entry.check_token = ""
+            entry.check_lease_ms = entry.check_next_ms = 0
+        elif result is CheckResult.NOT_EXECUTED:
+            self._delete(key)
+        else:
+            entry.check_next_ms = now + backoff_ms
+            entry.check_token = ""
+            entry.check_lease_ms = 0
         return True
 
     async def get(self, key: str) -> Record | None:
@@ -273,6 +354,7 @@ class MemoryStore:
             ttl_ms=entry.expires_ms - now,
             reason=entry.reason,
             response=entry.response if entry.state is State.COMPLETED else None,
+            checks=entry.checks,
         )
 
     async def resolve(self, key: str, response: StoredResponse, force: bool) -> bool:

@@ -37,6 +37,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.config import StoreSettings
 from proxy.records import (
+    CheckClaim,
+    CheckResult,
     ClaimKind,
     ClaimResult,
     Record,
@@ -47,6 +49,7 @@ from proxy.records import (
 from proxy.store.base import CorruptRecord, StoreUnavailable
 from proxy.store.guard import CANARY_KEY, CircuitBreaker, DataLossWatch, canary_keys
 from proxy.store.pool import ConnectionPool
+from proxy.store.wake import Subscription, Waiters
 
 logger = logging.getLogger("idempotency_proxy")
 
@@ -70,6 +73,8 @@ SCRIPTS = (
     "release",
     "resolve",
     "discard",
+    "check_claim",
+    "check_done",
 )
 
 
@@ -173,6 +178,8 @@ class RedisStore:
         self._client = _client(
             url, timeout, retries, max_connections, connection, sentinel_connection
         )
+        self.waiters = Waiters()
+        self.subscription = _subscription(url, timeout, self._client, self.connection, self.waiters)
         self._scripts = {name: self._client.register_script(_source(name)) for name in SCRIPTS}
         # A single node gets the lean hot path; Cluster and Sentinel keep the full client.
         self._pool = (
@@ -217,6 +224,7 @@ class RedisStore:
                 self._watch_task = asyncio.create_task(self._watch_canary())
 
     async def close(self) -> None:
+        await self.subscription.close()
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
@@ -345,22 +353,76 @@ class RedisStore:
         return result, int(acknowledged)
 
     async def claim(
-        self, key: str, token: str, fingerprint: str, lease_ms: int, retention_ms: int
+        self,
+        key: str,
+        token: str,
+        fingerprint: str,
+        lease_ms: int,
+        retention_ms: int,
+        *,
+        waiting: bool = False,
     ) -> ClaimResult:
         if self.watch.active:
             raise StoreUnavailable("safe-mode")
-        reply = await self._run("claim", key, token, fingerprint, lease_ms, retention_ms, wait=True)
+        if waiting:
+            self.subscription.ensure()
+        reply = await self._run(
+            "claim",
+            key,
+            token,
+            fingerprint,
+            lease_ms,
+            retention_ms,
+            b"1" if waiting else b"0",
+            wait=True,
+        )
         return _claim_result(reply)
 
-    async def mark_sent(self, key: str, token: str, lease_ms: int) -> bool:
+    async def settled(self, key: str, timeout: float) -> bool:
+        return await self.waiters.wait(key, timeout)
+
+    async def mark_sent(self, key: str, token: str, lease_ms: int, check: str = "") -> bool:
         # WAIT here too: SENT is the write that must reach a replica before the first byte
         # goes out, or a failover leaves CLAIMED behind and a take-over sends again.
-        return bool(await self._run("mark_sent", key, token, lease_ms, wait=True))
+        return bool(await self._run("mark_sent", key, token, lease_ms, check, wait=True))
+
+    async def claim_check(
+        self, key: str, token: str, lease_ms: int, max_checks: int, min_age_ms: int
+    ) -> CheckClaim | int | None:
+        reply = await self._run("check_claim", key, token, lease_ms, max_checks, min_age_ms)
+        kind = _text(reply[0])
+        if kind == "claimed":
+            return CheckClaim(_text(reply[1]), int(reply[2]))
+        if kind == "later":
+            return max(0, int(reply[1]))
+        return None
+
+    async def finish_check(
+        self,
+        key: str,
+        token: str,
+        result: CheckResult,
+        response: StoredResponse | None,
+        backoff_ms: int,
+    ) -> bool:
+        response = response or StoredResponse(0)
+        reply = await self._run(
+            "check_done",
+            key,
+            token,
+            result.value,
+            response.status,
+            encode_headers(response.headers),
+            response.body,
+            backoff_ms,
+            wait=True,
+        )
+        return bool(reply)
 
     async def renew(self, key: str, token: str, lease_ms: int) -> bool:
         return bool(await self._run("renew", key, token, lease_ms))
 
-    async def complete(self, key: str, token: str, response: StoredResponse) -> bool:
+    async def complete(self, key: str, token: str, response: StoredResponse, how: str = "") -> bool:
         reply = await self._run(
             "complete",
             key,
@@ -369,6 +431,7 @@ class RedisStore:
             encode_headers(response.headers),
             response.body,
             b"1" if response.replayable else b"0",
+            how,
             wait=True,
         )
         return bool(reply)
@@ -429,6 +492,25 @@ class RedisStore:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _subscription(
+    url: str, timeout: float, client: Any, connection: dict[str, Any], waiters: Waiters
+) -> Subscription:
+    """Sentinel: the master's client (it follows failovers). Cluster: one node, since a
+    classic PUBLISH reaches every node. A single node: its own connection. Credentials and
+    TLS as for the store's other connections; no read timeout (it listens)."""
+    scheme, _, rest = url.partition("://")
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
+        return Subscription(lambda: client, waiters, owned=False)
+    options: dict[str, Any] = {"socket_connect_timeout": timeout, **connection}
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        node = "redis://" + rest.split(",", 1)[0]
+        if scheme == "rediss+cluster":
+            options["ssl"] = True
+        url = node
+    settings = {**parse_url(url), **_for_url(url, options), "socket_timeout": None}
+    return Subscription(lambda: Redis(**settings), waiters)
 
 
 def _claim_result(reply: list[Any]) -> ClaimResult:
@@ -502,6 +584,7 @@ def _record(fields: dict[bytes, bytes], ttl_ms: int, now_ms: int) -> Record:
         ttl_ms=ttl_ms,
         reason=_text(get(b"reason", b"")),
         response=response,
+        checks=int(get(b"checks", b"0")),
     )
 
 

@@ -6,6 +6,9 @@
 -- ARGV[3]  lease in milliseconds
 -- ARGV[4]  retention in milliseconds (the record's TTL from creation; kept in the record,
 --          because mark_sent restarts it when the request is sent)
+-- ARGV[5]  '1' when the caller will wait for the record to settle (in_flight: wait): an
+--          'in_flight' answer then marks the record 'waiters', so that the transition
+--          that settles it publishes on idem:settled
 --
 -- Returns one of:
 --   {'claimed', fence}                                   the caller owns the record
@@ -28,7 +31,7 @@ local lease, retention = tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-local r = redis.call('HMGET', key, 'state', 'fp', 'token', 'fence', 'lease')
+local r = redis.call('HMGET', key, 'state', 'fp', 'token', 'fence', 'lease', 'waiters')
 local state = r[1]
 if not state then
   if redis.call('EXISTS', key) == 1 then
@@ -70,7 +73,13 @@ elseif state == 'SENT' then
   if deadline <= now then
     redis.call('HSET', key, 'state', 'UNKNOWN', 'status', 502, 'reason', 'owner-lost')
     redis.call('HDEL', key, 'lease')
+    if r[6] then
+      redis.pcall('PUBLISH', 'idem:settled', key)  -- a hint: never fails the claim
+    end
     return {'unknown', '502', 'owner-lost'}
   end
+end
+if ARGV[5] == '1' then
+  redis.call('HSET', key, 'waiters', 1)
 end
 return {'in_flight', deadline - now}

@@ -3,6 +3,8 @@
 -- KEYS[1]  the record
 -- ARGV[1]  owner token
 -- ARGV[2]  lease in milliseconds (the deadline restarts from Redis TIME)
+-- ARGV[3]  the route's status-check target for this request ('' when none), kept for
+--          check_claim should the record turn UNKNOWN
 --
 -- Returns 1 when the caller owns the record and it is now SENT (also when a retried
 -- call finds it already SENT by this token); 0 when fenced: another owner took over,
@@ -24,6 +26,9 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], 'state', 'SENT', 'lease', now + tonumber(ARGV[2]))
+if ARGV[3] and ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'check', ARGV[3])
+end
 local retention = tonumber(r[3])
 if retention and redis.call('PTTL', KEYS[1]) < retention then
   redis.call('PEXPIRE', KEYS[1], retention)
