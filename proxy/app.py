@@ -1,7 +1,9 @@
 """ASGI wiring: lifespan (store, upstream pool), route matching, and pass-through streaming.
 
 The hot path is a plain ASGI callable: no middleware stack, no per-request
-work that can be done once at start-up.
+work that can be done once at start-up. Longer than the other modules for that reason:
+what a framework would hold (the head checks, reading the body bounded in size and time,
+pass-through streaming both ways, writing the reply) is raw ASGI here.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from starlette.types import Receive, Scope, Send
+
 from proxy import logs, problems
 from proxy.config import Settings, redact_url
 from proxy.errorformat import REQUEST_ID
+from proxy.forwarding import Reply, forward_unrecorded, outgoing_headers, problem_reply, raw_target
 from proxy.keys import KeyHasher
-from proxy.lifecycle import Lifecycle, Reply, forward_unrecorded, problem_reply, with_request_id
+from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics
 from proxy.problems import Problem
 from proxy.protocol import HeadLimits
@@ -30,11 +35,7 @@ from proxy.routes import RouteTable
 from proxy.safety import check_store
 from proxy.store import Store, StoreUnavailable, open_store
 from proxy.tracing import Tracing
-from proxy.upstream import make_upstream, request_headers
-
-Scope = dict[str, Any]
-Receive = Any
-Send = Any
+from proxy.upstream import make_upstream
 
 logger = logging.getLogger("idempotency_proxy")
 
@@ -223,7 +224,7 @@ class ProxyApp:
         error_format = self.routes.default_error_format
         try:
             if sum(len(k) + len(v) for k, v in headers) > self._max_header_bytes:
-                raise Problem("headers-too-large", 431, "the request headers exceed the limit")
+                raise problems.headers_too_large("the request headers exceed the limit")
             raw_path: bytes = scope.get("raw_path") or path.encode("latin-1")
             if not raw_path.startswith(b"/") or method == "CONNECT":
                 reply = _not_origin_form(method, raw_path)
@@ -288,19 +289,22 @@ class ProxyApp:
 
     async def passthrough(self, scope: Scope, receive: Receive, request_id: bytes) -> Reply:
         """Traffic no route protects: streamed both ways, no record, no replay header."""
-        target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
-        if scope.get("query_string"):
-            target += "?" + scope["query_string"].decode("latin-1")
+        target = raw_target(
+            scope.get("raw_path") or b"", scope["path"], scope.get("query_string", b"")
+        )
         framing = [(k, v) for k, v in scope["headers"] if k == b"content-length"]
         has_body = bool(framing) or any(k == b"transfer-encoding" for k, _ in scope["headers"])
         read = _BodyRead(self._passthrough_read_time)
         body: bytes | AsyncIterator[bytes] = _stream_body(receive, read) if has_body else b""
         # A streamed body keeps its declared length: some legacy backends refuse chunked
         # requests, and the client's framing is not the proxy's to change.
-        forward = request_headers(
-            scope["headers"], _client(scope), scope.get("scheme", "http"), _host(scope["headers"])
+        forward = outgoing_headers(
+            scope["headers"],
+            _client(scope),
+            scope.get("scheme", "http"),
+            _host(scope["headers"]),
+            request_id,
         )
-        forward = with_request_id(forward, request_id)
         forward += framing[:1]
         reply = await forward_unrecorded(
             self.passthrough_upstream,
@@ -329,7 +333,7 @@ async def _read_body(
             try:
                 declared = int(value)
             except ValueError:
-                raise Problem("body-invalid", 400, "Content-Length is not a number") from None
+                raise problems.body_invalid("Content-Length is not a number") from None
             if declared > limit:
                 # With Expect: 100-continue nothing was sent yet; reading would ask for it.
                 if declared <= _DRAIN_BYTES and (b"expect", b"100-continue") not in headers:
@@ -343,9 +347,7 @@ async def _read_body(
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    raise Problem(
-                        "body-invalid", 400, "the client went away while sending the body"
-                    )
+                    raise problems.body_invalid("the client went away while sending the body")
                 chunk = message.get("body", b"")
                 if chunk:
                     size += len(chunk)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
-from proxy import xmlkeys
+from proxy import problems, xmlkeys
 from proxy.config import KeySpec
 from proxy.problems import Problem, key_invalid, key_missing
 from proxy.request import InvalidJSON, ProxyRequest, is_json
@@ -118,16 +118,14 @@ def _single(values: list[str] | None, where: str, required: bool) -> str | None:
 def _json_field(request: ProxyRequest, dotted: str, required: bool) -> str | None:
     where = f"the JSON field '{dotted}'"
     if not is_json(request.media_type):
-        raise Problem(
-            "unsupported-media-type",
-            415,
-            f"send Content-Type: application/json; the key is read from {where}",
+        raise problems.unsupported_media_type(
+            f"send Content-Type: application/json; the key is read from {where}"
         )
     try:
         node: Any = request.json()
     except InvalidJSON:
-        raise Problem(
-            "body-invalid", 400, f"the body is not valid JSON; the key is read from {where}"
+        raise problems.body_invalid(
+            f"the body is not valid JSON; the key is read from {where}"
         ) from None
     for name, positions in _json_steps(dotted):
         if not isinstance(node, dict) or name not in node:
@@ -175,17 +173,15 @@ def _form_field(request: ProxyRequest, name: str, required: bool) -> str | None:
         try:
             text = request.body.decode("utf-8")
         except UnicodeDecodeError:
-            raise Problem("body-invalid", 400, "the form body is not valid UTF-8") from None
+            raise problems.body_invalid("the form body is not valid UTF-8") from None
         values = parse_qs(text, keep_blank_values=True).get(name)
         return _single(values, where, required)
     if media_type == "multipart/form-data":
         from proxy.multipart import form_values
 
         return _single(form_values(request, name), where, required)
-    raise Problem(
-        "unsupported-media-type",
-        415,
-        f"send a form ({' or '.join(FORM_TYPES)}); the key is read from {where}",
+    raise problems.unsupported_media_type(
+        f"send a form ({' or '.join(FORM_TYPES)}); the key is read from {where}"
     )
 
 

@@ -5,6 +5,12 @@ replay, 409, 422 or outcome-unknown) -> mark SENT -> forward -> record -> reply.
 
 Every ambiguous case resolves towards "do not send again": the only failure that
 releases a record is one where the backend provably never saw the request.
+
+Longer than the other modules on purpose: the story is told in one place, so a reader
+follows one request from claim to reply, including what happens when the store fails
+after the backend answered (`_settle`) and while the backend works (lease renewal),
+without leaving the file. What is not the story lives elsewhere: the reply type and
+unrecorded forwarding in forwarding.py, every problem in problems.py.
 """
 
 from __future__ import annotations
@@ -15,17 +21,25 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from proxy import keys, logs, problems
 from proxy.fingerprint import fingerprint
+from proxy.forwarding import (
+    Reply,
+    forward_headers,
+    forward_unrecorded,
+    problem_reply,
+    reply_from,
+    target_of,
+)
 from proxy.metrics import Metrics
 from proxy.outcome import Held, LateAnswers, silence_bounded
 from proxy.problems import Problem
 from proxy.records import ClaimKind, ClaimResult, StoredResponse
-from proxy.replay import REPLAYED, ReplayCache, http_date, replay_headers, stored_headers
+from proxy.replay import REPLAYED, ReplayCache, replay_headers, stored_headers
 from proxy.request import ProxyRequest
 from proxy.resolution import StatusChecker, render_target
 from proxy.routes import Route
@@ -36,7 +50,6 @@ from proxy.upstream import (
     OutcomeUnknown,
     UpstreamClient,
     UpstreamResponse,
-    request_headers,
     response_headers,
 )
 
@@ -75,62 +88,6 @@ WAKE_POLL_SECONDS = 1.0
 
 
 @dataclass(slots=True)
-class Reply:
-    """What the client gets: a status, headers, a body, and maybe the rest of a stream."""
-
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes = b""
-    rest: AsyncIterator[bytes] | None = None
-    close: Callable[[], None] | None = None
-    # For the request's log line and metrics; never sent.
-    outcome: str = ""
-    # The record's scoped key, whose keyed hash the log line shows.
-    scoped: keys.ScopedKey | None = None
-    upstream_ms: float | None = None
-    store_ms: float = 0.0
-    extra: dict[str, object] = field(default_factory=dict)
-    # Set on the proxy's own answers, which the route's error format may re-shape.
-    problem: Problem | None = None
-
-
-def problem_reply(problem: Problem, outcome: str, date: bytes, *, replayed: bool = False) -> Reply:
-    body = problem.body()
-    headers = problem.headers(date)
-    headers.append((b"content-length", str(len(body)).encode("ascii")))
-    if replayed:
-        headers.append(REPLAYED)
-    return Reply(problem.status, headers, body, outcome=outcome, problem=problem)
-
-
-def outcome_unknown(status: int, reason: str) -> Problem:
-    return Problem(
-        "outcome-unknown",
-        status,
-        f"the backend may or may not have executed this request ({reason}); it will not be "
-        "sent again with this key until an operator resolves it",
-    )
-
-
-def outcome_pending(wait: float) -> Problem:
-    return Problem(
-        "outcome-unknown",
-        504,
-        "the backend has not answered in time (timeout); the proxy keeps listening for its "
-        f"answer for up to {wait:g}s more and will not send the request again: retry with the "
-        "same key to get the answer",
-    )
-
-
-def replay_unavailable() -> Problem:
-    return Problem(
-        "replay-unavailable",
-        409,
-        "the request was executed, but its response was too large to store for replays",
-    )
-
-
-@dataclass(slots=True)
 class _Attempt:
     """One owner's hold on a record while it forwards."""
 
@@ -142,7 +99,6 @@ class _Attempt:
     # The status check's target for this request ('' without one), kept at mark_sent.
     check: str = ""
     renewal: asyncio.TimerHandle | None = None
-    fenced: bool = False
     done: bool = False
 
 
@@ -364,11 +320,11 @@ class Lifecycle:
         if len(values) > 1:
             # A client's line plus the auth layer's appended one: using either could let a
             # client pick whose records it sees, so refuse instead of choosing.
-            raise Problem("tenant-invalid", 400, "the tenant header was sent more than once")
+            raise problems.tenant_invalid("the tenant header was sent more than once")
         if not values[0].strip(b" \t"):
             # An auth layer that sets the header always gives it a value; an empty one is a
             # broken layer or a client probing for the anonymous scope.
-            raise Problem("tenant-invalid", 400, "the tenant header is empty")
+            raise problems.tenant_invalid("the tenant header is empty")
         return values[0].decode("latin-1")
 
     # -- duplicates ------------------------------------------------------------------
@@ -381,13 +337,7 @@ class Lifecycle:
             "unreadable record: answered as in progress and left as it is",
             extra={"key_hash": log_hash, "route": route.name, "reason": str(exc)},
         )
-        problem = Problem(
-            "request-in-progress",
-            409,
-            "the record of this key cannot be read; it is treated as in progress until an "
-            "operator resolves it",
-            retry_after=max(1, math.ceil(route.lease_ms / 1000)),
-        )
+        problem = problems.record_unreadable(max(1, math.ceil(route.lease_ms / 1000)))
         return problem_reply(problem, "record_unreadable", self.date())
 
     def _duplicate(self, claim: ClaimResult, storage_key: str, fp: str) -> Reply:
@@ -399,7 +349,7 @@ class Lifecycle:
             return problem_reply(problems.in_progress(retry_after), "in_flight", date)
         if claim.kind is ClaimKind.UNKNOWN:
             status = claim.response.status if claim.response else 502
-            problem = outcome_unknown(status, claim.reason or "unknown")
+            problem = problems.outcome_unknown(status, claim.reason or "unknown")
             return problem_reply(problem, "outcome_unknown", date, replayed=True)
         assert claim.response is not None
         if claim.response.replayable:
@@ -410,7 +360,7 @@ class Lifecycle:
         if not same_request:
             return problem_reply(problems.key_reused(), "key_reused", self.date())
         if not response.replayable:
-            return problem_reply(replay_unavailable(), "replay_unavailable", self.date())
+            return problem_reply(problems.replay_unavailable(), "replay_unavailable", self.date())
         self.metrics.replayed_bytes.inc(len(response.body))
         return Reply(response.status, replay_headers(response), response.body, outcome="replayed")
 
@@ -464,8 +414,8 @@ class Lifecycle:
         exchange = self.late.start(
             self.upstream.send(
                 request.method,
-                _target(request),
-                _forward_headers(request),
+                target_of(request),
+                forward_headers(request),
                 request.body,
                 timeout=policy.upstream_timeout + wait,
                 read_limit=policy.max_stored_response,
@@ -476,17 +426,15 @@ class Lifecycle:
         except Held as held:
             # The lease keeps being renewed: the record stays SENT while the proxy listens.
             self._track(asyncio.ensure_future(self._follow_late(attempt, held.exchange, fp)))
-            reply = problem_reply(outcome_pending(wait), "outcome_unknown", self.date())
+            reply = problem_reply(problems.outcome_pending(wait), "outcome_unknown", self.date())
             return _timed_reply(reply, upstream_started, store_ms)
         except NotSent as exc:
             self._stop_renewal(attempt)
             await self._settle("release", attempt, lambda: self.store.release(key, token))
             reply = problem_reply(
-                Problem(
-                    "upstream-unreachable",
-                    502,
+                problems.upstream_unreachable(
                     f"the backend refused or could not take the connection ({exc}); nothing was "
-                    "sent and the key is free for a retry",
+                    "sent and the key is free for a retry"
                 ),
                 "upstream_unreachable",
                 self.date(),
@@ -502,7 +450,7 @@ class Lifecycle:
             )
             self.checker.soon(route, key, attempt.key_hash)
             reply = problem_reply(
-                outcome_unknown(exc.status, exc.reason), "outcome_unknown", self.date()
+                problems.outcome_unknown(exc.status, exc.reason), "outcome_unknown", self.date()
             )
             return _timed_reply(reply, upstream_started, store_ms)
         finally:
@@ -513,7 +461,7 @@ class Lifecycle:
         outcome = await self._record(attempt, response, headers, fp)
         if response.rest is not None and wait > 0:
             response.rest = silence_bounded(response.rest, policy.upstream_timeout)
-        reply = _reply_from(response, headers, outcome)
+        reply = reply_from(response, headers, outcome)
         return _timed_reply(reply, upstream_started, store_ms)
 
     async def _record(
@@ -606,8 +554,8 @@ class Lifecycle:
         return await forward_unrecorded(
             self.upstream,
             request.method,
-            _target(request),
-            _forward_headers(request),
+            target_of(request),
+            forward_headers(request),
             request.body,
             timeout=route.policy.upstream_timeout,
             outcome=outcome,
@@ -711,7 +659,6 @@ class Lifecycle:
         except Exception:  # any store failure: try again at the next tick; the lease may hold
             ok = True
         if not ok:
-            attempt.fenced = True
             self.metrics.fence("renew")
             return
         if not attempt.done:
@@ -721,73 +668,6 @@ class Lifecycle:
         attempt.done = True
         if attempt.renewal is not None:
             attempt.renewal.cancel()
-
-
-async def forward_unrecorded(
-    upstream: UpstreamClient,
-    method: str,
-    target: str,
-    headers: list[tuple[bytes, bytes]],
-    body: bytes | AsyncIterator[bytes],
-    *,
-    timeout: float,
-    outcome: str,
-) -> Reply:
-    """Send once and stream the answer back, with no record: pass-through traffic, an
-    absent optional key, or a fail-open route whose store is down."""
-    started = time.perf_counter()
-    try:
-        response = await upstream.send(method, target, headers, body, timeout=timeout, read_limit=0)
-    except NotSent:
-        problem = Problem("upstream-unreachable", 502, "the backend could not be reached")
-        return problem_reply(problem, "upstream_unreachable", http_date())
-    except OutcomeUnknown as exc:
-        problem = Problem(
-            "upstream-failed", exc.status, f"the backend did not answer ({exc.reason})"
-        )
-        return problem_reply(problem, "upstream_failed", http_date())
-    reply = _reply_from(response, response_headers(response.headers), outcome)
-    reply.upstream_ms = (time.perf_counter() - started) * 1000
-    return reply
-
-
-def _forward_headers(request: ProxyRequest) -> list[tuple[bytes, bytes]]:
-    headers = request_headers(
-        request.headers, request.client, request.scheme, request.header(b"host")
-    )
-    return with_request_id(headers, request.request_id)
-
-
-def with_request_id(
-    headers: list[tuple[bytes, bytes]], request_id: bytes
-) -> list[tuple[bytes, bytes]]:
-    """The forwarded headers with exactly one X-Request-Id: the one the answer and the log
-    line carry (the client's when it was valid, else a generated one)."""
-    if not request_id:
-        return headers
-    out = [(k, v) for k, v in headers if k != b"x-request-id"]
-    out.append((b"x-request-id", request_id))
-    return out
-
-
-def _target(request: ProxyRequest) -> str:
-    path = request.raw_path.decode("latin-1") or request.path
-    if request.query_string:
-        return f"{path}?{request.query_string.decode('latin-1')}"
-    return path
-
-
-def _reply_from(
-    response: UpstreamResponse, headers: list[tuple[bytes, bytes]], outcome: str
-) -> Reply:
-    return Reply(
-        response.status,
-        headers,
-        response.body,
-        rest=response.rest,
-        close=response.close,
-        outcome=outcome,
-    )
 
 
 def _timed_reply(reply: Reply, upstream_started: float, store_ms: float) -> Reply:

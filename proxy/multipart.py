@@ -8,7 +8,7 @@ from typing import Any
 from python_multipart import parse_form
 from python_multipart.exceptions import FormParserError
 
-from proxy.problems import Problem
+from proxy import problems
 from proxy.request import ProxyRequest
 
 
@@ -28,5 +28,5 @@ def form_values(request: ProxyRequest, name: str) -> list[str]:
     try:
         parse_form({"Content-Type": content_type}, io.BytesIO(request.body), on_field, on_file)
     except (FormParserError, ValueError, UnicodeDecodeError):
-        raise Problem("body-invalid", 400, "the multipart form body cannot be parsed") from None
+        raise problems.body_invalid("the multipart form body cannot be parsed") from None
     return values

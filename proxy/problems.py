@@ -129,3 +129,83 @@ def store_unavailable(retry_after: int = 1) -> Problem:
         "the request was not forwarded; it is safe to retry",
         retry_after=retry_after,
     )
+
+
+def outcome_unknown(status: int, reason: str) -> Problem:
+    return Problem(
+        "outcome-unknown",
+        status,
+        f"the backend may or may not have executed this request ({reason}); it will not be "
+        "sent again with this key until an operator resolves it",
+    )
+
+
+def outcome_pending(wait: float) -> Problem:
+    return Problem(
+        "outcome-unknown",
+        504,
+        "the backend has not answered in time (timeout); the proxy keeps listening for its "
+        f"answer for up to {wait:g}s more and will not send the request again: retry with the "
+        "same key to get the answer",
+    )
+
+
+def replay_unavailable() -> Problem:
+    return Problem(
+        "replay-unavailable",
+        409,
+        "the request was executed, but its response was too large to store for replays",
+    )
+
+
+def upstream_unreachable(detail: str = "the backend could not be reached") -> Problem:
+    return Problem("upstream-unreachable", 502, detail)
+
+
+def upstream_failed(status: int, reason: str) -> Problem:
+    return Problem("upstream-failed", status, f"the backend did not answer ({reason})")
+
+
+def record_unreadable(retry_after: int) -> Problem:
+    # An unreadable record is alive: in progress, until an operator resolves it.
+    return Problem(
+        "request-in-progress",
+        409,
+        "the record of this key cannot be read; it is treated as in progress until an "
+        "operator resolves it",
+        retry_after=retry_after,
+    )
+
+
+def tenant_invalid(reason: str) -> Problem:
+    return Problem("tenant-invalid", 400, reason)
+
+
+def headers_too_large(detail: str) -> Problem:
+    return Problem("headers-too-large", 431, detail)
+
+
+def body_invalid(detail: str) -> Problem:
+    return Problem("body-invalid", 400, detail)
+
+
+def unsupported_media_type(detail: str) -> Problem:
+    return Problem("unsupported-media-type", 415, detail)
+
+
+def request_invalid() -> Problem:
+    return Problem("request-invalid", 400, "the request is not valid HTTP/1.1", close=True)
+
+
+def header_timeout() -> Problem:
+    return Problem("header-timeout", 408, "the request headers were not received in time")
+
+
+def overloaded() -> Problem:
+    return Problem(
+        "overloaded",
+        503,
+        "the proxy is at its concurrency limit; nothing was sent, it is safe to retry",
+        retry_after=1,
+        close=True,
+    )

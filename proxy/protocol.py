@@ -25,6 +25,7 @@ from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from proxy import problems
 from proxy.problems import Problem, target_invalid
 from proxy.replay import http_date
 
@@ -41,16 +42,6 @@ class HeadLimits:
     max_bytes: int = 2 * 32 * 1024 + 8192
     # Seconds from a connection's start (or a request's first byte) to the end of its head.
     timeout: float = 10.0
-
-
-def overloaded() -> Problem:
-    return Problem(
-        "overloaded",
-        503,
-        "the proxy is at its concurrency limit; nothing was sent, it is safe to retry",
-        retry_after=1,
-        close=True,
-    )
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -101,7 +92,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 and not self.transport.is_closing()
             ):
                 self._refuse(
-                    Problem("headers-too-large", 431, "the request trailers exceed the limit"),
+                    problems.headers_too_large("the request trailers exceed the limit"),
                     "headers_too_large",
                 )
             return
@@ -111,7 +102,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self._in_head and self._head_bytes > self._head_cap and not self.transport.is_closing():
             self._refuse(
-                Problem("headers-too-large", 431, "the request head exceeds the limit"),
+                problems.headers_too_large("the request head exceeds the limit"),
                 "headers_too_large",
             )
 
@@ -130,7 +121,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > self._head_cap:
             self._refuse(
-                Problem("headers-too-large", 431, "the request head exceeds the limit"),
+                problems.headers_too_large("the request head exceeds the limit"),
                 "headers_too_large",
             )
             raise _Refused  # stops the parser: nothing more of this connection is read
@@ -165,7 +156,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
 
     async def _overloaded(self, scope: Any, receive: Any, send: Any) -> None:
-        status, headers, body = self._render(overloaded(), scope["headers"])
+        status, headers, body = self._render(problems.overloaded(), scope["headers"])
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         self._count("overloaded")
@@ -179,7 +170,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(target_invalid(), "target_invalid")
             return
         self._refuse(
-            Problem("request-invalid", 400, "the request is not valid HTTP/1.1", close=True),
+            problems.request_invalid(),
             "request_invalid",
         )
 
@@ -211,7 +202,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         self._refuse(
-            Problem("header-timeout", 408, "the request headers were not received in time"),
+            problems.header_timeout(),
             "header_timeout",
         )
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.config import UpstreamPool, parse_upstream
+
+if TYPE_CHECKING:  # each client library loads only when its transport starts
+    import aiohttp
+    import httpx
 
 HOP_BY_HOP = frozenset(
     {
@@ -153,12 +157,22 @@ class _PoolSettings:
         )
         self._keepalive = pool.keepalive_expiry
         self._connect_timeout = pool.connect_timeout
-        self._session: Any = None
-        self._url: Any = None
+
+
+class UnsafeClient(RuntimeError):
+    """The HTTP client cannot be configured to send each request at most once."""
 
 
 class AiohttpUpstream(_PoolSettings):
     """aiohttp's client: the fastest transport measured here (docs/benchmarks.md)."""
+
+    _session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("the upstream client is not started")
+        return self._session
 
     async def start(self) -> None:
         import aiohttp
@@ -178,8 +192,17 @@ class AiohttpUpstream(_PoolSettings):
         )
         # aiohttp quietly re-sends idempotent methods over a fresh connection when a
         # pooled one was closed; the proxy must decide about re-sending, not the client.
-        if hasattr(self._session, "_retry_connection"):
-            self._session._retry_connection = False
+        # The switch is private: an aiohttp without it stops start-up, so that no request
+        # is ever sent twice behind the proxy's back.
+        if not hasattr(self._session, "_retry_connection"):
+            await self._session.close()
+            self._session = None
+            raise UnsafeClient(
+                f"aiohttp {aiohttp.__version__} has no ClientSession._retry_connection, the "
+                "switch that stops it re-sending requests on a closed pooled connection; use "
+                "an aiohttp the proxy supports (pyproject.toml) or upstream_pool.client: httpx"
+            )
+        self._session._retry_connection = False
 
     async def close(self) -> None:
         if self._session is not None:
@@ -217,7 +240,7 @@ class AiohttpUpstream(_PoolSettings):
         response: Any = None
         try:
             async with asyncio.timeout(timeout):
-                response = await self._session.request(
+                response = await self.session.request(
                     method,
                     url,
                     headers=send_headers,
@@ -285,6 +308,14 @@ def _discard(response: Any) -> None:
 class HttpxUpstream(_PoolSettings):
     """httpx's client, kept behind the same interface for comparison (docs/benchmarks.md)."""
 
+    _session: httpx.AsyncClient | None = None
+    _url: httpx.URL | None = None
+
+    def _client(self) -> tuple[httpx.AsyncClient, httpx.URL]:
+        if self._session is None or self._url is None:
+            raise RuntimeError("the upstream client is not started")
+        return self._session, self._url
+
     async def start(self) -> None:
         import httpx
 
@@ -326,9 +357,10 @@ class HttpxUpstream(_PoolSettings):
         # The URL (where to connect) is the upstream's, fixed at start-up; httpcore's "target"
         # extension puts the client's path and query on the request line as they came
         # (escapes, dot segments) under the upstream's prefix, not httpx's normalisation.
-        request = self._session.build_request(
+        session, url = self._client()
+        request = session.build_request(
             method,
-            self._url,
+            url,
             headers=_with_authorization(headers, self.upstream.authorization),
             content=body,
             extensions={"target": (self.upstream.prefix + target).encode("latin-1")},
@@ -338,7 +370,7 @@ class HttpxUpstream(_PoolSettings):
         response: Any = None
         try:
             async with asyncio.timeout(timeout):
-                response = await self._session.send(request, stream=True)
+                response = await session.send(request, stream=True)
                 raw = response.aiter_raw()
                 chunks: list[bytes] = []
                 size = 0

@@ -25,7 +25,8 @@ from typing import Any
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import DefusedXMLParser
 
-from proxy.problems import Problem, key_invalid, key_missing
+from proxy import problems
+from proxy.problems import key_invalid, key_missing
 from proxy.request import ProxyRequest
 
 # Deeper than any envelope a payment API sends; a bound on the parser's stacks.
@@ -294,15 +295,13 @@ def key_at(request: ProxyRequest, path: XmlPath, required: bool) -> str | None:
     """
     where = f"the XML element '{path.text}'"
     if not is_xml(request.media_type):
-        raise Problem(
-            "unsupported-media-type",
-            415,
-            f"send Content-Type: {' or '.join(XML_MEDIA_TYPES)}; the key is read from {where}",
+        raise problems.unsupported_media_type(
+            f"send Content-Type: {' or '.join(XML_MEDIA_TYPES)}; the key is read from {where}"
         )
     try:
         document = parsed(request)
     except XmlRefused as exc:
-        raise Problem("body-invalid", 400, f"{exc}; the key is read from {where}") from None
+        raise problems.body_invalid(f"{exc}; the key is read from {where}") from None
     nodes = _select(document.root, path.steps)
     if path.attribute is not None:
         values = [

@@ -17,10 +17,14 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 from harness import HOST, BackendServer, ProxyFactory, ProxyServer
 from rawhttp import raw_request, values
+
+from proxy.config import UpstreamPool
+from proxy.upstream import AiohttpUpstream, UnsafeClient, make_upstream
 
 # Hop-by-hop headers a client may send; none of them may reach the backend.
 REQUEST_HOP_BY_HOP = {
@@ -317,3 +321,34 @@ async def test_a_protected_stream_that_stalls_is_cut_at_the_upstream_timeout(
         with pytest.raises(httpx.RemoteProtocolError):
             await http.post(proxy.url + "/stall", headers={"Idempotency-Key": "stall-1"})
     assert time.monotonic() - started < 8.0
+
+
+# --------------------------------------------------------------------------- the client's re-send
+
+
+async def test_aiohttp_re_send_is_switched_off() -> None:
+    # aiohttp re-sends idempotent methods on a fresh connection when a pooled one was
+    # closed; the proxy switches that off, so one request is one send.
+    upstream = make_upstream("http://127.0.0.1:9", UpstreamPool())
+    await upstream.start()
+    try:
+        assert isinstance(upstream, AiohttpUpstream)
+        assert upstream.session._retry_connection is False
+    finally:
+        await upstream.close()
+
+
+async def test_aiohttp_without_its_re_send_switch_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The switch is private: an aiohttp without it must stop start-up, not run with it on.
+    class WithoutSwitch(aiohttp.ClientSession):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            del self._retry_connection
+
+    monkeypatch.setattr(aiohttp, "ClientSession", WithoutSwitch)
+    upstream = make_upstream("http://127.0.0.1:9", UpstreamPool())
+    with pytest.raises(UnsafeClient, match="_retry_connection"):
+        await upstream.start()
+    await upstream.close()
