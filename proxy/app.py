@@ -84,9 +84,10 @@ class ProxyApp:
             memory_max_entries=settings.store.memory_max_entries,
             memory_max_bytes=settings.store.memory_max_bytes,
             # After a data loss, fail closed until every request that may have been
-            # in flight has finished or timed out.
+            # in flight has finished, timed out, or given up waiting for its late answer.
             safe_mode_seconds=max(
-                r.policy.lease + r.policy.upstream_timeout for r in self.routes.routes
+                r.policy.lease + r.policy.upstream_timeout + r.policy.outcome_wait
+                for r in self.routes.routes
             ),
         )
         self._owns_store = store is None
