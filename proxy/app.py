@@ -73,9 +73,10 @@ class ProxyApp:
         self.store: Store = store or open_store(
             settings.store,
             # After a data loss, fail closed until every request that may have been
-            # in flight has finished or timed out.
+            # in flight has finished, timed out, or given up waiting for its late answer.
             safe_mode_seconds=max(
-                r.policy.lease + r.policy.upstream_timeout for r in self.routes.routes
+                r.policy.lease + r.policy.upstream_timeout + r.policy.outcome_wait
+                for r in self.routes.routes
             ),
         )
         self._owns_store = store is None

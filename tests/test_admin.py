@@ -164,7 +164,7 @@ def test_dashboard_reads_metrics_the_proxy_exports() -> None:
 
 
 def test_dashboard_shows_store_health_and_observe_mode() -> None:
-    """The store's health and observe mode's counts each have a panel."""
+    """The store's health, outcome resolution and observe mode's counts each have a panel."""
     dashboard = json.loads((REPO_ROOT / "dashboards" / "idempotency-proxy.json").read_text())
     exprs = " ".join(
         target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
@@ -180,6 +180,9 @@ def test_dashboard_shows_store_health_and_observe_mode() -> None:
         "idempotency_proxy_replay_cache_entries",
         "idempotency_proxy_replay_cache_bytes",
         "idempotency_proxy_observed_total",
+        "idempotency_proxy_outcome_resolutions_total",
+        "idempotency_proxy_held_exchanges",
+        "idempotency_proxy_store_corrupt_records_total",
     ):
         assert name in exprs, name
     ids = [panel["id"] for panel in dashboard["panels"]]

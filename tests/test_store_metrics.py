@@ -58,7 +58,7 @@ async def test_store_health_metrics_follow_the_store(
             "wait_timeout": "5ms",
         },
         # Safe mode lasts lease + upstream_timeout: long enough to see, short to wait out.
-        "defaults": {"lease": "2s", "upstream_timeout": "2s"},
+        "defaults": {"lease": "2s", "upstream_timeout": "2s", "outcome_wait": "0s"},
         "routes": [pay_route()],
     }
     proxy = proxy_factory(ledger_backend.url, redis.url, config=config)

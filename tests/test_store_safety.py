@@ -44,7 +44,7 @@ PAY_ROUTE = pay_route()
 # Safe mode lasts lease + upstream timeout: 3 s here instead of 40 s by default.
 SHORT_WINDOW_CONFIG: dict[str, Any] = {
     "store": {"canary_interval": "100ms"},
-    "routes": [{**PAY_ROUTE, "lease": "1s", "upstream_timeout": "2s"}],
+    "routes": [{**PAY_ROUTE, "lease": "1s", "upstream_timeout": "2s", "outcome_wait": "1s"}],
 }
 PAY_CONFIG: dict[str, Any] = {"routes": [PAY_ROUTE]}
 
@@ -386,3 +386,20 @@ async def test_a_black_holed_redis_answers_503_and_the_breaker_makes_it_fast(
         response = await pay(client, proxy, order)
     assert response.status_code == 201, response.text
     assert times_charged(ledger_backend, order) == 1
+
+
+def test_safe_mode_outlasts_a_request_that_waits_for_its_late_answer() -> None:
+    """After a data loss the proxy fails closed until every request that may still reach
+    the backend is over; one that timed out keeps its exchange open for `outcome_wait`."""
+    from proxy.app import ProxyApp
+    from proxy.config import Settings
+
+    settings = Settings.model_validate(
+        {
+            "upstream": "http://127.0.0.1:1",
+            "store": {"url": "redis://127.0.0.1:1/0"},
+            "defaults": {"lease": "5s", "upstream_timeout": "10s", "outcome_wait": "60s"},
+        }
+    )
+    app = ProxyApp(settings)
+    assert app.store.watch.safe_mode_seconds >= 5 + 10 + 60  # type: ignore[attr-defined]
