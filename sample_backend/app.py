@@ -150,7 +150,9 @@ class _Api:
         # Status-check requests per order (in memory: what tests count, not business data).
         self.status_checks: dict[str, int] = {}
 
-    async def _charge(self, request: Request, *, order_required: bool) -> Response:
+    async def _begin(self, request: Request) -> tuple[bytes, Faults] | Response:
+        """What every charging endpoint does first: count the request, read its body, and
+        apply the faults asked for before any work (an early answer ends the request)."""
         self.ledger.note_request()
         body = await request.body()
         try:
@@ -160,6 +162,13 @@ class _Api:
         early = await faults.before_work()
         if early is not None:
             return early
+        return body, faults
+
+    async def _charge(self, request: Request, *, order_required: bool) -> Response:
+        begun = await self._begin(request)
+        if isinstance(begun, Response):
+            return begun
+        body, faults = begun
         try:
             data = _load_object(body)
             order_id = _order_id(data, required=order_required)
@@ -193,15 +202,10 @@ class _Api:
 
     async def soap_pay(self, request: Request) -> Response:
         """Charge from a SOAP ``Pay`` envelope; every call charges, like the JSON endpoint."""
-        self.ledger.note_request()
-        body = await request.body()
-        try:
-            faults = Faults.from_request(request, default_delay=self.default_delay)
-        except FaultError as exc:
-            return error_response(400, "invalid_fault", str(exc))
-        early = await faults.before_work()
-        if early is not None:
-            return early
+        begun = await self._begin(request)
+        if isinstance(begun, Response):
+            return begun
+        body, faults = begun
         try:
             envelope_ns, data = parse_pay(body)
             try:
