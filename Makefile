@@ -45,7 +45,7 @@ demo: venv
 	$(BIN)/idempotency-proxy demo
 
 test: venv redis
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 lint: venv
 	$(BIN)/ruff check proxy devstack sample_backend tests loadtests scripts

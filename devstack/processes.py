@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -52,16 +53,35 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
+def _port_share() -> tuple[int, int]:
+    """(this process's share, shares): under pytest-xdist each worker process takes only
+    the ports of its own residue class, so two workers never hand out the same port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or count <= 1:
+        return 0, 1
+    return int(worker[2:]) % count, count
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now, never one handed out before in this process.
+    """A TCP port nobody listens on right now, never one handed out before in this process
+    (nor, under pytest-xdist, by another worker).
 
     The kernel may offer a just-released port again; two of our children would then race
     for it, so every port handed out is remembered.
     """
+    share, shares = _port_share()
     for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((HOST, 0))
-            port = int(sock.getsockname()[1])
+        if shares == 1:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((HOST, 0))
+                port = int(sock.getsockname()[1])
+        else:
+            # The kernel's own pick for bind() is always even: draw from this worker's
+            # residue class instead, below the ephemeral range outbound sockets use, and probe.
+            port = random.randrange(15000, 32000 - shares, shares) + share
+            if not _port_is_free(port):
+                continue
         with _ports_lock:
             if port not in _issued_ports:
                 _issued_ports.add(port)
