@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import uvicorn
 
+from devstack.processes import free_port
 from proxy import logs
 from proxy.app import ProxyApp
 from proxy.config import Settings
@@ -69,3 +72,23 @@ class InProcessProxy:
 def mounts(proxies: list[InProcessProxy]) -> dict[str, httpx.AsyncBaseTransport]:
     """httpx mounts sending each proxy's `url` to its app (everything else: the network)."""
     return {f"{proxy.url}": proxy.transport() for proxy in proxies}
+
+
+@asynccontextmanager
+async def serve_on_uvicorn(app: Any, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """`app` on a real uvicorn server in this event loop (lifespan on), for as long as the
+    block runs: a real socket where a test needs one, without a subprocess."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    for _ in range(400):
+        if server.started or task.done():
+            break
+        await asyncio.sleep(0.025)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        await task

@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import uvicorn
 from harness import BackendServer, free_port
+from inprocess import serve_on_uvicorn
 
 from proxy.app import ProxyApp
 from proxy.config import ConfigError, Settings
@@ -66,20 +66,8 @@ def _config(upstream: str, error_format: str, **top: Any) -> dict[str, Any]:
 @asynccontextmanager
 async def _proxy(config: dict[str, Any]) -> AsyncIterator[tuple[str, ProxyApp]]:
     app = ProxyApp(Settings.model_validate(config))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    for _ in range(400):
-        if server.started:
-            break
-        await asyncio.sleep(0.025)
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_on_uvicorn(app) as url:
+        yield url, app
 
 
 def _dead_url() -> str:

@@ -8,13 +8,13 @@ the harness's server); only the answer to the caller is dropped after the write.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from harness import BackendServer, body_of, free_port, pay_config, problem_name
+from harness import BackendServer, body_of, pay_config, problem_name
+from inprocess import serve_on_uvicorn
 
 from proxy.app import ProxyApp
 from proxy.config import Settings, StoreSettings
@@ -53,23 +53,6 @@ def make_store(request: pytest.FixtureRequest) -> Callable[[], Store]:
     return lambda: RedisStore(StoreSettings(url=url, timeout=5.0, canary_interval=0))
 
 
-async def _serve(app: ProxyApp) -> AsyncIterator[str]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    for _ in range(200):
-        if server.started:
-            break
-        await asyncio.sleep(0.025)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-
-
 async def test_a_lost_mark_sent_answer_frees_the_key_for_the_retry(
     make_store: Callable[[], Store],
     ledger_backend: BackendServer,
@@ -80,7 +63,7 @@ async def test_a_lost_mark_sent_answer_frees_the_key_for_the_retry(
     settings = Settings.model_validate({**pay_config(), "upstream": ledger_backend.url})
     app = ProxyApp(settings, store=store)
     order = "lost-mark-sent"
-    async for url in _serve(app):
+    async with serve_on_uvicorn(app) as url:
         first = await client.post(url + "/v1/orders/pay", content=body_of(order), headers=JSON)
         assert first.status_code == 503
         assert problem_name(first) == "store-unavailable"
@@ -105,7 +88,7 @@ async def test_store_down_after_the_backend_answered_gives_the_real_answer_and_r
     settings = Settings.model_validate({**pay_config(), "upstream": ledger_backend.url})
     app = ProxyApp(settings, store=store)
     order = "complete-later"
-    async for url in _serve(app):
+    async with serve_on_uvicorn(app) as url:
         first = await client.post(url + "/v1/orders/pay", content=body_of(order), headers=JSON)
         assert first.status_code == 201  # the backend's answer, not a store error
         assert not armed

@@ -19,8 +19,7 @@ from typing import Any
 
 import orjson
 import pytest
-import uvicorn
-from harness import free_port
+from inprocess import serve_on_uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -59,27 +58,9 @@ class StripeShaped:
 
 
 @asynccontextmanager
-async def _serve(app: Any) -> AsyncIterator[str]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    for _ in range(400):
-        if server.started:
-            break
-        await asyncio.sleep(0.025)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-
-
-@asynccontextmanager
 async def _stack(error_format: str) -> AsyncIterator[tuple[StripeShaped, Any]]:
     backend = StripeShaped()
-    async with _serve(backend.app()) as upstream:
+    async with serve_on_uvicorn(backend.app()) as upstream:
         settings = Settings.model_validate(
             {
                 "upstream": upstream,
@@ -88,7 +69,7 @@ async def _stack(error_format: str) -> AsyncIterator[tuple[StripeShaped, Any]]:
                 "routes": [{"name": "charges", "path": "/v1/charges"}],
             }
         )
-        async with _serve(ProxyApp(settings)) as url:
+        async with serve_on_uvicorn(ProxyApp(settings)) as url:
             client = stripe.StripeClient(
                 "sk_test_proxy",
                 base_addresses={"api": url},
