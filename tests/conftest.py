@@ -85,6 +85,15 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+@pytest.fixture(params=["memory", "redis"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """The proxy's store, once the embedded memory store (None) and once a real Redis."""
+    if request.param == "memory":
+        return None
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.revive().url
+
+
 @pytest.fixture
 def redis_factory(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest

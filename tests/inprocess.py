@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from devstack.processes import free_port
+from devstack.processes import free_port, wait_for_port
 from proxy import logs
 from proxy.app import ProxyApp
 from proxy.config import Settings
@@ -92,3 +93,40 @@ async def serve_on_uvicorn(app: Any, host: str = "127.0.0.1") -> AsyncIterator[s
     finally:
         server.should_exit = True
         await task
+
+
+class ThreadedUpstream:
+    """A bare ASGI app (`_app`, written by the subclass) on uvicorn in a thread of its own:
+    a real HTTP server that answers any method and path, for tests whose event loop must
+    stay free (the proxy runs as a process; this stands where its backend would)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = free_port()
+        config = uvicorn.Config(
+            self._app,
+            host=host,
+            port=self.port,
+            interface="asgi3",
+            lifespan="off",
+            log_level="warning",
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, name=type(self).__name__, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+        wait_for_port(self.host, self.port, timeout=10)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+
+    async def _app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        raise NotImplementedError

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from harness import HOST
 
@@ -97,8 +97,9 @@ def _serve(conn: socket.socket, stopped: threading.Event) -> None:
 
 
 @contextlib.contextmanager
-def raw_upstream_server() -> Iterator[str]:
-    """A raw upstream on a free 127.0.0.1 port (see `_serve`), closed on the way out."""
+def accept_loop(handle: Callable[[socket.socket, threading.Event], None]) -> Iterator[str]:
+    """A listener on a free 127.0.0.1 port whose every connection is handed to `handle`
+    (in its own thread, with the stop event), closed on the way out."""
     listener = socket.socket()
     listener.bind((HOST, 0))
     listener.listen(64)
@@ -111,7 +112,7 @@ def raw_upstream_server() -> Iterator[str]:
                 conn, _ = listener.accept()
             except OSError:
                 continue
-            threading.Thread(target=_serve, args=(conn, stop), daemon=True).start()
+            threading.Thread(target=handle, args=(conn, stop), daemon=True).start()
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
@@ -121,6 +122,13 @@ def raw_upstream_server() -> Iterator[str]:
         stop.set()  # also ends every stalled answer
         thread.join(10)
         listener.close()
+
+
+@contextlib.contextmanager
+def raw_upstream_server() -> Iterator[str]:
+    """A raw upstream on a free 127.0.0.1 port (see `_serve`), closed on the way out."""
+    with accept_loop(_serve) as url:
+        yield url
 
 
 async def raw_request(

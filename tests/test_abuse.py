@@ -26,10 +26,10 @@ from urllib.parse import quote
 import h11
 import orjson
 import pytest
-import uvicorn
-from harness import HOST, ProxyServer, RedisServer, free_port, wait_for_port
+from harness import HOST, ProxyServer, RedisServer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from inprocess import ThreadedUpstream
 
 from proxy.config import Settings, load_settings
 from proxy.problems import TITLES, TYPE_BASE
@@ -81,7 +81,7 @@ PARSER_REJECTION = b"Invalid HTTP request received."
 # --------------------------------------------------------------------------- upstream
 
 
-class CountingUpstream:
+class CountingUpstream(ThreadedUpstream):
     """A real HTTP server (uvicorn, own thread) that counts every request handed to it.
 
     A bare ASGI app rather than the sample backend: it answers any method and path, and
@@ -89,33 +89,9 @@ class CountingUpstream:
     """
 
     def __init__(self) -> None:
-        self.port = free_port()
+        super().__init__(HOST)
         self.count = 0
         self._lock = threading.Lock()
-        config = uvicorn.Config(
-            self._app,
-            host=HOST,
-            port=self.port,
-            interface="asgi3",
-            lifespan="off",
-            log_level="warning",
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, name="counting-upstream", daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def start(self) -> None:
-        self._thread.start()
-        wait_for_port(HOST, self.port, timeout=10)
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(10)
 
     async def _app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":

@@ -14,7 +14,6 @@ import contextlib
 import json
 import re
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
-from harness import HOST, ProxyServer, RedisServer, free_port, wait_for_port
+from harness import HOST, ProxyServer, RedisServer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from inprocess import ThreadedUpstream
 
 # An answer must come within this; the proxy's own bounds (body read 0.3 s, upstream 1 s)
 # are well inside it.
@@ -73,33 +72,8 @@ CONFIG: dict[str, Any] = {
 # --------------------------------------------------------------------------- upstream
 
 
-class PlainUpstream:
+class PlainUpstream(ThreadedUpstream):
     """A real HTTP server (uvicorn, own thread) that reads any request and answers 200."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        config = uvicorn.Config(
-            self._app,
-            host=HOST,
-            port=self.port,
-            interface="asgi3",
-            lifespan="off",
-            log_level="warning",
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def start(self) -> None:
-        self._thread.start()
-        wait_for_port(HOST, self.port, timeout=10)
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(10)
 
     async def _app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":

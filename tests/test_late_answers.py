@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import httpx
-import pytest
 from conftest import ProxyFactory
 from harness import (
     HOST,
@@ -22,7 +21,6 @@ from harness import (
     BackendServer,
     Outcome,
     ProxyServer,
-    RedisServer,
     body_of,
     eventually,
     pay,
@@ -63,14 +61,6 @@ async def metric(client: httpx.AsyncClient, proxy: ProxyServer, line_start: str)
 
 def new_order(name: str) -> str:
     return f"late-{name}-{time.monotonic_ns()}"
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest) -> str | None:
-    if request.param == "memory":
-        return None
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return server.revive().url
 
 
 async def test_a_late_answer_is_recorded_and_replayed_after_a_409_during_the_wait(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from harness import (
     proxy_request,
     records_cli,
 )
+from rawhttp import accept_loop
 
 from proxy import keys
 from proxy.fingerprint import fingerprint
@@ -43,7 +43,7 @@ from proxy.fingerprint import fingerprint
 class RawUpstream:
     """Counts requests; answers 201 with the target, or cuts a body short on request."""
 
-    url: str
+    url: str = ""
     seen: list[bytes] = field(default_factory=list)
 
 
@@ -98,29 +98,10 @@ def _serve(conn: socket.socket, upstream: RawUpstream) -> None:
 
 @pytest.fixture(scope="module")
 def raw_upstream() -> Iterator[RawUpstream]:
-    listener = socket.socket()
-    listener.bind((HOST, 0))
-    listener.listen(64)
-    listener.settimeout(0.2)
-    upstream = RawUpstream(f"http://{HOST}:{listener.getsockname()[1]}")
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            threading.Thread(target=_serve, args=(conn, upstream), daemon=True).start()
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
+    upstream = RawUpstream()
+    with accept_loop(lambda conn, _stop: _serve(conn, upstream)) as url:
+        upstream.url = url
         yield upstream
-    finally:
-        stop.set()
-        thread.join(10)
-        listener.close()
 
 
 CONFIG: dict[str, Any] = {

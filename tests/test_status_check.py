@@ -16,14 +16,12 @@ from typing import Any
 
 import httpx
 import orjson
-import pytest
 from conftest import ProxyFactory
 from harness import (
     HOST,
     BackendServer,
     Outcome,
     ProxyServer,
-    RedisServer,
     eventually,
     pay,
     pay_route,
@@ -89,14 +87,6 @@ async def until_not_unknown(client: httpx.AsyncClient, proxy: ProxyServer, order
         return outcome if outcome.problem != "outcome-unknown" else None
 
     return await eventually(probe, "the status check to resolve the record", 10.0, 0.1)
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest) -> str | None:
-    if request.param == "memory":
-        return None
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return server.revive().url
 
 
 async def test_executed_the_retry_gets_the_one_real_charge(
