@@ -304,7 +304,7 @@ class StoreSettings(BaseModel):
 
 class UpstreamPool(BaseModel):
     model_config = _FROZEN
-    client: Literal["aiohttp", "httpx"] = "aiohttp"
+    client: Literal["builtin", "aiohttp", "httpx"] = "builtin"
     max_connections: int = Field(default=100, ge=1)
     # Pass-through (unprotected) traffic has its own pool, so that it cannot take the
     # connections protected routes need.

@@ -2,8 +2,9 @@
 
 Only a failure to connect means "nothing was sent". Anything after the first
 byte (a timeout, a reset, a protocol error) means the backend may have acted,
-and the proxy never sends that request again. Two transports sit behind the
-interface (aiohttp, httpx); docs/benchmarks.md says why aiohttp is the default.
+and the proxy never sends that request again. Three transports sit behind the
+interface: the built-in one (proxy/http1.py, the default for protected routes), aiohttp
+(pass-through traffic, and selectable) and httpx; docs/benchmarks.md compares them.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class UnsafeClient(RuntimeError):
 
 
 class AiohttpUpstream(_PoolSettings):
-    """aiohttp's client: the fastest transport measured here (docs/benchmarks.md)."""
+    """aiohttp's client: streams request bodies, so pass-through traffic uses it."""
 
     _session: aiohttp.ClientSession | None = None
 
@@ -416,7 +417,15 @@ async def _aclose(response: Any) -> None:
 def make_upstream(
     base_url: str, pool: UpstreamPool, *, passthrough: bool = False
 ) -> UpstreamClient:
-    """The client `pool.client` names; `passthrough`: the pool for unprotected traffic."""
+    """The client `pool.client` names; `passthrough`: the pool for unprotected traffic.
+
+    The built-in client sends whole bodies only, so pass-through traffic (streamed both
+    ways) goes through aiohttp beside it.
+    """
+    if pool.client == "builtin" and not passthrough:
+        from proxy.http1 import Http1Upstream
+
+        return Http1Upstream(base_url, pool)
     cls = HttpxUpstream if pool.client == "httpx" else AiohttpUpstream
     return cls(base_url, pool, passthrough=passthrough)
 

@@ -12,8 +12,8 @@ SQLite ledger), and the proxy with one worker (a header-keyed route on
   replay   the proxy, a small set of keys that are already COMPLETED
   storm    the proxy, every request of a round on one fresh key: the first one
            executes, the ones that arrive while it runs get 409, the rest replay
-  miss-httpx  (--transports) the miss path through a second proxy whose upstream
-           client is httpx, to compare the two transports
+  miss-aiohttp, miss-httpx  (--transports) the miss path through proxies whose
+           upstream client is aiohttp or httpx, to compare them with the built-in one
   miss-json  (--keys) the miss path on a route keyed by a JSON body field
            (`POST /v1/orders/pay`, `order_id`), a new order per request
   miss-xml   (--keys) the same on a SOAP route keyed by an XML element
@@ -121,6 +121,10 @@ def soap_body(order: str) -> bytes:
 
 REPLAY_KEYS = 16
 CONNECTIONS = (1, 32)
+# The upstream client every scenario uses (the proxy's default), and the ones --transports
+# compares with it on the miss path.
+DEFAULT_CLIENT = "builtin"
+OTHER_CLIENTS = ("aiohttp", "httpx")
 # A client timeout far above any healthy latency: a timeout here means the run is invalid.
 CLIENT_TIMEOUT_S = 10
 # Hard cap on one aiohttp worker's requests per round, so even its loop is bounded by count.
@@ -261,8 +265,8 @@ def wrk_script() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    name: str  # direct | miss | replay | storm | miss-httpx | miss-json | miss-xml | miss-w2
-    target: str  # backend | proxy | proxy-httpx | proxy-w2
+    name: str  # direct | miss | replay | storm | miss-<client> | miss-json | miss-xml | miss-w2
+    target: str  # backend | proxy | proxy-<client> | proxy-w2
     mode: str  # the key pattern: unique | replay | storm | json-key | xml-key
     connections: int
 
@@ -324,7 +328,8 @@ def scenarios(
             Scenario("storm", "proxy", "storm", connections),
         ]
     if transports:
-        out.append(Scenario("miss-httpx", "proxy-httpx", "unique", 32))
+        for client in OTHER_CLIENTS:
+            out.append(Scenario(f"miss-{client}", f"proxy-{client}", "unique", 32))
     if keys:
         out.append(Scenario("miss-json", "proxy", "json-key", 32))
         out.append(Scenario("miss-xml", "proxy", "xml-key", 32))
@@ -456,7 +461,7 @@ def launch_backend(workdir: Path, cpus: set[int] | None, kind: str = "trivial") 
 
 def launch_proxy(
     name: str,
-    client: str,
+    client: str | None,
     backend_port: int,
     redis_port: int,
     workdir: Path,
@@ -464,14 +469,13 @@ def launch_proxy(
     workers: int = 1,
     tree: Path = REPO,
 ) -> Child:
-    """The proxy in `workers` workers; the backend need not be up yet (the upstream pool is
-    lazy)."""
+    """The proxy in `workers` workers, with the upstream `client` (None: the tree's default);
+    the backend need not be up yet (the upstream pool is lazy)."""
     port, admin_port = free_port(), free_port()
     config: dict[str, Any] = {
         "upstream": f"http://{HOST}:{backend_port}",
         "listen": {"host": HOST, "port": port},
         "admin": {"host": HOST, "port": admin_port},
-        "upstream_pool": {"client": client},
         "routes": [
             {
                 "name": "charges",
@@ -500,6 +504,8 @@ def launch_proxy(
             },
         ],
     }
+    if client is not None:
+        config["upstream_pool"] = {"client": client}
     if workers > 1:
         config["workers"] = workers
     config_path = workdir / f"{name}.yaml"
@@ -710,7 +716,6 @@ class Servers:
     backend: int
     ports: dict[str, int]  # target -> port
     proxy: Child
-    proxy_httpx: Child | None
     replay_prefix: str  # the keys the replay rounds repeat, COMPLETED before any round
     pids: dict[str, list[int]] = field(default_factory=dict)  # child name -> its processes
 
@@ -945,18 +950,18 @@ def comparisons(rows: list[dict[str, Any]], rss: dict[str, int]) -> dict[str, An
         "verdict": _verdict(rss_mb <= TARGETS["rss_mb"]),
     }
     transports = None
-    aio, hx, base = (
-        _find(rows, "miss", 32),
-        _find(rows, "miss-httpx", 32),
-        _find(rows, "direct", 32),
-    )
-    if aio is not None and hx is not None and base is not None:
+    base = _find(rows, "direct", 32)
+    by_client = {DEFAULT_CLIENT: _find(rows, "miss", 32)}
+    by_client.update({client: _find(rows, f"miss-{client}", 32) for client in OTHER_CLIENTS})
+    if base is not None and all(found is not None for found in by_client.values()):
         transports = {
-            "aiohttp": {k: aio[k] for k in ("rps", "p50_ms", "p99_ms")},
-            "httpx": {k: hx[k] for k in ("rps", "p50_ms", "p99_ms")},
-            "aiohttp_vs_direct": aio["rps"] / base["rps"] if base["rps"] else 0.0,
-            "httpx_vs_direct": hx["rps"] / base["rps"] if base["rps"] else 0.0,
-            "httpx_vs_aiohttp": hx["rps"] / aio["rps"] if aio["rps"] else 0.0,
+            client: {
+                **{k: found[k] for k in ("rps", "p50_ms", "p99_ms")},
+                "cpu_us": found["cpu_us"].get("proxy"),
+                "vs_direct": found["rps"] / base["rps"] if base["rps"] else 0.0,
+            }
+            for client, found in by_client.items()
+            if found is not None
         }
     keys = None
     header, json_row, xml_row = (
@@ -980,7 +985,7 @@ def comparisons(rows: list[dict[str, Any]], rss: dict[str, int]) -> dict[str, An
     for name in ("miss", "replay"):
         row = _find(rows, name, 32)
         value = row["cpu_us"].get("proxy") if row else None
-        if value is None:
+        if row is None or value is None:
             continue
         target = TARGETS[f"{name}_cpu_us"]
         cpu.append(
@@ -1135,10 +1140,12 @@ def print_summary(run: dict[str, Any], emit: Callable[[str], None]) -> None:
     transports = run["comparisons"]["transports"]
     if transports:
         emit(
-            f"transports miss c=32  aiohttp {transports['aiohttp']['rps']:.0f} req/s "
-            f"({transports['aiohttp_vs_direct']:.2f}x direct), httpx "
-            f"{transports['httpx']['rps']:.0f} req/s ({transports['httpx_vs_direct']:.2f}x "
-            f"direct): httpx/aiohttp {transports['httpx_vs_aiohttp']:.2f}x"
+            "upstream clients, miss c=32  "
+            + ", ".join(
+                f"{client} {t['rps']:.0f} req/s ({t['vs_direct']:.2f}x direct, proxy "
+                f"{us(t['cpu_us'])} us/req)"
+                for client, t in transports.items()
+            )
         )
     for cand in run["comparisons"].get("candidate") or []:
         (cpu0, cpu1), (p0, p1), (r0, r1) = cand["cpu_us"], cand["p50_ms"], cand["rps"]
@@ -1323,21 +1330,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             backend_child = launch_backend(workdir, other_cpus, args.backend)
             children.append(backend_child)
             proxy_child = launch_proxy(
-                "proxy", "aiohttp", backend_child.port, redis_child.port, workdir, proxy_cpus
+                "proxy", None, backend_child.port, redis_child.port, workdir, proxy_cpus
             )
             children.append(proxy_child)
-            httpx_child = None
+            others: dict[str, Child] = {}
             if args.transports:
-                httpx_child = launch_proxy(
-                    "proxy-httpx", "httpx", backend_child.port, redis_child.port, workdir,
-                    proxy_cpus,
-                )  # fmt: skip
-                children.append(httpx_child)
+                for client in OTHER_CLIENTS:
+                    others[client] = launch_proxy(
+                        f"proxy-{client}", client, backend_child.port, redis_child.port,
+                        workdir, proxy_cpus,
+                    )  # fmt: skip
+                    children.append(others[client])
             if any(scenario.target == "proxy-w2" for scenario in plan):
                 children.append(
                     launch_proxy(
                         "proxy-w2",
-                        "aiohttp",
+                        None,
                         backend_child.port,
                         redis_child.port,
                         workdir,
@@ -1349,7 +1357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 children.append(
                     launch_proxy(
                         "proxy-cand",
-                        "aiohttp",
+                        None,
                         backend_child.port,
                         redis_child.port,
                         workdir,
@@ -1361,7 +1369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 child.ready()
             ports = {child.name: child.port for child in children[1:]}  # target -> port
             replay_prefix = f"replay-{nonce}"
-            servers = Servers(backend_child.port, ports, proxy_child, httpx_child, replay_prefix)
+            servers = Servers(backend_child.port, ports, proxy_child, replay_prefix)
             servers.pids = {child.name: process_tree(child.pid) for child in children}
             log(
                 "servers up: "
@@ -1382,7 +1390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log=log,
             )
             rss = read_rss_kib(proxy_child.pid)
-            rss_httpx = read_rss_kib(httpx_child.pid) if httpx_child else None
+            rss_others = {client: read_rss_kib(child.pid) for client, child in others.items()}
             store = None
             if not args.quick:
                 log("store: round trip and CPU per EVALSHA (redis-py client vs lean pool)")
@@ -1418,7 +1426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "rows": rows,
         "comparisons": comparisons(rows, rss),
-        "rss_httpx_mb": rss_httpx["VmRSS"] / 1024 if rss_httpx else None,
+        "rss_clients_mb": {client: rss["VmRSS"] / 1024 for client, rss in rss_others.items()},
         "profile": profile_tables,
         "store": store,
         "targets": TARGETS,

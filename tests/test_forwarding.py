@@ -239,7 +239,7 @@ async def test_hop_by_hop_response_headers_are_stripped(
     ],
     ids=["unreserved-escapes", "lowercase-escapes", "dot-segments"],
 )
-@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("transport", ["builtin", "aiohttp", "httpx"])
 async def test_request_target_is_forwarded_byte_exact_under_the_upstream_prefix(
     proxy_factory: ProxyFactory, raw_upstream: str, target: bytes, transport: str
 ) -> None:
@@ -329,7 +329,7 @@ async def test_a_protected_stream_that_stalls_is_cut_at_the_upstream_timeout(
 async def test_aiohttp_re_send_is_switched_off() -> None:
     # aiohttp re-sends idempotent methods on a fresh connection when a pooled one was
     # closed; the proxy switches that off, so one request is one send.
-    upstream = make_upstream("http://127.0.0.1:9", UpstreamPool())
+    upstream = make_upstream("http://127.0.0.1:9", UpstreamPool(client="aiohttp"))
     await upstream.start()
     try:
         assert isinstance(upstream, AiohttpUpstream)
@@ -348,7 +348,7 @@ async def test_aiohttp_without_its_re_send_switch_refuses_to_start(
             del self._retry_connection
 
     monkeypatch.setattr(aiohttp, "ClientSession", WithoutSwitch)
-    upstream = make_upstream("http://127.0.0.1:9", UpstreamPool())
+    upstream = make_upstream("http://127.0.0.1:9", UpstreamPool(client="aiohttp"))
     with pytest.raises(UnsafeClient, match="_retry_connection"):
         await upstream.start()
     await upstream.close()

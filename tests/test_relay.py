@@ -168,7 +168,7 @@ FOREIGN_TARGETS = [
     b"*",
 ]
 
-CLIENTS = ["aiohttp", "httpx"]
+CLIENTS = ["builtin", "aiohttp", "httpx"]
 
 
 @pytest.mark.parametrize("client", CLIENTS)
