@@ -842,3 +842,26 @@ async def test_a_connection_that_timed_out_mid_command_never_answers_a_later_one
             assert all(await asyncio.gather(*(echo(f"after-{round_}-{n}") for n in range(32))))
     finally:
         await pool.aclose()
+
+
+async def test_the_pools_packing_round_trips_every_argument_type_the_store_sends(
+    redis_factory: Any,
+) -> None:
+    """The lean pool packs RESP itself: str (also non-ASCII), bytes (empty, CRLF, NUL,
+    larger than a socket buffer), int (negative, 0) arrive exactly as sent."""
+    from proxy.store.pool import ConnectionPool
+
+    redis = redis_factory()
+    pool = ConnectionPool(redis.url, timeout=5, retries=0, max_connections=1)
+    values: list[Any] = ["k€y", b"", b"\r\n$3\r\n*1\0", b"x" * 300_000, 0, -7, 86_400_000]
+    try:
+        for value in values:
+            replies = await pool.execute([("SET", "pack-test", value), ("GET", "pack-test")])
+            expected = value.encode() if isinstance(value, str) else value
+            if isinstance(value, int):
+                expected = str(value).encode()
+            assert replies == [b"OK", expected]
+        with pytest.raises(TypeError):
+            await pool.execute([("SET", "pack-test", 1.5)])
+    finally:
+        await pool.aclose()
