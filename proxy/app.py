@@ -198,7 +198,11 @@ class ProxyApp:
         pending = set(self.lifecycle.tasks)
         if pending:
             logger.info("waiting for in-flight requests", extra={"count": len(pending)})
-            await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_SECONDS)
+        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+        # Until none is left: an owner that finishes starts its completion as a new task.
+        while pending and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(pending, timeout=left)
+            pending = set(self.lifecycle.tasks)
         # Exchanges still waiting for a late answer after the grace period: their records
         # turn UNKNOWN now (they were sent, so never released) rather than by lease expiry.
         abandoned = self.lifecycle.late.abandon()
@@ -268,6 +272,10 @@ class ProxyApp:
             reply.headers.append((REQUEST_ID, request_id))
         await _send_reply(send, reply)
         self.metrics.count(route_name, reply.outcome)
+        if reply.recording is not None:
+            # Issued before the reply, awaited only now (proxy/lifecycle.py): the client did
+            # not wait for the store, and the line still says how long the write took.
+            reply.store_ms += await asyncio.shield(reply.recording)
         # An answer nobody knows the outcome of needs an operator: warning, not info.
         level = logging.WARNING if reply.outcome == "outcome_unknown" else logging.INFO
         if logs.access.isEnabledFor(level):

@@ -3,6 +3,9 @@
 extract and validate the key -> scope it -> fingerprint -> claim -> (duplicate:
 replay, 409, 422 or outcome-unknown) -> mark SENT -> forward -> record -> reply.
 
+"Record" issues the write; the reply does not wait for its answer (app.py awaits it once
+the reply went out), but the write reaches the store first (`_shielded`).
+
 Every ambiguous case resolves towards "do not send again": the only failure that
 releases a record is one where the backend provably never saw the request.
 
@@ -367,12 +370,19 @@ class Lifecycle:
     # -- the owner's path ------------------------------------------------------------
 
     async def _shielded(self, work: Awaitable[Reply]) -> Reply:
-        """Run the owner's work as a task a client disconnect cannot cancel."""
+        """Run the owner's work as a task a client disconnect cannot cancel.
+
+        A recording the work started just before it ended (`_record`) takes its first
+        step, in which its bytes go to the store, before this returns: that step was
+        queued before the work's task ended, and the end reaches this caller through the
+        shield a loop turn later. So the store gets the write before the client gets the
+        reply. A write that has to wait (for a free pooled connection) may come after the
+        reply: safe too, the record stays SENT under this owner's token until it lands."""
         task: asyncio.Task[Reply] = asyncio.ensure_future(work)
         self._track(task)
         return await asyncio.shield(task)
 
-    def _track(self, task: asyncio.Task[object] | asyncio.Task[Reply]) -> None:
+    def _track(self, task: asyncio.Task[object]) -> None:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -458,39 +468,59 @@ class Lifecycle:
             self.metrics.upstream_call(route.name, time.perf_counter() - upstream_started)
         self._stop_renewal(attempt)
         headers = response_headers(response.headers)
-        outcome = await self._record(attempt, response, headers, fp)
+        # Record, then reply: the write reaches the store before the reply reaches the
+        # client (`_shielded`), and app.py awaits it once the reply went out.
+        outcome, recording = self._record(attempt, response, headers, fp)
         if response.rest is not None and wait > 0:
             response.rest = silence_bounded(response.rest, policy.upstream_timeout)
-        reply = reply_from(response, headers, outcome)
-        return _timed_reply(reply, upstream_started, store_ms)
+        reply = _timed_reply(reply_from(response, headers, outcome), upstream_started, store_ms)
+        reply.recording = recording
+        if self.store.waits_for_replicas:
+            # store.wait_replicas: the record is on a replica before the client has its answer.
+            await asyncio.wait({recording})
+        return reply
 
-    async def _record(
+    def _record(
         self,
         attempt: _Attempt,
         response: UpstreamResponse,
         headers: list[tuple[bytes, bytes]],
         fp: str,
         how: str = "",
-    ) -> str:
+    ) -> tuple[str, asyncio.Task[float]]:
         """Store the backend's answer for replays (or release the record for a
-        `release_statuses` status); the same for an on-time and a late answer."""
+        `release_statuses` status); the same for an on-time and a late answer.
+
+        Started, not awaited: the caller answers its client, then awaits the write. As a
+        tracked task it goes on when the client hangs up, shutdown waits for it, and
+        `_settle` retries it in the background when the store fails."""
         route, key, token = attempt.route, attempt.storage_key, attempt.token
         policy = route.policy
         if response.status in policy.release_statuses:
-            await self._settle("release", attempt, lambda: self.store.release(key, token))
-            return "released"
+            release = self._settle("release", attempt, lambda: self.store.release(key, token))
+            return "released", self._started(release)
         if response.complete and len(response.body) <= policy.max_stored_response:
             stored = StoredResponse(
                 response.status, stored_headers(headers, route.replay_headers), response.body
             )
         else:
             stored = StoredResponse(response.status, replayable=False)
+        return "forwarded", self._started(self._complete(attempt, stored, fp, how))
+
+    async def _complete(self, attempt: _Attempt, stored: StoredResponse, fp: str, how: str) -> bool:
+        key, token = attempt.storage_key, attempt.token
         completed = await self._settle(
             "complete", attempt, lambda: self.store.complete(key, token, stored, how)
         )
+        # Replayed from this process only once the store took it: a fenced completion never.
         if completed and stored.replayable:
-            self.cache.put(key, fp, stored, route.retention_ms)
-        return "forwarded"
+            self.cache.put(key, fp, stored, attempt.route.retention_ms)
+        return completed
+
+    def _started(self, write: Awaitable[bool]) -> asyncio.Task[float]:
+        task = asyncio.ensure_future(_store_time(write))
+        self._track(task)
+        return task
 
     async def _follow_late(
         self, attempt: _Attempt, exchange: asyncio.Future[UpstreamResponse], fp: str
@@ -522,7 +552,8 @@ class Lifecycle:
                 return
             try:
                 headers = response_headers(response.headers)
-                outcome = await self._record(attempt, response, headers, fp, "late-answer")
+                outcome, recording = self._record(attempt, response, headers, fp, "late-answer")
+                await recording
             finally:
                 response.close()
             result = "released" if outcome == "released" else "executed"
@@ -668,6 +699,13 @@ class Lifecycle:
         attempt.done = True
         if attempt.renewal is not None:
             attempt.renewal.cancel()
+
+
+async def _store_time(write: Awaitable[object]) -> float:
+    """How long `write` took, in milliseconds, for the request's log line."""
+    started = time.perf_counter()
+    await write
+    return (time.perf_counter() - started) * 1000
 
 
 def _timed_reply(reply: Reply, upstream_started: float, store_ms: float) -> Reply:

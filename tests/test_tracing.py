@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,6 +88,17 @@ def in_process_proxy(settings: Settings, tracing: Tracing) -> Iterator[str]:
         thread.join(15)
 
 
+def _finished(exporter: InMemorySpanExporter, count: int) -> list[ReadableSpan]:
+    """The finished spans once there are `count` (bounded wait): the completion's store
+    span may end just after the client has its answer, which does not wait for it."""
+    deadline = time.monotonic() + 10.0
+    spans = list(exporter.get_finished_spans())
+    while len(spans) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+        spans = list(exporter.get_finished_spans())
+    return spans
+
+
 def _by_name(spans: list[ReadableSpan]) -> dict[str, ReadableSpan]:
     return {span.name: span for span in spans}
 
@@ -118,7 +130,7 @@ def test_span_tree_and_the_traceparent_the_backend_receives(
         )
         assert first.status_code == 200
         received = first.json()
-        spans = list(exporter.get_finished_spans())
+        spans = _finished(exporter, 5)
         exporter.clear()
         replay = http.post(
             f"{url}/v1/echo?headers=1", content=BODY, headers=_headers(traceparent=TRACEPARENT)

@@ -29,6 +29,10 @@ class CorruptRecord(StoreUnavailable):
 
 class Store(Protocol):
     name: str
+    # The store WAITs for replicas after its writes (store.wait_replicas, not on Cluster):
+    # then a client's answer waits for the completion too, so that the record is on a
+    # replica by the time the client has it.
+    waits_for_replicas: bool
 
     async def start(self) -> None:
         """Connect, load scripts; called once before serving."""

@@ -76,6 +76,7 @@ def _size(key: str, entry: _Entry) -> int:
 
 class MemoryStore:
     name = "memory"
+    waits_for_replicas = False
 
     def __init__(
         self, max_entries: int = DEFAULT_MAX_ENTRIES, max_bytes: int = DEFAULT_MAX_BYTES

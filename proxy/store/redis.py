@@ -194,6 +194,8 @@ class RedisStore:
             )
         )
         self._wait_replicas = settings.wait_replicas
+        # WAIT acts on one connection; a cluster pipeline cannot route it to the shard.
+        self.waits_for_replicas = settings.wait_replicas > 0 and not self.cluster
         self._wait_timeout_ms = max(1, int(settings.wait_timeout * 1000))
         self.replica_shortfalls = 0
         self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown)
@@ -292,7 +294,7 @@ class RedisStore:
     async def _run(self, name: str, key: str, *args: Any, wait: bool = False) -> Any:
         """Run one script on one key; with `wait`, also WAIT for replicas on that connection."""
         self.breaker.before()
-        wait = wait and self._wait_replicas > 0 and not self.cluster
+        wait = wait and self.waits_for_replicas
         try:
             if self._pool is not None:
                 result, acknowledged = await self._run_pooled(name, key, args, wait)
