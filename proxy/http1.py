@@ -79,6 +79,8 @@ class _Connection(asyncio.Protocol):
         self.headers_done = False
         self.done = False
         self.failure: str | None = None
+        # Body bytes the caller waits for past the head (None: the whole answer).
+        self.wanted: int | None = None
         self.reusable = True
         self._head = head
         self._head_bytes = 0
@@ -148,12 +150,14 @@ class _Connection(asyncio.Protocol):
             # cannot be told, so the exchange ends here and the connection is not reused.
             self.done = True
             self.reusable = False
+            self._wake()
         elif status not in _NO_BODY_STATUSES and not any(
             name in (b"content-length", b"transfer-encoding") for name, _ in self.headers
         ):
             self._until_eof = True
             self.reusable = False
-        self._wake()
+        # No wake-up for the head alone: the caller waits for body bytes or the end (a
+        # backend that writes head and body apart would otherwise wake it twice).
 
     def on_body(self, body: bytes) -> None:
         if self.done:
@@ -168,7 +172,10 @@ class _Connection(asyncio.Protocol):
         ):
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        # Wake the caller only once it has what it waits for: bytes past its read limit,
+        # or (streaming) any bytes at all.
+        if self.streaming or (self.wanted is not None and self.size > self.wanted):
+            self._wake()
 
     def on_message_complete(self) -> None:
         if self._informational:
@@ -266,6 +273,7 @@ class Http1Upstream(_PoolSettings):
         connection.leased = True
         # From here on bytes may reach the backend: every failure is OutcomeUnknown.
         connection.begin(head=method == "HEAD")
+        connection.wanted = read_limit
         assert connection.transport is not None
         connection.transport.write(request)
         timer = loop.call_at(deadline, connection.expire)

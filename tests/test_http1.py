@@ -317,7 +317,8 @@ async def test_head_ends_at_the_headers_whatever_content_length_says() -> None:
 
     async with scripted(head) as backend, client(backend) as upstream:
         for _ in range(2):
-            response = await post(upstream, b"", method="HEAD", timeout=1.0)
+            # Ends at the head, not at the deadline (which would also give the head).
+            response = await asyncio.wait_for(post(upstream, b"", method="HEAD", timeout=60), 10)
             assert (response.status, response.body, response.complete) == (200, b"", True)
     # The parser cannot be told "no body follows": such a connection is never reused.
     assert backend.connections == 2
@@ -365,3 +366,19 @@ def test_pass_through_keeps_aiohttp_because_it_streams_request_bodies() -> None:
     pool = UpstreamPool(client="builtin")
     assert isinstance(make_upstream("http://127.0.0.1:9", pool), Http1Upstream)
     assert isinstance(make_upstream("http://127.0.0.1:9", pool, passthrough=True), AiohttpUpstream)
+
+
+async def test_a_head_and_body_written_apart_give_one_whole_answer() -> None:
+    async def apart(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: Backend) -> None:
+        while await read_request(reader, b) is not None:
+            writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 7\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"charged")
+            await writer.drain()
+
+    async with scripted(apart) as backend, client(backend) as upstream:
+        for _ in range(3):
+            response = await post(upstream)
+            assert (response.status, response.body, response.complete) == (201, b"charged", True)
+    assert backend.connections == 1
