@@ -45,6 +45,7 @@ STREAM_HIGH_WATER = 256 * 1024
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Answers without a body whatever their headers say (RFC 9112 §6.3).
 _NO_BODY_STATUSES = frozenset({204, 304})
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 # Bytes that would end the request line early or split it.
 _UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f]")
 
@@ -84,6 +85,8 @@ class _Connection(asyncio.Protocol):
         self.reusable = True
         self._head = head
         self._head_bytes = 0
+        # Whether the head framed the body (Content-Length or Transfer-Encoding).
+        self._framed = False
         self._until_eof = False
         self._informational = False
         # Set once the answer streams to the client: from then on read no further ahead
@@ -129,7 +132,10 @@ class _Connection(asyncio.Protocol):
         self._head_bytes += len(name) + len(value)
         if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
             raise _Failure("protocol")  # surfaces as HttpParserCallbackError
-        self.headers.append((name.lower(), value))
+        name = name.lower()
+        if name in _FRAMING:
+            self._framed = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -140,6 +146,7 @@ class _Connection(asyncio.Protocol):
             self._informational = True
             self.headers = []
             self._head_bytes = 0
+            self._framed = False
             return
         self.status = status
         self.headers_done = True
@@ -151,9 +158,7 @@ class _Connection(asyncio.Protocol):
             self.done = True
             self.reusable = False
             self._wake()
-        elif status not in _NO_BODY_STATUSES and not any(
-            name in (b"content-length", b"transfer-encoding") for name, _ in self.headers
-        ):
+        elif status not in _NO_BODY_STATUSES and not self._framed:
             self._until_eof = True
             self.reusable = False
         # No wake-up for the head alone: the caller waits for body bytes or the end (a
