@@ -69,6 +69,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()  # made by loop.create_connection
         self.begin(head=False)
 
     def begin(self, *, head: bool) -> None:
@@ -202,11 +203,14 @@ class _Connection(asyncio.Protocol):
 
     async def changed(self) -> None:
         """Wait until a callback changes the answer's state (or `expire` is called)."""
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         try:
             await self._waiter
         finally:
             self._waiter = None
+
+    def time(self) -> float:
+        return self._loop.time()
 
     def expire(self) -> None:
         """The exchange's deadline passed."""
@@ -244,9 +248,11 @@ class Http1Upstream(_PoolSettings):
         self._idle: deque[_Connection] = deque()
         self._slots = asyncio.Semaphore(self._max_connections)
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
-        pass  # connections are made on demand
+        # Connections are made on demand; the loop is looked up once, not per request.
+        self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
         self._closed = True
@@ -267,7 +273,7 @@ class Http1Upstream(_PoolSettings):
             raise TypeError("the built-in client sends whole bodies only")
         _split_target(target)
         request = self._serialise(method, target, headers, body)
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         deadline = loop.time() + timeout
         await self._acquire_slot(deadline)
         try:
@@ -349,7 +355,7 @@ class Http1Upstream(_PoolSettings):
 
     async def _connection(self, deadline: float) -> _Connection:
         """An idle connection still open and fresh, else a new one."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         now = loop.time()
         while self._idle:
             connection = self._idle.pop()
@@ -386,7 +392,7 @@ class Http1Upstream(_PoolSettings):
             return
         connection.leased = False
         if connection.reusable and not connection.closed and not self._closed:
-            connection.idle_since = asyncio.get_running_loop().time()
+            connection.idle_since = connection.time()
             self._idle.append(connection)
         else:
             connection._abort()
