@@ -272,10 +272,6 @@ class ProxyApp:
             reply.headers.append((REQUEST_ID, request_id))
         await _send_reply(send, reply)
         self.metrics.count(route_name, reply.outcome)
-        if reply.recording is not None:
-            # Issued before the reply, awaited only now (proxy/lifecycle.py): the client did
-            # not wait for the store, and the line still says how long the write took.
-            reply.store_ms += await asyncio.shield(reply.recording)
         # An answer nobody knows the outcome of needs an operator: warning, not info.
         level = logging.WARNING if reply.outcome == "outcome_unknown" else logging.INFO
         if logs.access.isEnabledFor(level):

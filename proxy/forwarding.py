@@ -8,7 +8,6 @@ the target and header helpers build what the backend receives, for the recorded 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -45,9 +44,6 @@ class Reply:
     extra: dict[str, object] = field(default_factory=dict)
     # Set on the proxy's own answers, which the route's error format may re-shape.
     problem: Problem | None = None
-    # The write that records this answer (complete or release): issued before the reply,
-    # awaited after it went out (app.py). Its result is the write's store time in ms.
-    recording: asyncio.Task[float] | None = None
 
 
 def problem_reply(problem: Problem, outcome: str, date: bytes, *, replayed: bool = False) -> Reply:

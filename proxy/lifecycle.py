@@ -3,8 +3,8 @@
 extract and validate the key -> scope it -> fingerprint -> claim -> (duplicate:
 replay, 409, 422 or outcome-unknown) -> mark SENT -> forward -> record -> reply.
 
-"Record" issues the write; the reply does not wait for its answer (app.py awaits it once
-the reply went out), but the write reaches the store first (`_shielded`).
+"Record" issues the write; the reply does not wait for its answer (the write goes on as
+a tracked task), but the write reaches the store first (`_shielded`).
 
 Every ambiguous case resolves towards "do not send again": the only failure that
 releases a record is one where the backend provably never saw the request.
@@ -24,7 +24,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -469,12 +469,11 @@ class Lifecycle:
         self._stop_renewal(attempt)
         headers = response_headers(response.headers)
         # Record, then reply: the write reaches the store before the reply reaches the
-        # client (`_shielded`), and app.py awaits it once the reply went out.
+        # client (`_shielded`), and goes on as a tracked task while the reply goes out.
         outcome, recording = self._record(attempt, response, headers, fp)
         if response.rest is not None and wait > 0:
             response.rest = silence_bounded(response.rest, policy.upstream_timeout)
         reply = _timed_reply(reply_from(response, headers, outcome), upstream_started, store_ms)
-        reply.recording = recording
         if self.store.waits_for_replicas:
             # store.wait_replicas: the record is on a replica before the client has its answer.
             await asyncio.wait({recording})
@@ -487,11 +486,11 @@ class Lifecycle:
         headers: list[tuple[bytes, bytes]],
         fp: str,
         how: str = "",
-    ) -> tuple[str, asyncio.Task[float]]:
+    ) -> tuple[str, asyncio.Task[bool]]:
         """Store the backend's answer for replays (or release the record for a
         `release_statuses` status); the same for an on-time and a late answer.
 
-        Started, not awaited: the caller answers its client, then awaits the write. As a
+        Started, not awaited: the caller answers its client while the write goes on. As a
         tracked task it goes on when the client hangs up, shutdown waits for it, and
         `_settle` retries it in the background when the store fails."""
         route, key, token = attempt.route, attempt.storage_key, attempt.token
@@ -517,8 +516,8 @@ class Lifecycle:
             self.cache.put(key, fp, stored, attempt.route.retention_ms)
         return completed
 
-    def _started(self, write: Awaitable[bool]) -> asyncio.Task[float]:
-        task = asyncio.ensure_future(_store_time(write))
+    def _started(self, write: Coroutine[object, object, bool]) -> asyncio.Task[bool]:
+        task = asyncio.ensure_future(write)
         self._track(task)
         return task
 
@@ -699,13 +698,6 @@ class Lifecycle:
         attempt.done = True
         if attempt.renewal is not None:
             attempt.renewal.cancel()
-
-
-async def _store_time(write: Awaitable[object]) -> float:
-    """How long `write` took, in milliseconds, for the request's log line."""
-    started = time.perf_counter()
-    await write
-    return (time.perf_counter() - started) * 1000
 
 
 def _timed_reply(reply: Reply, upstream_started: float, store_ms: float) -> Reply:

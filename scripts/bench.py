@@ -12,6 +12,9 @@ SQLite ledger), and the proxy with one worker (a header-keyed route on
   replay   the proxy, a small set of keys that are already COMPLETED
   storm    the proxy, every request of a round on one fresh key: the first one
            executes, the ones that arrive while it runs get 409, the rest replay
+  miss-mem the miss path through a proxy on the in-process memory store: the same
+           story without a store round trip, so the difference to `miss` is what the
+           two round trips on the client's path cost
   miss-aiohttp, miss-httpx  (--transports) the miss path through proxies whose
            upstream client is aiohttp or httpx, to compare them with the built-in one
   miss-json  (--keys) the miss path on a route keyed by a JSON body field
@@ -265,8 +268,8 @@ def wrk_script() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    name: str  # direct | miss | replay | storm | miss-<client> | miss-json | miss-xml | miss-w2
-    target: str  # backend | proxy | proxy-<client> | proxy-w2
+    name: str  # direct | miss | replay | storm | miss-mem | miss-<client> | miss-json | ...
+    target: str  # backend | proxy | proxy-mem | proxy-<client> | proxy-w2
     mode: str  # the key pattern: unique | replay | storm | json-key | xml-key
     connections: int
 
@@ -326,6 +329,7 @@ def scenarios(
             Scenario("miss", "proxy", "unique", connections),
             Scenario("replay", "proxy", "replay", connections),
             Scenario("storm", "proxy", "storm", connections),
+            Scenario("miss-mem", "proxy-mem", "unique", connections),
         ]
     if transports:
         for client in OTHER_CLIENTS:
@@ -468,6 +472,7 @@ def launch_proxy(
     cpus: set[int] | None,
     workers: int = 1,
     tree: Path = REPO,
+    store: str | None = None,
 ) -> Child:
     """The proxy in `workers` workers, with the upstream `client` (None: the tree's default);
     the backend need not be up yet (the upstream pool is lazy)."""
@@ -511,7 +516,8 @@ def launch_proxy(
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
     argv = [sys.executable, "-m", "proxy", "run", "--log-level", "warning"]
-    argv += ["--redis-url", f"redis://{HOST}:{redis_port}/0", "--config", str(config_path)]
+    store_url = store or f"redis://{HOST}:{redis_port}/0"
+    argv += ["--redis-url", store_url, "--config", str(config_path)]
 
     def ready() -> bool:
         # The admin port can answer before the traffic port is bound: wait for both.
@@ -928,7 +934,7 @@ def comparisons(rows: list[dict[str, Any]], rss: dict[str, int]) -> dict[str, An
                 }
             )
     added = []
-    for name in ("miss", "replay"):
+    for name in ("miss", "replay", "miss-mem"):
         row, base = _find(rows, name, 1), _find(rows, "direct", 1)
         if row is None or base is None:
             continue
@@ -1333,6 +1339,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "proxy", None, backend_child.port, redis_child.port, workdir, proxy_cpus
             )
             children.append(proxy_child)
+            if any(scenario.target == "proxy-mem" for scenario in plan):
+                children.append(
+                    launch_proxy(
+                        "proxy-mem",
+                        None,
+                        backend_child.port,
+                        redis_child.port,
+                        workdir,
+                        proxy_cpus,
+                        store="memory://",
+                    )
+                )
             others: dict[str, Child] = {}
             if args.transports:
                 for client in OTHER_CLIENTS:
