@@ -71,8 +71,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._trailer_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._writes = OneSendPerTurn(transport, self.loop)
+        super().connection_made(self._writes)  # type: ignore[arg-type]
         self._start_head_timer()
+
+    def on_response_complete(self) -> None:
+        # The whole answer was written in this turn: it leaves now, in one send.
+        self._writes.flush()
+        super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
@@ -228,6 +234,53 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _count(self, outcome: str) -> None:
         if self._metrics is not None:
             self._metrics.count("-", outcome)
+
+
+class OneSendPerTurn:
+    """The connection's transport, with the writes made in one turn of the event loop sent
+    together.
+
+    uvicorn writes an answer's head and its body apart: two sends (system calls) per
+    answer. Here writes are held and leave in one send when the answer is complete
+    (`on_response_complete`), at the end of the loop's turn (a streamed answer's first
+    chunk, a `100 Continue`), or before the connection closes, whichever comes first.
+    On the replay path, where the send is most of the work, that was about 20 µs less
+    CPU per answer (docs/benchmarks.md).
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._held is None:
+            self._held = [bytes(data)]
+            self._loop.call_soon(self.flush)
+        else:
+            self._held.append(bytes(data))
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held and not self._transport.is_closing():
+            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held = None
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        # get_extra_info, pause_reading, resume_reading...: the transport's own.
+        return getattr(self._transport, name)
 
 
 class _Refused(Exception):

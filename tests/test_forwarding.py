@@ -8,6 +8,7 @@ answers with them.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import threading
@@ -272,6 +273,32 @@ async def test_default_rule_passes_other_methods_with_a_key_straight_through(
         assert status == 201
         assert not values(got, b"idempotent-replayed")
         assert payload == (b"" if method == "HEAD" else b"/v1/thing")
+
+
+async def test_a_client_that_waits_for_100_continue_gets_it_then_its_answer(
+    proxy_factory: ProxyFactory, ledger_backend: BackendServer
+) -> None:
+    # The proxy holds a connection's writes to send each answer in one piece; the interim
+    # 100 Continue, which the client waits for before it sends its body, must leave alone.
+    proxy = proxy_factory(ledger_backend.url, config={"admin": {"host": HOST}})
+    body = b'{"amount": 100, "currency": "EUR"}'
+    reader, writer = await asyncio.open_connection(HOST, proxy.port)
+    try:
+        writer.write(
+            b"POST /v1/charges HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Idempotency-Key: %s\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+            % (new_key().encode(), len(body))
+        )
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 201 ")
+    finally:
+        writer.close()
+    assert ledger_backend.ledger()["charges"] == 1
 
 
 async def test_chunked_request_body_on_a_protected_route(
