@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import BackendServer, ProxyFactory, pay_route, records_cli, wait_for_http
+from harness import BackendServer, ProxyFactory, eventually, pay_route, records_cli, wait_for_http
 
 from proxy.config import ConfigError, load_settings
 from proxy.keys import KeyHasher, scope
@@ -138,8 +138,12 @@ async def test_records_commands_find_a_record_by_the_key_hash_of_its_log_line(
         )
     assert first.status_code == 201, first.text
 
+    async def one_line() -> list[str] | None:
+        # The request's line is written just after its answer went out.
+        return _key_hashes(proxy.logs()) or None
+
+    (logged,) = await eventually(one_line, "the request's log line")
     logs = proxy.logs()
-    (logged,) = _key_hashes(logs)
     assert logged == KeyHasher(SECRET).scope(TENANT, "pay", order_id).log_hash
     assert not logged.startswith(_old_log_hash(TENANT, "pay", order_id))
     assert SECRET not in logs
