@@ -708,6 +708,18 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
         "- At 1 connection, throughput is the inverse of latency, so it magnifies "
         "scheduling noise; p99 is the noisiest number in the tables."
     )
+    if not s["pinned"]:
+        add(
+            "- Unpinned, CPU per request depends on where the kernel places the proxy "
+            "against wrk, the backend and Redis, and on 2 CPUs that comes in two modes: "
+            "replay rounds of one configuration were seen at 82-95 µs and at 131-157 µs "
+            "(with 12 000 and 7 000 req/s), the miss path's at 415-590 µs. A round's "
+            "number moves with the mode it landed in; the median of three takes whichever "
+            "mode two rounds had. `--pin` (the proxy on CPU 1, the rest on CPU 0) removes "
+            "the modes: replay 67-83 µs, miss 419-509 µs in three rounds, but it also "
+            "puts wrk and the backend on one CPU, which makes the direct path faster and "
+            "every ratio and added latency worse for the proxy."
+        )
     add("")
     if run.get("profile"):
         add("## Profile (py-spy)")
