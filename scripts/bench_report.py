@@ -339,7 +339,7 @@ def _miss_path_limits(run: dict[str, Any]) -> list[str]:
 CHANGES: tuple[tuple[str, str, str], ...] = (
     (
         "Built-in HTTP/1.1 client for protected routes (`proxy/http1.py`)",
-        "the `upstream_pool.client` table above, this run: CPU per request and req/s of "
+        "the `upstream_pool.client` table below, this run: CPU per request and req/s of "
         "the same path through the built-in client and through aiohttp",
         "the largest single cut: aiohttp's request/response objects were about 30 % of the "
         "miss path's CPU in the profile (py-spy, 590 -> 460 µs of sampled time per "
@@ -713,7 +713,7 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
             "- Unpinned, CPU per request depends on where the kernel places the proxy "
             "against wrk, the backend and Redis, and on 2 CPUs that comes in two modes: "
             "replay rounds of one configuration were seen at 82-95 µs and at 131-157 µs "
-            "(with 12 000 and 7 000 req/s), the miss path's at 415-590 µs. A round's "
+            "(with 12 000 and 7 000 req/s), the miss path's at 415-680 µs. A round's "
             "number moves with the mode it landed in; the median of three takes whichever "
             "mode two rounds had. `--pin` (the proxy on CPU 1, the rest on CPU 0) removes "
             "the modes: replay 67-83 µs, miss 419-509 µs in three rounds, but it also "
