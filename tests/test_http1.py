@@ -8,13 +8,16 @@ requests and connections they saw: one send per request, whatever the backend do
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from harness import HOST
 
+from devstack.servers import TlsFiles
 from proxy.config import UpstreamPool
 from proxy.http1 import MAX_RESPONSE_HEAD_BYTES, Http1Upstream
 from proxy.upstream import NotSent, OutcomeUnknown, UpstreamResponse, make_upstream
@@ -382,3 +385,47 @@ async def test_a_head_and_body_written_apart_give_one_whole_answer() -> None:
             response = await post(upstream)
             assert (response.status, response.body, response.complete) == (201, b"charged", True)
     assert backend.connections == 1
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["verified", "unverified"])
+async def test_an_https_upstream_is_verified_before_anything_is_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trusted: bool
+) -> None:
+    tls = TlsFiles.create(tmp_path / "tls")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(tls.server_cert, tls.server_key)
+    if trusted:  # the system trust store plus the test's CA, as an operator would add one
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls.ca))
+    backend = Backend()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        backend.connections += 1
+        try:
+            await keep_alive(reader, writer, backend)
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, HOST, 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    upstream = Http1Upstream(f"https://{HOST}:{port}", UpstreamPool())
+    await upstream.start()
+    try:
+        if trusted:
+            response = await post(upstream)
+            assert (response.status, response.body) == (201, b"charged")
+            assert backend.requests[0].startswith(
+                b"POST /v1/charges?x=1 HTTP/1.1\r\nhost: %s:%d\r\n" % (HOST.encode(), port)
+            )
+        else:
+            with pytest.raises(NotSent):
+                await post(upstream)
+            assert backend.requests == []
+    finally:
+        await upstream.close()
+        server.close()
+        await server.wait_closed()
