@@ -109,9 +109,10 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail("protocol")
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # The parser stays stopped after an error: the connection can carry nothing
+            # more, also when the answer was whole before it (stray bytes after it).
+            self.reusable = False
             self._fail("protocol")
 
     def eof_received(self) -> bool:
@@ -128,6 +129,13 @@ class _Connection(asyncio.Protocol):
         self._fail("reset")
 
     # -- httptools callbacks ---------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            # Bytes after the whole answer, in the same read (a body longer than its
+            # Content-Length, an answer nobody asked for): read on, they would become this
+            # answer's status and headers, or the start of the next request's answer.
+            raise _Failure("protocol")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value)

@@ -429,3 +429,52 @@ async def test_an_https_upstream_is_verified_before_anything_is_sent(
         await upstream.close()
         server.close()
         await server.wait_closed()
+
+
+# --------------------------------------------------------------------------- out of step
+
+
+def answered_with(answers: list[bytes]) -> Handler:
+    """A keep-alive backend that answers its n-th request with answers[n] (then the last)."""
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: Backend
+    ) -> None:
+        while await read_request(reader, b) is not None:
+            writer.write(answers[min(len(b.requests), len(answers)) - 1])
+            await writer.drain()
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [b" and more", b"HTTP/1.1 500 Injected\r\nX-Injected: 1\r\nContent-Length: 0\r\n\r\n"],
+    ids=["longer-than-content-length", "a-second-answer"],
+)
+async def test_bytes_past_the_end_of_an_answer_close_its_connection(extra: bytes) -> None:
+    first = b"HTTP/1.1 201 Created\r\nContent-Length: 7\r\n\r\ncharged" + extra
+    second = b"HTTP/1.1 201 Created\r\nContent-Length: 6\r\n\r\nsecond"
+    handler = answered_with([first, second])
+    async with scripted(handler) as backend, client(backend, max_connections=1) as upstream:
+        response = await post(upstream)
+        # The answer its head framed, nothing of what followed.
+        assert (response.status, response.body) == (201, b"charged")
+        assert response.headers == [(b"content-length", b"7")]
+        # The next request goes out on a fresh connection and gets its own answer.
+        for _ in range(3):
+            response = await post(upstream)
+            assert (response.status, response.body) == (201, b"second")
+    assert (backend.connections, len(backend.requests)) == (2, 4)
+
+
+async def test_the_start_of_a_stray_answer_is_never_read_as_the_next_one() -> None:
+    # A complete answer, then the first line of one nobody asked for, in the same read.
+    first = b"HTTP/1.1 201 Created\r\nContent-Length: 7\r\n\r\nchargedHTTP/1.1 500 Stray\r\n"
+    second = b"HTTP/1.1 201 Created\r\nContent-Length: 6\r\n\r\nsecond"
+    handler = answered_with([first, second])
+    async with scripted(handler) as backend, client(backend, max_connections=1) as upstream:
+        assert (await post(upstream)).body == b"charged"
+        response = await post(upstream)
+        assert (response.status, response.body) == (201, b"second")
+    assert (backend.connections, len(backend.requests)) == (2, 2)
