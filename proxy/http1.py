@@ -70,10 +70,14 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()  # made by loop.create_connection
+        # Counts the requests this connection carried: a response's late `close()` must
+        # only ever end its own exchange, not a later one on the same connection.
+        self.exchange = 0
         self.begin(head=False)
 
     def begin(self, *, head: bool) -> None:
         """Forget the last answer: the connection is about to carry a new request."""
+        self.exchange += 1
         self.status = 0
         self.headers: Headers = []
         self.chunks: list[bytes] = []
@@ -320,13 +324,16 @@ class Http1Upstream(_PoolSettings):
             self._release(connection)
             return UpstreamResponse(connection.status, connection.headers, data)
         connection.streaming = True
+        exchange = connection.exchange
         return UpstreamResponse(
             connection.status,
             connection.headers,
             data,
             complete=False,
             rest=self._rest(connection, timeout),
-            _release=lambda: self._discard(connection),
+            # Called by the app after the client got its last byte; the stream may have
+            # given the connection back, and another request taken it, long before.
+            _release=lambda: self._discard(connection, exchange),
         )
 
     def _serialise(self, method: str, target: str, headers: Headers, body: bytes) -> bytes:
@@ -406,10 +413,11 @@ class Http1Upstream(_PoolSettings):
             connection._abort()
         self._slots.release()
 
-    def _discard(self, connection: _Connection) -> None:
+    def _discard(self, connection: _Connection, exchange: int | None = None) -> None:
         """Close a connection whose exchange did not end cleanly (or whose long answer the
-        client stopped reading). Safe to call more than once: the slot comes free once."""
-        if not connection.leased:
+        client stopped reading). Safe to call more than once: the slot comes free once.
+        `exchange`: only while the connection still carries that one."""
+        if not connection.leased or exchange not in (None, connection.exchange):
             return
         connection.leased = False
         connection._abort()

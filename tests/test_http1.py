@@ -478,3 +478,42 @@ async def test_the_start_of_a_stray_answer_is_never_read_as_the_next_one() -> No
         response = await post(upstream)
         assert (response.status, response.body) == (201, b"second")
     assert (backend.connections, len(backend.requests)) == (2, 2)
+
+
+async def test_closing_a_streamed_answer_after_its_end_leaves_the_next_request_alone() -> None:
+    """The app closes a streamed reply after its last write to the client (which may wait
+    for a slow client): the connection may carry another request by then."""
+    chunk = b"x" * 65536
+    second_read, go_on = asyncio.Event(), asyncio.Event()
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: Backend
+    ) -> None:
+        while await read_request(reader, b) is not None:
+            if len(b.requests) == 1:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(chunk) * 8))
+                for _ in range(8):
+                    writer.write(chunk)
+                    await writer.drain()
+                continue
+            if len(b.requests) == 2:
+                second_read.set()
+                await go_on.wait()
+            writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 7\r\n\r\ncharged")
+            await writer.drain()
+
+    async with scripted(handler) as backend, client(backend, max_connections=1) as upstream:
+        streamed = await post(upstream, read_limit=1000)
+        assert streamed.rest is not None
+        assert streamed.body + b"".join([part async for part in streamed.rest]) == chunk * 8
+        # The stream ended and gave its connection back; the next request takes it.
+        second = asyncio.ensure_future(post(upstream))
+        await second_read.wait()
+        streamed.close()  # what the app's reply does once the client has it all
+        go_on.set()
+        response = await second
+        assert (response.status, response.body) == (201, b"charged")
+        # The pool still holds one connection, not two: requests take turns on it.
+        answers = await asyncio.gather(*(post(upstream) for _ in range(4)))
+        assert [a.status for a in answers] == [201] * 4
+    assert (backend.connections, len(backend.requests)) == (1, 6)
