@@ -35,7 +35,8 @@ from proxy.upstream import (
 )
 
 # A backend that sends more header bytes than this is broken or hostile: the exchange
-# is a protocol error, not an unbounded buffer.
+# is a protocol error, not an unbounded buffer. It bounds the head (with any 1xx heads
+# before it) and the trailer section, each counted on the wire while it arrives.
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 # While a long answer streams to the client, read no further ahead than this.
 STREAM_HIGH_WATER = 256 * 1024
@@ -90,6 +91,10 @@ class _Connection(asyncio.Protocol):
         self.reusable = True
         self._head = head
         self._head_bytes = 0
+        # Wire bytes read while a header section (head or trailers) was open: httptools
+        # buffers a header line until it ends, so one that never ends is cut by this.
+        self._section_bytes = 0
+        self._in_trailers = False
         # Whether the head framed the body (Content-Length or Transfer-Encoding).
         self._framed = False
         self._until_eof = False
@@ -111,11 +116,21 @@ class _Connection(asyncio.Protocol):
             self.reusable = False
             self._abort()
             return
+        # Counted before parsing, judged after: the read that ends a section may carry
+        # body bytes, which do not count against it.
+        if not self.headers_done or self._in_trailers:
+            self._section_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             # The parser stays stopped after an error: the connection can carry nothing
             # more, also when the answer was whole before it (stray bytes after it).
+            self.reusable = False
+            self._fail("protocol")
+            return
+        if (
+            not self.headers_done or self._in_trailers
+        ) and self._section_bytes > MAX_RESPONSE_HEAD_BYTES:
             self.reusable = False
             self._fail("protocol")
 
@@ -177,7 +192,13 @@ class _Connection(asyncio.Protocol):
         # No wake-up for the head alone: the caller waits for body bytes or the end (a
         # backend that writes head and body apart would otherwise wake it twice).
 
+    def on_chunk_header(self) -> None:
+        # Trailer fields may follow (after the last chunk's size line) until body bytes do.
+        self._in_trailers = True
+        self._section_bytes = 0
+
     def on_body(self, body: bytes) -> None:
+        self._in_trailers = False
         if self.done:
             return
         self.chunks.append(body)
@@ -196,6 +217,7 @@ class _Connection(asyncio.Protocol):
             self._wake()
 
     def on_message_complete(self) -> None:
+        self._in_trailers = False
         if self._informational:
             self._informational = False
             return

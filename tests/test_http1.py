@@ -517,3 +517,32 @@ async def test_closing_a_streamed_answer_after_its_end_leaves_the_next_request_a
         answers = await asyncio.gather(*(post(upstream) for _ in range(4)))
         assert [a.status for a in answers] == [201] * 4
     assert (backend.connections, len(backend.requests)) == (1, 6)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Endless: ",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Endless: ",
+    ],
+    ids=["head", "trailer"],
+)
+async def test_a_header_line_that_never_ends_is_a_protocol_error_not_a_buffer(
+    answer: bytes,
+) -> None:
+    async def endless(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: Backend
+    ) -> None:
+        await read_request(reader, b)
+        writer.write(answer)
+        for _ in range(64):  # 4 MiB of one header value, then silence
+            writer.write(b"a" * 65536)
+            await writer.drain()
+        await asyncio.sleep(30)
+
+    async with scripted(endless) as backend, client(backend) as upstream:
+        with pytest.raises(OutcomeUnknown) as caught:
+            await post(upstream, timeout=10)
+    # Refused as it grew, not buffered until the deadline.
+    assert caught.value.reason == "protocol"
+    assert len(backend.requests) == 1
