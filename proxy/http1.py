@@ -160,6 +160,10 @@ class _Connection(asyncio.Protocol):
         self._head_bytes += len(name) + len(value)
         if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
             raise _Failure("protocol")  # surfaces as HttpParserCallbackError
+        if self.headers_done:
+            # A trailer field, after a chunked body: dropped, never merged into the head
+            # the caller may already have answered with (RFC 9110 6.5.1).
+            return
         name = name.lower()
         if name in _FRAMING:
             self._framed = True

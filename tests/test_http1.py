@@ -546,3 +546,20 @@ async def test_a_header_line_that_never_ends_is_a_protocol_error_not_a_buffer(
     # Refused as it grew, not buffered until the deadline.
     assert caught.value.reason == "protocol"
     assert len(backend.requests) == 1
+
+
+async def test_trailer_fields_are_not_merged_into_the_answers_headers() -> None:
+    answer = (
+        b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
+        b"Content-Type: text/html\r\nSet-Cookie: s=1\r\nX-Checksum: abc\r\n\r\n"
+    )
+    handler = answered_with([answer])
+    async with scripted(handler) as backend, client(backend) as upstream:
+        response = await post(upstream)
+    assert (response.status, response.body) == (201, b"{}")
+    assert response.headers == [
+        (b"content-type", b"application/json"),
+        (b"transfer-encoding", b"chunked"),
+    ]
+    assert len(backend.requests) == 1
