@@ -28,10 +28,10 @@ from proxy.upstream import (
     Headers,
     NotSent,
     OutcomeUnknown,
+    PoolSettings,
     UpstreamResponse,
-    _PoolSettings,
-    _split_target,
-    _with_authorization,
+    split_target,
+    with_authorization,
 )
 
 # A backend that sends more header bytes than this is broken or hostile: the exchange
@@ -114,7 +114,7 @@ class _Connection(asyncio.Protocol):
         if self.done or self.failure is not None:
             # Bytes nobody asked for (after an answer ended): the connection is out of step.
             self.reusable = False
-            self._abort()
+            self.abort()
             return
         # Counted before parsing, judged after: the read that ends a section may carry
         # body bytes, which do not count against it.
@@ -265,14 +265,14 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
         self.closed = True
         self.reusable = False
         if self.transport is not None:
             self.transport.abort()
 
 
-class Http1Upstream(_PoolSettings):
+class Http1Upstream(PoolSettings):
     """Sends each request once on a pooled keep-alive connection to the fixed upstream."""
 
     def __init__(self, base_url: str, pool: UpstreamPool, *, passthrough: bool = False) -> None:
@@ -295,7 +295,7 @@ class Http1Upstream(_PoolSettings):
     async def close(self) -> None:
         self._closed = True
         while self._idle:
-            self._idle.pop()._abort()
+            self._idle.pop().abort()
 
     async def send(
         self,
@@ -309,7 +309,7 @@ class Http1Upstream(_PoolSettings):
     ) -> UpstreamResponse:
         if not isinstance(body, bytes):
             raise TypeError("the built-in client sends whole bodies only")
-        _split_target(target)
+        split_target(target)
         request = self._serialise(method, target, headers, body)
         loop = self._loop or asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -365,7 +365,7 @@ class Http1Upstream(_PoolSettings):
     def _serialise(self, method: str, target: str, headers: Headers, body: bytes) -> bytes:
         lines = [
             name + b": " + value + b"\r\n"
-            for name, value in _with_authorization(headers, self.upstream.authorization)
+            for name, value in with_authorization(headers, self.upstream.authorization)
         ]
         if body or method in _BODY_METHODS:
             lines.append(b"content-length: %d\r\n" % len(body))
@@ -408,7 +408,7 @@ class Http1Upstream(_PoolSettings):
                 and now - connection.idle_since < self._keepalive
             ):
                 return connection
-            connection._abort()
+            connection.abort()
         if self._closed:
             raise NotSent("client-closed")
         upstream = self.upstream
@@ -436,7 +436,7 @@ class Http1Upstream(_PoolSettings):
             connection.idle_since = connection.time()
             self._idle.append(connection)
         else:
-            connection._abort()
+            connection.abort()
         self._slots.release()
 
     def _discard(self, connection: _Connection, exchange: int | None = None) -> None:
@@ -446,7 +446,7 @@ class Http1Upstream(_PoolSettings):
         if not connection.leased or exchange not in (None, connection.exchange):
             return
         connection.leased = False
-        connection._abort()
+        connection.abort()
         self._slots.release()
 
     async def _rest(self, connection: _Connection, silence: float) -> AsyncIterator[bytes]:

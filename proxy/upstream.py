@@ -84,7 +84,7 @@ def request_headers(
     return out
 
 
-def _split_target(target: str) -> tuple[str, str]:
+def split_target(target: str) -> tuple[str, str]:
     """(path, query) of an origin-form target; anything else was refused before this point,
     so another form here is a bug, and nothing is sent."""
     if not target.startswith("/"):
@@ -93,7 +93,7 @@ def _split_target(target: str) -> tuple[str, str]:
     return path, query
 
 
-def _with_authorization(headers: Headers, authorization: bytes | None) -> Headers:
+def with_authorization(headers: Headers, authorization: bytes | None) -> Headers:
     """The upstream's own credentials (from its URL) replace the client's Authorization:
     one request carries one set of credentials."""
     if authorization is None:
@@ -148,7 +148,7 @@ class UpstreamClient(Protocol):
         """
 
 
-class _PoolSettings:
+class PoolSettings:
     """The connection pool's settings, which every transport takes alike."""
 
     def __init__(self, base_url: str, pool: UpstreamPool, *, passthrough: bool = False) -> None:
@@ -164,7 +164,7 @@ class UnsafeClient(RuntimeError):
     """The HTTP client cannot be configured to send each request at most once."""
 
 
-class AiohttpUpstream(_PoolSettings):
+class AiohttpUpstream(PoolSettings):
     """aiohttp's client: streams request bodies, so pass-through traffic uses it."""
 
     _session: aiohttp.ClientSession | None = None
@@ -223,7 +223,7 @@ class AiohttpUpstream(_PoolSettings):
         from multidict import CIMultiDict
         from yarl import URL
 
-        path, query = _split_target(target)
+        path, query = split_target(target)
         # Built from parts: the scheme and authority are the upstream's, fixed at start-up.
         # encoded=True: the client's path as it came (escapes, dot segments), not yarl's
         # normalisation of it.
@@ -236,7 +236,7 @@ class AiohttpUpstream(_PoolSettings):
         )
         send_headers: CIMultiDict[str] = CIMultiDict(
             (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in _with_authorization(headers, self.upstream.authorization)
+            for k, v in with_authorization(headers, self.upstream.authorization)
         )
         response: Any = None
         try:
@@ -306,7 +306,7 @@ def _discard(response: Any) -> None:
         response.close()
 
 
-class HttpxUpstream(_PoolSettings):
+class HttpxUpstream(PoolSettings):
     """httpx's client, kept behind the same interface for comparison (docs/benchmarks.md)."""
 
     _session: httpx.AsyncClient | None = None
@@ -354,7 +354,7 @@ class HttpxUpstream(_PoolSettings):
     ) -> UpstreamResponse:
         import httpx
 
-        _split_target(target)
+        split_target(target)
         # The URL (where to connect) is the upstream's, fixed at start-up; httpcore's "target"
         # extension puts the client's path and query on the request line as they came
         # (escapes, dot segments) under the upstream's prefix, not httpx's normalisation.
@@ -362,7 +362,7 @@ class HttpxUpstream(_PoolSettings):
         request = session.build_request(
             method,
             url,
-            headers=_with_authorization(headers, self.upstream.authorization),
+            headers=with_authorization(headers, self.upstream.authorization),
             content=body,
             extensions={"target": (self.upstream.prefix + target).encode("latin-1")},
             # read: also bounds the silence between chunks of a streamed answer.
