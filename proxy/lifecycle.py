@@ -369,7 +369,7 @@ class Lifecycle:
 
     # -- the owner's path ------------------------------------------------------------
 
-    async def _shielded(self, work: Awaitable[Reply]) -> Reply:
+    async def _shielded(self, work: Coroutine[object, object, Reply]) -> Reply:
         """Run the owner's work as a task a client disconnect cannot cancel.
 
         A recording the work started just before it ended (`_record`) takes its first
@@ -378,13 +378,14 @@ class Lifecycle:
         shield a loop turn later. So the store gets the write before the client gets the
         reply. A write that has to wait (for a free pooled connection) may come after the
         reply: safe too, the record stays SENT under this owner's token until it lands."""
-        task: asyncio.Task[Reply] = asyncio.ensure_future(work)
-        self._track(task)
-        return await asyncio.shield(task)
+        return await asyncio.shield(self._spawn(work))
 
-    def _track(self, task: asyncio.Task[object]) -> None:
+    def _spawn(self, work: Coroutine[object, object, T]) -> asyncio.Task[T]:
+        """Run `work` as a task that shutdown waits for."""
+        task = asyncio.ensure_future(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     async def _execute(
         self,
@@ -435,7 +436,7 @@ class Lifecycle:
             response = await self.late.answer(exchange, policy.upstream_timeout, wait)
         except Held as held:
             # The lease keeps being renewed: the record stays SENT while the proxy listens.
-            self._track(asyncio.ensure_future(self._follow_late(attempt, held.exchange, fp)))
+            self._spawn(self._follow_late(attempt, held.exchange, fp))
             reply = problem_reply(problems.outcome_pending(wait), "outcome_unknown", self.date())
             return _timed_reply(reply, upstream_started, store_ms)
         except NotSent as exc:
@@ -497,14 +498,14 @@ class Lifecycle:
         policy = route.policy
         if response.status in policy.release_statuses:
             release = self._settle("release", attempt, lambda: self.store.release(key, token))
-            return "released", self._started(release)
+            return "released", self._spawn(release)
         if response.complete and len(response.body) <= policy.max_stored_response:
             stored = StoredResponse(
                 response.status, stored_headers(headers, route.replay_headers), response.body
             )
         else:
             stored = StoredResponse(response.status, replayable=False)
-        return "forwarded", self._started(self._complete(attempt, stored, fp, how))
+        return "forwarded", self._spawn(self._complete(attempt, stored, fp, how))
 
     async def _complete(self, attempt: _Attempt, stored: StoredResponse, fp: str, how: str) -> bool:
         key, token = attempt.storage_key, attempt.token
@@ -515,11 +516,6 @@ class Lifecycle:
         if completed and stored.replayable:
             self.cache.put(key, fp, stored, attempt.route.retention_ms)
         return completed
-
-    def _started(self, write: Coroutine[object, object, bool]) -> asyncio.Task[bool]:
-        task = asyncio.ensure_future(write)
-        self._track(task)
-        return task
 
     async def _follow_late(
         self, attempt: _Attempt, exchange: asyncio.Future[UpstreamResponse], fp: str
@@ -628,7 +624,7 @@ class Lifecycle:
                     "reason": logs.describe(exc),
                 },
             )
-            self._track(asyncio.ensure_future(self._retry_later(operation, attempt, call)))
+            self._spawn(self._retry_later(operation, attempt, call))
             return False
         self._note(operation, attempt, ok)
         return ok
@@ -678,8 +674,7 @@ class Lifecycle:
     def _renew_soon(self, attempt: _Attempt) -> None:
         if attempt.done:
             return
-        task = asyncio.ensure_future(self._renew(attempt))
-        self._track(task)
+        self._spawn(self._renew(attempt))
 
     async def _renew(self, attempt: _Attempt) -> None:
         try:
