@@ -244,7 +244,7 @@ class OneSendPerTurn:
     answer. Here writes are held and leave in one send when the answer is complete
     (`on_response_complete`), at the end of the loop's turn (a streamed answer's first
     chunk, a `100 Continue`), or before the connection closes, whichever comes first.
-    On the replay path, where the send is most of the work, that was about 20 µs less
+    On the replay path, where the send is most of the work, that was about 16 µs less
     CPU per answer (docs/benchmarks.md).
     """
 
