@@ -28,7 +28,7 @@ from proxy.keys import KeyHasher
 from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics
 from proxy.problems import Problem
-from proxy.protocol import HeadLimits
+from proxy.protocol import DRAIN_BYTES, DRAIN_SECONDS, HeadLimits
 from proxy.replay import ReplayCache, http_date
 from proxy.request import ProxyRequest
 from proxy.routes import RouteTable
@@ -43,12 +43,6 @@ SHUTDOWN_GRACE_SECONDS = 30.0
 # How long recording abandoned late answers as UNKNOWN may take at shutdown.
 ABANDON_SECONDS = 5.0
 
-
-# Closing while request bytes are still unread makes the kernel reset the connection, and
-# the client, still sending, never reads the 413. So read and drop a refused body first,
-# up to this much and this long; past that the reset is the lesser evil.
-_DRAIN_BYTES = 4 * 1024 * 1024
-_DRAIN_SECONDS = 2.0
 
 # A client's X-Request-Id is kept when it is 1 to 128 printable ASCII characters; anything
 # else (control bytes, non-ASCII, a novel) would corrupt log lines, so it is replaced.
@@ -341,7 +335,7 @@ async def _read_body(
                 raise problems.body_invalid("Content-Length is not a number") from None
             if declared > limit:
                 # With Expect: 100-continue nothing was sent yet; reading would ask for it.
-                if declared <= _DRAIN_BYTES and (b"expect", b"100-continue") not in headers:
+                if declared <= DRAIN_BYTES and (b"expect", b"100-continue") not in headers:
                     await _drain(receive)
                 raise problems.body_too_large()
     chunks: list[bytes] = []
@@ -374,10 +368,10 @@ async def _read_body(
 
 
 async def _drain(receive: Receive) -> None:
-    """Read and drop the rest of a refused body, bounded by _DRAIN_BYTES and _DRAIN_SECONDS."""
-    left = _DRAIN_BYTES
+    """Read and drop the rest of a refused body, bounded by DRAIN_BYTES and DRAIN_SECONDS."""
+    left = DRAIN_BYTES
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(_DRAIN_SECONDS):
+        async with asyncio.timeout(DRAIN_SECONDS):
             while left > 0:
                 message = await receive()
                 if message["type"] == "http.disconnect":

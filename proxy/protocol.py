@@ -34,6 +34,14 @@ Headers = list[tuple[bytes, bytes]]
 Render = Callable[[Problem, Headers | None], tuple[int, Headers, bytes]]
 
 
+# Closing with request bytes still unread makes the kernel reset the connection, and a
+# client still sending never reads the answer it was sent (a 413, a 431). So a refused
+# request's remaining bytes are read and dropped first, up to this much and this long;
+# past that the reset is the lesser evil.
+DRAIN_BYTES = 4 * 1024 * 1024
+DRAIN_SECONDS = 2.0
+
+
 @dataclass(frozen=True, slots=True)
 class HeadLimits:
     """What an application asks of the protocol (`ProxyApp.head_limits`)."""
@@ -69,6 +77,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # come here, and their bytes are counted against the head's cap.
         self._after_chunk_size = False
         self._trailer_bytes = 0
+        # After a refusal: bytes still to drop before closing (None: not refused).
+        self._drain_left: int | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._writes = OneSendPerTurn(transport, self.loop)
@@ -82,9 +93,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._drain_left is not None:
+            # Refused: what the client still sends is dropped unparsed, then the close.
+            self._drain_left -= len(data)
+            if self._drain_left <= 0:
+                self._writes.close()
+            return
         if not self._in_head:
             if not self._after_chunk_size:
                 super().data_received(data)
@@ -226,10 +245,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             if self._method() == b"HEAD":
                 body = b""  # the answer to HEAD has its headers only
             self.transport.write(b"".join(lines) + body)
-        self.transport.close()
-        # Closing stops the reads: nothing more of this connection is parsed.
         self._in_head = False
+        self._close_after_drain()
         self._count(outcome)
+
+    def _close_after_drain(self) -> None:
+        """End the connection without losing the answer just written: send it and the end
+        of the stream, drop what the client still sends (DRAIN_BYTES, DRAIN_SECONDS), and
+        close when the client closes its side or a bound is reached."""
+        if not self._writes.close_write():
+            return  # closed at once: the transport cannot half-close (TLS)
+        self._drain_left = DRAIN_BYTES
+        self._drain_timer = self.loop.call_later(DRAIN_SECONDS, self._writes.close)
+        self._writes.resume_reading()  # reads paused for a body would never drain
 
     def _count(self, outcome: str) -> None:
         if self._metrics is not None:
@@ -248,14 +276,17 @@ class OneSendPerTurn:
     CPU per answer (docs/benchmarks.md).
     """
 
-    __slots__ = ("_held", "_loop", "_transport")
+    __slots__ = ("_held", "_loop", "_transport", "_write_closed")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._held: list[bytes] | None = None
+        self._write_closed = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._write_closed:
+            return  # after the end of the stream (close_write) nothing more is sent
         if self._held is None:
             self._held = [bytes(data)]
             self._loop.call_soon(self.flush)
@@ -271,12 +302,24 @@ class OneSendPerTurn:
         self.flush()
         self._transport.close()
 
+    def close_write(self) -> bool:
+        """Send what is held and then the end of the stream, keeping the reading side open;
+        closes at once (False) where the transport cannot half-close. Either way the
+        connection counts as closing from here on: nothing more is written to it."""
+        self.flush()
+        self._write_closed = True
+        if not self._transport.can_write_eof():
+            self._transport.close()
+            return False
+        self._transport.write_eof()
+        return True
+
     def abort(self) -> None:
         self._held = None
         self._transport.abort()
 
     def is_closing(self) -> bool:
-        return self._transport.is_closing()
+        return self._write_closed or self._transport.is_closing()
 
     def __getattr__(self, name: str) -> Any:
         # get_extra_info, pause_reading, resume_reading...: the transport's own.

@@ -7,6 +7,8 @@ stops `run` with one line naming the key.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -208,6 +210,44 @@ async def test_oversized_headers_are_431_and_not_forwarded(
     assert 400 <= huge.status_code < 500
     assert await requests_seen(client, backend) == seen
     assert (await client.get(f"{backend.url}/v1/orders/{order}")).json()["times_charged"] == 0
+
+
+@pytest.mark.parametrize(
+    ("sent", "status"),
+    [
+        (b"POST /v1/orders/pay HTTP/1.1\r\nHost: x\r\nX-Huge: " + b"c" * 2**20 + b"\r\n\r\n", 431),
+        (
+            b"POST /v1/orders/pay HTTP/1.1\r\nHost: x\r\nBad Name: y\r\n"
+            b"Content-Length: 1048576\r\n\r\n" + b"x" * 2**20,
+            400,
+        ),
+    ],
+    ids=["head-over-the-cap", "bytes-the-parser-refuses"],
+)
+async def test_a_refusal_made_while_the_client_still_sends_reaches_the_client(
+    proxy: ProxyServer, sent: bytes, status: int
+) -> None:
+    """The traffic port refuses some requests before their client has finished sending
+    (a head over the cap, bytes the parser cannot read). Closing with those bytes unread
+    makes the kernel reset the connection, and a client still writing loses the answer it
+    was sent. Ten clients at once, each 1 MiB past the point of refusal: every one reads
+    its problem, then the end of the connection."""
+    host, port = proxy.url.removeprefix("http://").split(":")
+
+    async def one() -> bytes:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(sent)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()  # a client that cannot finish sending still reads
+            async with asyncio.timeout(30):
+                return await reader.read()
+        finally:
+            writer.close()
+
+    for answer in await asyncio.gather(*(one() for _ in range(10))):
+        assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:80]
+        assert b"application/problem+json" in answer
 
 
 # --------------------------------------------------------------------------- config
