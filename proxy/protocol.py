@@ -308,6 +308,8 @@ class OneSendPerTurn:
         connection counts as closing from here on: nothing more is written to it."""
         self.flush()
         self._write_closed = True
+        if self._transport.is_closing():
+            return False
         if not self._transport.can_write_eof():
             self._transport.close()
             return False

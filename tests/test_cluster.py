@@ -323,3 +323,28 @@ async def test_a_flushed_master_without_the_first_canary_is_a_data_loss(
     assert problem_name(duplicate) == "store-unavailable"
     assert elapsed < 2.0
     assert charged["times_charged"] == 1
+
+
+async def test_a_burst_larger_than_the_connection_pool_waits_for_connections(
+    redis_cluster: RedisCluster,
+) -> None:
+    """redis-py's cluster client raises MaxConnectionsError at once when every connection
+    to a node is in use, where the single-node pool waits for one. A burst of new payments
+    larger than `store.max_connections` would get 503s and open the circuit for everyone.
+    Here 2 connections serve 90 concurrent claims and their reads: each one waits its turn."""
+    run = secrets.token_hex(4)
+    names = [storage_key(f"burst-{run}-{i}") for i in range(90)]
+    assert len(masters_of(redis_cluster, names)) == 3
+    store = RedisStore(StoreSettings(url=redis_cluster.url, max_connections=2))
+    await store.start()
+    try:
+        claims = await asyncio.gather(
+            *(store.claim(key, "owner", "fp", 10_000, 60_000) for key in names),
+            return_exceptions=True,
+        )
+        assert [getattr(c, "kind", c) for c in claims] == [ClaimKind.CLAIMED] * len(names)
+        records = await asyncio.gather(*(store.get(key) for key in names), return_exceptions=True)
+        assert [getattr(r, "state", r) for r in records] == ["CLAIMED"] * len(names)
+        assert not store.breaker.is_open
+    finally:
+        await store.close()

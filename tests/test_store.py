@@ -846,6 +846,38 @@ async def test_a_connection_that_timed_out_mid_command_never_answers_a_later_one
         await pool.aclose()
 
 
+async def test_a_caller_waits_for_a_pooled_connection_no_longer_than_the_timeout(
+    redis_factory: Any,
+) -> None:
+    """With Redis frozen and every connection taken, the callers queued behind them give up
+    after one timeout each, as the one holding the connection does. Worked off one timeout
+    after another, 10 callers on 1 connection at 0.3 s would end 3 s after they started,
+    and a queue built during a stall would keep requests waiting for minutes."""
+    from proxy.store.pool import ConnectionPool
+
+    redis = redis_factory()
+    pool = ConnectionPool(redis.url, timeout=0.3, retries=0, max_connections=1)
+    try:
+        assert await pool.execute([("PING",)]) == [b"PONG"]
+        redis.pause()
+        try:
+            started = time.monotonic()
+
+            async def given_up_after() -> float:
+                with pytest.raises(TimeoutError):
+                    await pool.execute([("PING",)])
+                return time.monotonic() - started
+
+            ends = await asyncio.gather(*(given_up_after() for _ in range(10)))
+        finally:
+            redis.resume()
+        assert max(ends) < 1.5, ends
+        await asyncio.sleep(0.1)
+        assert await pool.execute([("PING",)]) == [b"PONG"]  # and the pool still works
+    finally:
+        await pool.aclose()
+
+
 async def test_the_pools_packing_round_trips_every_argument_type_the_store_sends(
     redis_factory: Any,
 ) -> None:

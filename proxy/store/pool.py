@@ -12,8 +12,9 @@ Cluster and Sentinel keep the full client, which knows their topology.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from redis.asyncio.connection import Connection, parse_url
@@ -26,6 +27,28 @@ Command = Sequence[Any]
 # Failures after which the same command may be tried again on a fresh connection.
 # Every script the proxy sends is safe to repeat: it recognises its owner's token.
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
+
+
+class Slots:
+    """At most `size` commands in flight; a caller waits for a free slot at most `timeout`
+    seconds, then gets TimeoutError (as redis-py's BlockingConnectionPool does).
+
+    Without the bound on the wait, a queue built while Redis stalled would be worked off
+    one timeout at a time: the last caller in a queue of a thousand would wait minutes.
+    """
+
+    def __init__(self, size: int, timeout: float) -> None:
+        self._free = asyncio.Semaphore(size)
+        self._timeout = timeout
+
+    @contextlib.asynccontextmanager
+    async def take(self) -> AsyncIterator[None]:
+        async with asyncio.timeout(self._timeout):
+            await self._free.acquire()
+        try:
+            yield
+        finally:
+            self._free.release()
 
 
 class ConnectionPool:
@@ -48,7 +71,7 @@ class ConnectionPool:
         self._options = options
         self._connection_class = connection_class
         self._idle: deque[Connection] = deque()
-        self._slots = asyncio.Semaphore(max_connections)
+        self._slots = Slots(max_connections, timeout)
         self._timeout = timeout
         self._retries = retries
 
@@ -58,7 +81,7 @@ class ConnectionPool:
         A reply that is an error is returned as the `ResponseError` instance, so that
         the caller sees every reply and the connection stays in step.
         """
-        async with self._slots:
+        async with self._slots.take():
             connection = self._idle.pop() if self._idle else self._connect()
             try:
                 for attempt in range(self._retries + 1):

@@ -13,6 +13,7 @@ to re-learn which errors mean "maybe sent".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from importlib import resources
 from typing import Any
@@ -48,7 +49,7 @@ from proxy.records import (
 )
 from proxy.store.base import CorruptRecord, StoreUnavailable
 from proxy.store.guard import CANARY_KEY, CircuitBreaker, DataLossWatch, canary_keys
-from proxy.store.pool import ConnectionPool
+from proxy.store.pool import ConnectionPool, Slots
 from proxy.store.wake import Subscription, Waiters
 
 logger = logging.getLogger("idempotency_proxy")
@@ -87,6 +88,14 @@ def _source(name: str) -> str:
     return resources.files("proxy.store").joinpath(f"lua/{name}.lua").read_text("utf-8")
 
 
+# redis-py's cluster client raises MaxConnectionsError at once when every connection to a
+# node is in use, where a single node's pool waits for one: a burst of requests larger than
+# the pool would be refused and open the circuit. (Sentinel's pool has no bound at all.)
+# So the store bounds its own commands in flight (`RedisStore._slots`), and the cluster
+# client has a few connections more than that per node, for the canary's reads.
+CLUSTER_SPARE_CONNECTIONS = 4
+
+
 def _client(
     url: str,
     timeout: float,
@@ -113,7 +122,9 @@ def _client(
         options.pop("connection_class", None)
         if scheme == "rediss+cluster":
             options["ssl"] = True
-        return RedisCluster(max_connections=max_connections, **options)
+        # The store's own commands take a slot (RedisStore._slots) and are at most
+        # `max_connections` at once; the spare connections serve the canary's reads.
+        return RedisCluster(max_connections=max_connections + CLUSTER_SPARE_CONNECTIONS, **options)
     if scheme in ("redis+sentinel", "rediss+sentinel"):
         parts = urlsplit(url)
         hosts = []
@@ -193,6 +204,9 @@ class RedisStore:
                 connection=_for_url(url, self.connection),
             )
         )
+        # Cluster and Sentinel: the client's commands wait here for a connection, as the
+        # lean pool's do in the pool (CLUSTER_SPARE_CONNECTIONS says why).
+        self._slots = Slots(max_connections, timeout) if self._pool is None else None
         self._wait_replicas = settings.wait_replicas
         # WAIT acts on one connection; a cluster pipeline cannot route it to the shard.
         self.waits_for_replicas = settings.wait_replicas > 0 and not self.cluster
@@ -346,12 +360,14 @@ class RedisStore:
         self, name: str, key: str, args: tuple[Any, ...], wait: bool
     ) -> tuple[Any, int]:
         script = self._scripts[name]
-        if not wait:
-            return await script(keys=[key], args=args), 0
-        async with self._client.pipeline(transaction=False) as pipe:
-            await script(keys=[key], args=args, client=pipe)
-            pipe.wait(self._wait_replicas, self._wait_timeout_ms)
-            result, acknowledged = await pipe.execute()
+        assert self._slots is not None
+        async with self._slots.take():
+            if not wait:
+                return await script(keys=[key], args=args), 0
+            async with self._client.pipeline(transaction=False) as pipe:
+                await script(keys=[key], args=args, client=pipe)
+                pipe.wait(self._wait_replicas, self._wait_timeout_ms)
+                result, acknowledged = await pipe.execute()
         return result, int(acknowledged)
 
     async def claim(
@@ -446,8 +462,11 @@ class RedisStore:
 
     async def get(self, key: str) -> Record | None:
         try:
-            fields, ttl = await asyncio.gather(self._client.hgetall(key), self._client.pttl(key))
-            timing = await self._client.time()
+            async with self._slots.take() if self._slots else contextlib.nullcontext():
+                # One after the other: on a cluster each takes a connection of its own.
+                fields = await self._client.hgetall(key)
+                ttl = await self._client.pttl(key)
+                timing = await self._client.time()
         except ResponseError as exc:
             if str(exc).startswith("WRONGTYPE"):
                 raise CorruptRecord("not a hash") from exc
