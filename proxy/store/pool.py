@@ -12,9 +12,8 @@ Cluster and Sentinel keep the full client, which knows their topology.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio.connection import Connection, parse_url
@@ -37,18 +36,21 @@ class Slots:
     one timeout at a time: the last caller in a queue of a thousand would wait minutes.
     """
 
+    __slots__ = ("_free", "_timeout")
+
     def __init__(self, size: int, timeout: float) -> None:
         self._free = asyncio.Semaphore(size)
         self._timeout = timeout
 
-    @contextlib.asynccontextmanager
-    async def take(self) -> AsyncIterator[None]:
+    async def __aenter__(self) -> None:
+        if not self._free.locked():
+            await self._free.acquire()  # free: taken at once, without a deadline's timer
+            return
         async with asyncio.timeout(self._timeout):
             await self._free.acquire()
-        try:
-            yield
-        finally:
-            self._free.release()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._free.release()
 
 
 class ConnectionPool:
@@ -81,7 +83,7 @@ class ConnectionPool:
         A reply that is an error is returned as the `ResponseError` instance, so that
         the caller sees every reply and the connection stays in step.
         """
-        async with self._slots.take():
+        async with self._slots:
             connection = self._idle.pop() if self._idle else self._connect()
             try:
                 for attempt in range(self._retries + 1):

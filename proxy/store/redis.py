@@ -361,7 +361,7 @@ class RedisStore:
     ) -> tuple[Any, int]:
         script = self._scripts[name]
         assert self._slots is not None
-        async with self._slots.take():
+        async with self._slots:
             if not wait:
                 return await script(keys=[key], args=args), 0
             async with self._client.pipeline(transaction=False) as pipe:
@@ -462,7 +462,7 @@ class RedisStore:
 
     async def get(self, key: str) -> Record | None:
         try:
-            async with self._slots.take() if self._slots else contextlib.nullcontext():
+            async with self._slots or contextlib.nullcontext():
                 # One after the other: on a cluster each takes a connection of its own.
                 fields = await self._client.hgetall(key)
                 ttl = await self._client.pttl(key)
