@@ -82,7 +82,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._drain_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self._writes = OneSendPerTurn(transport, self.loop)
+        self._writes = OneSendPerTurn(transport, self.loop, self._close_unread)
         super().connection_made(self._writes)  # type: ignore[arg-type]
         self._start_head_timer()
 
@@ -249,6 +249,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._close_after_drain()
         self._count(outcome)
 
+    def _close_unread(self) -> bool:
+        """uvicorn closes the connection after an answer that says `Connection: close`. If
+        that answer came before the request's body was read (503 `overloaded`, a 413 past
+        what the application drained), the close drains first; True: it took the close."""
+        if self._drain_left is not None or self.cycle is None or not self.cycle.more_body:
+            return False
+        self._close_after_drain()
+        return True
+
     def _close_after_drain(self) -> None:
         """End the connection without losing the answer just written: send it and the end
         of the stream, drop what the client still sends (DRAIN_BYTES, DRAIN_SECONDS), and
@@ -276,11 +285,18 @@ class OneSendPerTurn:
     CPU per answer (docs/benchmarks.md).
     """
 
-    __slots__ = ("_held", "_loop", "_transport", "_write_closed")
+    __slots__ = ("_held", "_loop", "_transport", "_unread", "_write_closed")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+        unread: Callable[[], bool] | None = None,
+    ) -> None:
         self._transport = transport
         self._loop = loop
+        # Asked on close: True when it takes the close over (request bytes still to drain).
+        self._unread = unread
         self._held: list[bytes] | None = None
         self._write_closed = False
 
@@ -299,6 +315,8 @@ class OneSendPerTurn:
             self._transport.write(held[0] if len(held) == 1 else b"".join(held))
 
     def close(self) -> None:
+        if self._unread is not None and self._unread():
+            return
         self.flush()
         self._transport.close()
 

@@ -315,6 +315,35 @@ def test_requests_over_max_concurrency_get_503_overloaded(
     assert response.status_code == 201
 
 
+def test_an_overloaded_answer_reaches_a_client_still_sending_its_body(
+    proxy_factory: ProxyFactory, ledger_backend: BackendServer
+) -> None:
+    """The 503 `overloaded` closes the connection before the request's body was read.
+    Closing with those bytes unread would reset the connection, and a client still sending
+    a 1 MiB body would never read the 503 that tells it to come back."""
+    proxy = proxy_factory(ledger_backend.url, config=pay_config(max_concurrency=1))
+    body = b'{"order_id": "big", "pad": "' + b"p" * 2**20 + b'"}'
+    head = b"POST %s HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n" % (
+        PAY_PATH.encode()
+    )
+    slow = socket.create_connection((HOST, proxy.port), timeout=10)
+    try:
+        slow.sendall(b"GET /v1/echo?delay=3 HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        time.sleep(0.5)
+        for _ in range(5):
+            with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
+                with contextlib.suppress(ConnectionError):
+                    sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 503 "), answer[:80]
+            assert b"/problems/overloaded" in answer
+        assert ledger_backend.ledger()["charges"] == 0
+    finally:
+        slow.close()
+
+
 # --------------------------------------------------------------------------- pass-through
 
 
