@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help=_flag_help(
-            "worker processes (more than 1 needs Redis; no admin port then)", "WORKERS", 1
+            "worker processes on one port (more than 1 needs Redis; one admin port for all)",
+            "WORKERS",
+            1,
         ),
     )
     run.add_argument(

@@ -1,11 +1,10 @@
-"""Running the proxy: the traffic server and the admin server on one event loop."""
+"""Running the proxy: the traffic server and the admin server on one event loop (several
+workers: proxy/workers.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import os
 import signal
 import threading
 from collections.abc import Generator
@@ -17,8 +16,8 @@ from proxy import tracing
 from proxy.admin import create_admin_app
 from proxy.app import ProxyApp
 from proxy.config import Settings
+from proxy.workers import run_workers
 
-SETTINGS_ENV = "IDEMPOTENCY_PROXY__SETTINGS_JSON"
 _EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -111,44 +110,9 @@ async def serve(settings: Settings) -> None:
 
 def run(settings: Settings) -> None:
     if settings.workers > 1:
-        if settings.admin.enabled:
-            # Each worker's metrics would be a partial view, and per-process state (breaker,
-            # safe mode, replay cache) cannot be summed honestly: say so instead of serving it.
-            logging.getLogger("idempotency_proxy").warning(
-                "the admin port (/livez, /readyz, /metrics) needs --workers 1; it is not "
-                "served with several workers: scale with replicas of one worker instead",
-                extra={"workers": settings.workers},
-            )
-        _run_workers(settings)
+        run_workers(settings, _uvicorn_options(settings))
         return
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(settings))
-
-
-def _run_workers(settings: Settings) -> None:
-    """Several worker processes on one port (uvicorn's supervisor). The admin port is not
-    served in this mode: each worker's metrics would be a partial view."""
-    # The secret file was read already; the workers get its contents, not the path again.
-    os.environ[SETTINGS_ENV] = settings.model_dump_json(
-        by_alias=True, exclude={"key_hash_secret_file"}
-    )
-    uvicorn.run(
-        "proxy.server:worker_app",
-        factory=True,
-        host=settings.listen.host,
-        port=settings.listen.port,
-        workers=settings.workers,
-        lifespan="on",
-        **_uvicorn_options(settings),
-    )
-
-
-def worker_app() -> ProxyApp:
-    """The app factory each worker process calls."""
-    from proxy import logs
-
-    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
-    logs.configure(settings.log_level)
-    return ProxyApp(settings, tracing=tracing.from_environment())

@@ -526,15 +526,8 @@ def launch_proxy(
         socket.create_connection((HOST, port), timeout=1).close()
         return True
 
-    def workers_ready() -> bool:
-        # Several workers (uvicorn's supervisor) serve no admin port: every worker process
-        # started, and one of them answers a protected request on the traffic port.
-        if len(process_tree(child.pid)) < workers + 1:
-            return False
-        headers = {"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex}
-        return _http("POST", port, PATH, BODY, headers)[0] == 201
-
-    child = Child(name, argv, workdir, cpus, port, ready if workers == 1 else workers_ready, tree)
+    # With several workers the supervisor's /readyz waits for every one of them.
+    child = Child(name, argv, workdir, cpus, port, ready, tree)
     return child.launch()
 
 

@@ -570,7 +570,8 @@ def markdown(run: dict[str, Any], chart_name: str) -> str:
             f"On this {m['nproc']}-CPU machine the load generator, the backend and Redis "
             "share the same CPUs, so a second worker can only take what they leave; on a "
             "host with cores to spare the gain is closer to the CPU per request's ratio. "
-            "With several workers the admin port is not served (see docs/configuration.md)."
+            "With several workers the supervisor serves the admin port for all of them (see "
+            "docs/configuration.md)."
         )
         add("")
     k = c.get("keys")

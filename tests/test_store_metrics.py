@@ -1,6 +1,6 @@
 """Store health on /metrics of a real proxy process: the circuit breaker, data-loss safe mode,
 WAIT shortfalls and the replay cache, each driven by what really happens to a real Redis.
-Also: no `_created` series, and the start-up line when several workers leave no admin port.
+Also: no `_created` series.
 """
 
 from __future__ import annotations
@@ -162,13 +162,3 @@ async def test_a_503_logs_the_time_it_spent_on_the_store(
     line = await eventually(logged, "the request's log line")
     assert line["outcome"] == "store_unavailable"
     assert isinstance(line["store_ms"], float) and line["store_ms"] >= 250, line
-
-
-def test_several_workers_say_the_admin_port_needs_one(
-    ledger_backend: BackendServer,
-    redis_factory: RedisFactory,
-    proxy_factory: ProxyFactory,
-) -> None:
-    redis = redis_factory()
-    proxy = proxy_factory(ledger_backend.url, redis.url, args=["--workers", "2"])
-    assert "the admin port (/livez, /readyz, /metrics) needs --workers 1" in proxy.logs()
