@@ -29,6 +29,7 @@ from typing import IO, Any
 import httpx
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
@@ -150,10 +151,7 @@ def create_workers_admin_app(
         if shutting_down():
             return JSONResponse({"status": "draining"}, status_code=503)
         answers = await _ask_workers(admin_dir, workers, "/readyz")
-        states = {
-            number: (answer.json().get("status", "?") if answer is not None else "unreachable")
-            for number, answer in answers.items()
-        }
+        states = {number: _state(answer) for number, answer in answers.items()}
         ready = all(state == "ready" for state in states.values())
         status = "ready" if ready else "starting"
         return JSONResponse(
@@ -162,7 +160,10 @@ def create_workers_admin_app(
 
     async def metrics(request: Request) -> Response:
         answers = await _ask_workers(admin_dir, workers, "/metrics")
-        texts = {number: answer.text for number, answer in answers.items() if answer is not None}
+        texts = {
+            number: answer.text if answer is not None and answer.status_code == 200 else None
+            for number, answer in answers.items()
+        }
         registry = CollectorRegistry()
         registry.register(_Merged(texts))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -193,18 +194,37 @@ async def _ask_workers(admin_dir: str, workers: int, path: str) -> dict[str, htt
     return {str(number): answer for number, answer in enumerate(answers)}
 
 
-class _Merged(Collector):
-    """The workers' expositions as one, each sample labelled with its worker's number."""
+def _state(answer: httpx.Response | None) -> str:
+    """A worker's readiness as its /readyz says it."""
+    if answer is None:
+        return "unreachable"
+    try:
+        return str(answer.json()["status"])
+    except (ValueError, KeyError, TypeError):
+        return f"answered {answer.status_code}"
 
-    def __init__(self, texts: dict[str, str]) -> None:
+
+class _Merged(Collector):
+    """The workers' expositions as one, each sample labelled with its worker's number, and
+    `idempotency_proxy_worker_up` saying which workers answered (None: no exposition)."""
+
+    def __init__(self, texts: dict[str, str | None]) -> None:
         self._texts = texts
 
     def describe(self) -> Iterable[Any]:
         return ()  # names are known only when collected; one collector, no clashes
 
     def collect(self) -> Iterable[Any]:
-        families: dict[str, Any] = {}
+        up = GaugeMetricFamily(
+            "idempotency_proxy_worker_up",
+            "1 when the worker answered this scrape; its series are missing otherwise.",
+            labels=["worker"],
+        )
+        families: dict[str, Any] = {up.name: up}
         for number, text in self._texts.items():
+            up.add_metric([number], 0.0 if text is None else 1.0)
+            if text is None:
+                continue
             for family in text_string_to_metric_families(text):
                 merged = families.setdefault(family.name, family)
                 samples = [

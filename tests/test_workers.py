@@ -82,6 +82,8 @@ async def test_two_workers_answer_one_admin_port_for_both(
         workers[labels["worker"]] += int(value)
     assert by_outcome == {"forwarded": NEW_PAYMENTS, "replayed": NEW_PAYMENTS}
     assert set(workers) <= {"0", "1"}
+    up = _samples(text, "idempotency_proxy_worker_up")
+    assert sorted((labels["worker"], value) for labels, value in up) == [("0", 1.0), ("1", 1.0)]
     builds = _samples(text, "idempotency_proxy_build_info")
     assert sorted(labels["worker"] for labels, _ in builds) == ["0", "1"]
     # Each worker's own store state, labelled: one breaker each, both closed.
