@@ -9,7 +9,6 @@ pass-through streaming both ways, writing the reply) is raw ASGI here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import re
@@ -28,7 +27,7 @@ from proxy.keys import KeyHasher
 from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics
 from proxy.problems import Problem
-from proxy.protocol import DRAIN_BYTES, DRAIN_SECONDS, HeadLimits
+from proxy.protocol import HeadLimits
 from proxy.replay import ReplayCache, http_date
 from proxy.request import ProxyRequest
 from proxy.routes import RouteTable
@@ -334,13 +333,12 @@ async def _read_body(
             except ValueError:
                 raise problems.body_invalid("Content-Length is not a number") from None
             if declared > limit:
-                # With Expect: 100-continue nothing was sent yet; reading would ask for it.
-                if declared <= DRAIN_BYTES and (b"expect", b"100-continue") not in headers:
-                    await _drain(receive)
+                # Answered at once, without reading (and so without asking for the body
+                # with a 100 Continue): the traffic port drains what still comes before it
+                # closes (proxy/protocol.py), so the client reads the 413.
                 raise problems.body_too_large()
     chunks: list[bytes] = []
     size = 0
-    too_large = False
     try:
         async with asyncio.timeout(read_time or None):
             while True:
@@ -351,34 +349,13 @@ async def _read_body(
                 if chunk:
                     size += len(chunk)
                     if size > limit:
-                        if not message.get("more_body", False):
-                            # All of it arrived: nothing is left to drain.
-                            raise problems.body_too_large()
-                        too_large = True
-                        break
+                        raise problems.body_too_large()  # the rest is drained, as above
                     chunks.append(chunk)
                 if not message.get("more_body", False):
                     break
     except TimeoutError:
         raise problems.body_timeout() from None
-    if too_large:
-        await _drain(receive)  # outside the read timeout: this is still a 413, not a 408
-        raise problems.body_too_large()
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def _drain(receive: Receive) -> None:
-    """Read and drop the rest of a refused body, bounded by DRAIN_BYTES and DRAIN_SECONDS."""
-    left = DRAIN_BYTES
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(DRAIN_SECONDS):
-            while left > 0:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                left -= len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    return
 
 
 class _BodyAborted(Exception):

@@ -89,7 +89,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         # The whole answer was written in this turn: it leaves now, in one send.
         self._writes.flush()
+        cycle = self.cycle
+        early = cycle is not None and cycle.more_body and not self.pipeline
         super().on_response_complete()
+        if early and not self.transport.is_closing():
+            # Answered before the request's body arrived (`OPTIONS *`, a 431): uvicorn
+            # would time the connection again only at a new request, and every read cancels
+            # its keep-alive timer, so a client trickling the body would keep it for ever.
+            # The connection ends here, after the drain (`_close_unread`).
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()

@@ -344,6 +344,43 @@ def test_an_overloaded_answer_reaches_a_client_still_sending_its_body(
         slow.close()
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"OPTIONS * HTTP/1.1\r\nHost: proxy\r\nContent-Length: 1000\r\n\r\n",
+        # Under the wire cap, over max_header_bytes: the application's own 431.
+        b"POST /v1/orders/pay HTTP/1.1\r\nHost: proxy\r\nX-Pad: "
+        + b"a" * 40_000
+        + b"\r\nContent-Length: 1000\r\n\r\n",
+    ],
+    ids=["options-star", "application-431"],
+)
+def test_a_connection_answered_before_its_body_arrived_ends(
+    proxy_factory: ProxyFactory, ledger_backend: BackendServer, head: bytes
+) -> None:
+    """An answer made before the request's body arrived leaves the rest of the body to come.
+    uvicorn times a connection again only when a new request begins, and every read cancels
+    its keep-alive timer: a client that sent a byte now and then kept the connection, and a
+    place under `max_concurrency`, for ever. Now it is drained for at most 2 s, then closed."""
+    proxy = proxy_factory(ledger_backend.url, config=pay_config())
+    with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
+        sock.sendall(head + b"x" * 10)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 ")
+        sock.settimeout(0.3)
+        ended = False
+        for _ in range(30):  # a byte every 0.3 s, for 9 s at most
+            try:
+                sock.sendall(b"x")
+                ended = sock.recv(65536) == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                ended = True
+            if ended:
+                break
+        assert ended, "the connection was still open after 9 s of a trickled body"
+
+
 # --------------------------------------------------------------------------- pass-through
 
 

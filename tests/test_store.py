@@ -878,6 +878,37 @@ async def test_a_caller_waits_for_a_pooled_connection_no_longer_than_the_timeout
         await pool.aclose()
 
 
+async def test_callers_that_waited_for_a_busy_pool_do_not_open_the_circuit(
+    redis_factory: Any,
+) -> None:
+    """With Redis frozen, the one command holding the only connection times out: a store
+    failure, counted by the breaker. The nine callers queued behind it time out waiting for
+    the connection: 503s too, but a long local queue says nothing about Redis, and counting
+    them would open the circuit for every request after a burst on a healthy store."""
+    redis = redis_factory()
+    store = RedisStore(
+        StoreSettings(url=redis.url, timeout=0.3, retries=0, max_connections=1, breaker_threshold=3)
+    )
+    await store.start()
+    try:
+        redis.pause()
+        try:
+            results = await asyncio.gather(
+                *(store.claim(f"busy-{n}", "owner", "fp", 10_000, 60_000) for n in range(10)),
+                return_exceptions=True,
+            )
+        finally:
+            redis.resume()
+        assert all(isinstance(result, StoreUnavailable) for result in results), results
+        assert not store.breaker.is_open
+        await asyncio.sleep(0.1)
+        assert (await store.claim("busy-after", "owner", "fp", 10_000, 60_000)).kind is (
+            ClaimKind.CLAIMED
+        )
+    finally:
+        await store.close()
+
+
 async def test_the_pools_packing_round_trips_every_argument_type_the_store_sends(
     redis_factory: Any,
 ) -> None:

@@ -28,9 +28,15 @@ Command = Sequence[Any]
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
 
 
+class NoFreeConnection(TimeoutError):
+    """Every connection stayed busy for the whole timeout: the store is unavailable to this
+    caller, but a long local queue is no sign that Redis failed (the circuit breaker
+    counts only what Redis did)."""
+
+
 class Slots:
     """At most `size` commands in flight; a caller waits for a free slot at most `timeout`
-    seconds, then gets TimeoutError (as redis-py's BlockingConnectionPool does).
+    seconds, then gets NoFreeConnection (as redis-py's BlockingConnectionPool raises).
 
     Without the bound on the wait, a queue built while Redis stalled would be worked off
     one timeout at a time: the last caller in a queue of a thousand would wait minutes.
@@ -46,8 +52,11 @@ class Slots:
         if not self._free.locked():
             await self._free.acquire()  # free: taken at once, without a deadline's timer
             return
-        async with asyncio.timeout(self._timeout):
-            await self._free.acquire()
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._free.acquire()
+        except TimeoutError:
+            raise NoFreeConnection(f"no free connection within {self._timeout} s") from None
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._free.release()

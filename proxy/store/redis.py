@@ -49,7 +49,7 @@ from proxy.records import (
 )
 from proxy.store.base import CorruptRecord, StoreUnavailable
 from proxy.store.guard import CANARY_KEY, CircuitBreaker, DataLossWatch, canary_keys
-from proxy.store.pool import ConnectionPool, Slots
+from proxy.store.pool import ConnectionPool, NoFreeConnection, Slots
 from proxy.store.wake import Subscription, Waiters
 
 logger = logging.getLogger("idempotency_proxy")
@@ -334,6 +334,8 @@ class RedisStore:
             if str(exc).startswith("WRONGTYPE"):
                 return CorruptRecord("not a hash")
             return StoreUnavailable(type(exc).__name__)
+        if isinstance(exc, NoFreeConnection):
+            return StoreUnavailable("no-free-connection")  # a local queue, not Redis failing
         self.breaker.failure()
         return StoreUnavailable(type(exc).__name__)
 
