@@ -755,7 +755,7 @@ def env_paths(environ: Mapping[str, str]) -> list[tuple[tuple[str, ...], Any]]:
         rest = name.removeprefix(ENV_PREFIX).lower()
         path = tuple(rest.split("__"))
         if any(not part for part in path):
-            continue  # e.g. IDEMPOTENCY_PROXY__SETTINGS_JSON, internal to the workers
+            continue  # e.g. IDEMPOTENCY_PROXY__WORKER_DIR, internal to the workers
         if len(path) == 1 and path[0] not in top:
             continue  # IDEMPOTENCY_PROXY_CONFIG and other non-settings
         found.append((path, _env_value(environ[name])))

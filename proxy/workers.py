@@ -4,7 +4,7 @@ uvicorn's supervisor runs the workers; each worker is a whole proxy (store clien
 replay cache, metrics) with nothing shared but Redis. So each worker serves its own admin
 app on a unix socket in a private directory, and the supervisor's admin port asks every
 worker: `/readyz` is ready when all workers are, `/metrics` is every worker's series with a
-`worker` label (sum them for the pod, as with replicas), `/livez` is the supervisor's.
+`worker` label (sum them for the pod, as with replicas), `/livez` fails for a stuck worker.
 
 A worker finds its number by locking the first free `worker-N.lock` in that directory: a
 worker that uvicorn starts again after a crash takes the number of the one it replaces, so
@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
@@ -36,6 +37,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from proxy import tracing
@@ -45,11 +47,19 @@ from proxy.config import Settings
 
 logger = logging.getLogger("idempotency_proxy")
 
-SETTINGS_ENV = "IDEMPOTENCY_PROXY__SETTINGS_JSON"
-# The private directory of the workers' admin sockets (internal, like SETTINGS_ENV).
-ADMIN_DIR_ENV = "IDEMPOTENCY_PROXY__WORKER_ADMIN_DIR"
-# How long the supervisor's admin port waits for one worker's answer.
-WORKER_ANSWER_SECONDS = 2.0
+# Where a worker finds the private directory (the only thing the environment carries: the
+# settings, secrets included, are in a 0600 file there, not in any process's environment).
+ADMIN_DIR_ENV = "IDEMPOTENCY_PROXY__WORKER_DIR"
+SETTINGS_FILE = "settings.json"
+# How long the supervisor's admin port waits for one worker's answer, all of it: a probe's
+# timeout (2 s in the manifests) must still get the answer that names the worker.
+WORKER_ANSWER_SECONDS = 0.8
+# A worker that has not answered /livez for this long is stuck (its event loop blocked:
+# uvicorn's own health check is answered from another thread): the supervisor's /livez
+# fails, and the orchestrator restarts the process.
+STUCK_SECONDS = 30.0
+# The longest unix socket path (sun_path is 108 bytes with its NUL on Linux; 104 elsewhere).
+_MAX_SOCKET_PATH = 100
 
 
 # -- the supervisor ---------------------------------------------------------------------
@@ -57,12 +67,29 @@ WORKER_ANSWER_SECONDS = 2.0
 
 def run_workers(settings: Settings, options: dict[str, Any]) -> None:
     """Run `settings.workers` workers on the traffic port (uvicorn's supervisor, which
-    restarts a worker that dies) and, unless disabled, the admin port in this process."""
-    admin_dir = tempfile.mkdtemp(prefix="idempotency-proxy-workers-")  # mode 0700
+    restarts a worker that dies) and, unless disabled, the admin port in this process.
+    Exits 3, as one worker would, when a worker fails to start."""
+    admin_dir = _private_dir()
+    try:
+        _serve_workers(settings, options, admin_dir)
+    finally:
+        shutil.rmtree(admin_dir, ignore_errors=True)
+
+
+def _private_dir() -> str:
+    """A new 0700 directory whose sockets' paths fit a unix socket address."""
+    admin_dir = tempfile.mkdtemp(prefix="idempotency-proxy-")
+    if len(_socket_path(admin_dir, 999)) <= _MAX_SOCKET_PATH:
+        return admin_dir
+    os.rmdir(admin_dir)  # TMPDIR is too deep for a socket path
+    return tempfile.mkdtemp(prefix="idempotency-proxy-", dir="/tmp")
+
+
+def _serve_workers(settings: Settings, options: dict[str, Any], admin_dir: str) -> None:
     # The secret file was read already; the workers get its contents, not the path again.
-    os.environ[SETTINGS_ENV] = settings.model_dump_json(
-        by_alias=True, exclude={"key_hash_secret_file"}
-    )
+    descriptor = os.open(os.path.join(admin_dir, SETTINGS_FILE), os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(settings.model_dump_json(by_alias=True, exclude={"key_hash_secret_file"}))
     os.environ[ADMIN_DIR_ENV] = admin_dir
     config = uvicorn.Config(
         "proxy.workers:worker_app",
@@ -79,18 +106,14 @@ def run_workers(settings: Settings, options: dict[str, Any]) -> None:
         return supervisor is not None and supervisor.should_exit.is_set()
 
     admin: _AdminThread | None = None
-    try:
-        if settings.admin.enabled:
-            app = create_workers_admin_app(admin_dir, settings.workers, shutting_down)
-            admin = _AdminThread(
-                uvicorn.Config(
-                    app,
-                    host=settings.admin.host,
-                    port=settings.admin.port,
-                    lifespan="off",
-                    **options,
-                )
+    if settings.admin.enabled:
+        app = create_workers_admin_app(admin_dir, settings.workers, shutting_down)
+        admin = _AdminThread(
+            uvicorn.Config(
+                app, host=settings.admin.host, port=settings.admin.port, lifespan="off", **options
             )
+        )
+    try:
         supervisor = _supervisor(config)
         if admin is not None:
             admin.start()
@@ -98,7 +121,10 @@ def run_workers(settings: Settings, options: dict[str, Any]) -> None:
     finally:
         if admin is not None:
             admin.stop()
-        shutil.rmtree(admin_dir, ignore_errors=True)
+    if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
+        # uvicorn's supervisor stops when a worker cannot start, and returns as after a
+        # signal: the process must not look like a clean stop to whoever restarts it.
+        raise SystemExit(STARTUP_FAILURE)
 
 
 def _supervisor(config: uvicorn.Config) -> Multiprocess:
@@ -106,8 +132,29 @@ def _supervisor(config: uvicorn.Config) -> Multiprocess:
     the worker's entry point, which newer ones make themselves.)"""
     sockets = [config.bind_socket()]
     if "target" in inspect.signature(Multiprocess).parameters:
-        return Multiprocess(config, target=uvicorn.Server(config).run, sockets=sockets)  # type: ignore[call-arg]
-    return Multiprocess(config, sockets=sockets)
+        return _Supervisor(config, target=uvicorn.Server(config).run, sockets=sockets)  # type: ignore[call-arg]
+    return _Supervisor(config, sockets=sockets)
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor without its reload and resize signals (SIGHUP, SIGTTIN,
+    SIGTTOU): they would start workers beside the N the admin port numbers and asks, and
+    leave it not ready for good. Change the count with a restart, as with one worker."""
+
+    def _refuse(self, signal_name: str) -> None:
+        logger.warning(
+            f"{signal_name} ignored: restart the proxy to change or renew its workers",
+            extra={"workers": self.processes_num},
+        )
+
+    def handle_hup(self) -> None:
+        self._refuse("SIGHUP")
+
+    def handle_ttin(self) -> None:
+        self._refuse("SIGTTIN")
+
+    def handle_ttou(self) -> None:
+        self._refuse("SIGTTOU")
 
 
 class _AdminThread:
@@ -127,7 +174,8 @@ class _AdminThread:
 
     def stop(self) -> None:
         self._server.should_exit = True
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
 
 
 class _QuietSignals(uvicorn.Server):
@@ -143,8 +191,21 @@ def create_workers_admin_app(
 ) -> Starlette:
     """The admin port of a process with several workers: every answer asks the workers."""
 
+    # When each worker last answered /livez; the admin port's start counts as an answer,
+    # so that starting workers have STUCK_SECONDS to come up.
+    started = time.monotonic()
+    alive = dict.fromkeys((str(number) for number in range(workers)), started)
+
     async def livez(request: Request) -> Response:
-        # The supervisor answers, and it restarts a worker that dies: nothing else.
+        # uvicorn's supervisor restarts a worker that dies; one whose event loop is stuck
+        # it does not see, so that one fails liveness here, as a single worker would.
+        now = time.monotonic()
+        for number, answer in (await _ask_workers(admin_dir, workers, "/livez")).items():
+            if answer is not None and answer.status_code == 200:
+                alive[number] = now
+        stuck = sorted(number for number, seen in alive.items() if now - seen > STUCK_SECONDS)
+        if stuck:
+            return JSONResponse({"status": "stuck", "workers": stuck}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
@@ -183,12 +244,13 @@ async def _ask_workers(admin_dir: str, workers: int, path: str) -> dict[str, htt
     async def ask(number: int) -> httpx.Response | None:
         transport = httpx.AsyncHTTPTransport(uds=_socket_path(admin_dir, number))
         try:
-            async with httpx.AsyncClient(
-                transport=transport, base_url="http://worker", timeout=WORKER_ANSWER_SECONDS
-            ) as client:
+            async with (
+                asyncio.timeout(WORKER_ANSWER_SECONDS),
+                httpx.AsyncClient(transport=transport, base_url="http://worker") as client,
+            ):
                 return await client.get(path)
-        except httpx.HTTPError:
-            return None  # starting, restarting, or gone: the caller says so
+        except (httpx.HTTPError, TimeoutError):
+            return None  # starting, restarting, stuck or gone: the caller says so
 
     answers = await asyncio.gather(*(ask(number) for number in range(workers)))
     return {str(number): answer for number, answer in enumerate(answers)}
@@ -247,10 +309,11 @@ def worker_app() -> ProxyApp:
     """The app factory each worker process calls."""
     from proxy import logs
 
-    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    admin_dir = os.environ[ADMIN_DIR_ENV]
+    with open(os.path.join(admin_dir, SETTINGS_FILE), encoding="utf-8") as file:
+        settings = Settings.model_validate_json(file.read())
     logs.configure(settings.log_level)
-    admin_dir = os.environ.get(ADMIN_DIR_ENV)
-    if not settings.admin.enabled or not admin_dir:
+    if not settings.admin.enabled:
         return ProxyApp(settings, tracing=tracing.from_environment())
     return WorkerApp(settings, admin_dir, tracing=tracing.from_environment())
 
@@ -274,6 +337,12 @@ class WorkerApp(ProxyApp):
             uvicorn.Config(app, uds=path, lifespan="off", log_config=None, access_log=False)
         )
         self._admin_task = asyncio.create_task(self._admin.serve())
+        # Serving before the proxy starts, or the worker does not start at all: a worker
+        # the supervisor cannot ask would keep the process not ready without a word.
+        while not self._admin.started:
+            if self._admin_task.done():
+                raise RuntimeError(f"the worker's admin socket {path} could not be served")
+            await asyncio.sleep(0.01)
         await super().startup()
 
     async def shutdown(self) -> None:

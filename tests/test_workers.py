@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import uuid
 from collections import Counter, defaultdict
 from typing import Any
@@ -18,6 +19,7 @@ import httpx
 from harness import (
     JSON_HEADERS,
     PAY_PATH,
+    REPO_ROOT,
     BackendServer,
     ProxyFactory,
     RedisFactory,
@@ -27,6 +29,8 @@ from harness import (
     wait_for_http,
 )
 from prometheus_client.parser import text_string_to_metric_families
+
+from proxy import workers as workers_module
 
 NEW_PAYMENTS = 24
 
@@ -194,3 +198,76 @@ def _children(pid: int) -> list[int]:
         if b"spawn_main" in command and b"resource_tracker" not in command:
             found.append(int(entry))
     return sorted(found)
+
+
+def test_a_worker_that_cannot_start_stops_the_process_with_3(
+    ledger_backend: BackendServer, redis_factory: RedisFactory, proxy_factory: ProxyFactory
+) -> None:
+    """`store.require_safe` on a Redis that may evict: one worker exits 3, and so does the
+    process, with the reason in one line and no traceback, as with one worker. (uvicorn's
+    supervisor stops then, and returned as if after a signal: exit 0, a clean stop.)"""
+    redis = redis_factory(args=["--maxmemory-policy", "allkeys-lru"])
+    proxy = proxy_factory(
+        ledger_backend.url,
+        redis.url,
+        {**pay_config(), "store": {"require_safe": True}},
+        args=["--workers", "2"],
+        start=False,
+    )
+    result = subprocess.run(
+        proxy.command(),
+        cwd=REPO_ROOT,
+        env=proxy.environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output
+    assert "maxmemory-policy is allkeys-lru" in output
+    assert "Traceback" not in output
+
+
+async def test_sighup_leaves_the_workers_and_their_numbers_as_they_are(
+    ledger_backend: BackendServer, redis_factory: RedisFactory, proxy_factory: ProxyFactory
+) -> None:
+    """uvicorn's supervisor would start new workers beside the old ones on SIGHUP (and add
+    or remove one on SIGTTIN/SIGTTOU): workers the admin port does not number or ask, and a
+    readiness that stays 503. The proxy says it ignores them."""
+    redis = redis_factory()
+    proxy = proxy_factory(
+        ledger_backend.url, redis.url, config=pay_config(), args=["--workers", "2"]
+    )
+    wait_for_http(f"{proxy.admin_url}/readyz", 20.0)
+    workers = _children(proxy.pid)
+    for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        os.kill(proxy.pid, sig)
+    await eventually(lambda: _logged(proxy, "SIGTTOU ignored"), "the supervisor to log the signals")
+    assert _children(proxy.pid) == workers
+    async with httpx.AsyncClient(timeout=10, trust_env=False) as admin:
+        ready = await admin.get(f"{proxy.admin_url}/readyz")
+    assert ready.json() == {"status": "ready", "workers": {"0": "ready", "1": "ready"}}
+    assert "SIGHUP ignored" in proxy.logs()
+
+
+async def _logged(proxy: Any, text: str) -> bool | None:
+    return True if text in proxy.logs() else None
+
+
+async def test_liveness_fails_for_a_worker_that_stopped_answering(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    """uvicorn's supervisor restarts a worker that dies, but its health check is answered
+    from another thread than the worker's event loop, so a stuck loop goes unseen. The
+    admin port's /livez fails once a worker has not answered it for STUCK_SECONDS (here
+    shortened; no worker socket exists, as for workers that never answer)."""
+    monkeypatch.setattr(workers_module, "STUCK_SECONDS", 0.3)
+    app = workers_module.create_workers_admin_app(str(tmp_path), 2, lambda: False)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://admin") as admin:
+        assert (await admin.get("/livez")).status_code == 200
+        await asyncio.sleep(0.4)
+        stuck = await admin.get("/livez")
+    assert stuck.status_code == 503
+    assert stuck.json() == {"status": "stuck", "workers": ["0", "1"]}
