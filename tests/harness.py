@@ -10,6 +10,7 @@ client saw for each payment.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -88,6 +89,7 @@ __all__ = [
     "proxy_request",
     "records_cli",
     "redis_binaries_missing",
+    "run_to_exit",
     "stop_all",
     "storage_key",
     "tally",
@@ -355,6 +357,21 @@ async def eventually(
             break
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def run_to_exit(proxy: ProxyServer, timeout: float = 60.0) -> tuple[int, str]:
+    """Run a proxy that is expected to stop on its own (a refused start): its exit code and
+    everything it printed."""
+    result = subprocess.run(
+        proxy.command(),
+        cwd=REPO_ROOT,
+        env=proxy.environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return result.returncode, result.stdout + result.stderr
 
 
 async def records_cli(*args: str, timeout: float = 60.0) -> tuple[int, str, str]:

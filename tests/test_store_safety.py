@@ -33,6 +33,7 @@ from harness import (
     RedisServer,
     free_port,
     pay_route,
+    run_to_exit,
 )
 from redis import exceptions as redis_errors
 
@@ -156,17 +157,8 @@ def test_require_safe_refuses_to_start_on_an_unsafe_redis(
         {**PAY_CONFIG, "store": {"require_safe": True}},
         start=False,
     )
-    result = subprocess.run(
-        proxy.command(),
-        cwd=REPO_ROOT,
-        env=proxy.environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output
+    code, output = run_to_exit(proxy)
+    assert code != 0, output
     reasons = [line for line in output.splitlines() if "store.require_safe" in line]
     assert len(reasons) == 1, output
     assert "maxmemory-policy is allkeys-lru" in reasons[0]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import uuid
 from collections import Counter, defaultdict
 from typing import Any
@@ -19,13 +18,13 @@ import httpx
 from harness import (
     JSON_HEADERS,
     PAY_PATH,
-    REPO_ROOT,
     BackendServer,
     ProxyFactory,
     RedisFactory,
     body_of,
     eventually,
     pay_config,
+    run_to_exit,
     wait_for_http,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -214,17 +213,8 @@ def test_a_worker_that_cannot_start_stops_the_process_with_3(
         args=["--workers", "2"],
         start=False,
     )
-    result = subprocess.run(
-        proxy.command(),
-        cwd=REPO_ROOT,
-        env=proxy.environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 3, output
+    code, output = run_to_exit(proxy)
+    assert code == 3, output
     assert "maxmemory-policy is allkeys-lru" in output
     assert "Traceback" not in output
 
