@@ -259,8 +259,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _close_unread(self) -> bool:
         """uvicorn closes the connection after an answer that says `Connection: close`. If
-        that answer came before the request's body was read (503 `overloaded`, a 413 past
-        what the application drained), the close drains first; True: it took the close."""
+        that answer came before the request's body was read (503 `overloaded`, a 413), the
+        close drains first; True: it took the close."""
         if self._drain_left is not None or self.cycle is None or not self.cycle.more_body:
             return False
         self._close_after_drain()
